@@ -1,0 +1,88 @@
+"""capmoe-compile: a torch.compile backend for capacity-aware Mixture-of-Experts inference.
+
+``torch.compile(model, backend="capmoe", options={"capacity_factor": 1.0})`` bounds every
+routed expert at ``C = ceil(gamma * T * k / E)`` tokens (SPEC.md), so that under expert
+parallelism the most loaded expert stops setting the layer's latency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import config
+from .routing import POLICIES, capacity, route_reference
+
+__all__ = ["POLICIES", "capacity", "config", "route"]
+__version__ = "0.1.0"
+
+
+def route(
+    probs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    capacity_factor: float | None,
+    policy: str = "score",
+    local_experts: Sequence[int] | None = None,
+    renormalize: bool = False,
+    reroute_rounds: int = 1,
+    seed: int = 0,
+    min_tokens: int = 0,
+    min_capacity: int = 1,
+    capacity_align: int = 1,
+    capacity_scope: str = "batch",
+    num_sequences: int = 1,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a capacity policy to a model's own top-k selection (SPEC.md).
+
+    Args:
+        probs: ``P`` [T, E], the router's probabilities over all experts (for ranking).
+        topk_ids: the model's selection ``S`` as expert ids [T, k].
+        topk_weights: the model's gate weights ``W`` [T, k] for those ids.
+        capacity_factor: ``gamma``; ``None`` returns the selection unchanged.
+        policy: one of ``score``, ``order``, ``reverse``, ``random``, ``expanded_drop``,
+            ``reroute``.
+        local_experts: experts local to every token (``expanded_drop``); default all.
+        renormalize: rescale each token's kept weights to its original weight sum.
+        reroute_rounds: proposal rounds of ``reroute``.
+        seed: seed of the ``random`` policy.
+        min_tokens: calls with fewer (valid) tokens are returned unchanged.
+        min_capacity: lower bound of ``C``.
+        capacity_align: ``C`` is rounded up to a multiple of this.
+        capacity_scope: ``"batch"`` (one ``C`` for all rows) or ``"sequence"`` (rows are
+            ``num_sequences`` contiguous equal-length sequences, each with its own ``C``).
+        num_sequences: number of sequences for ``capacity_scope="sequence"``.
+        valid: optional [T] bool mask; ``False`` rows are padding, count in no capacity and
+            get no experts.
+
+    Returns:
+        ``(ids, weights)`` of shape [T, k'] (``k' = k`` except for ``expanded_drop``, whose
+        extra columns hold the added pairs); dropped slots hold expert id ``E`` and weight 0.
+    """
+    from . import ops  # registers capmoe::route on first use
+
+    if capacity_factor is not None:
+        capacity_factor = config.validate("capacity_factor", capacity_factor)
+    return ops.route_op(
+        probs,
+        topk_ids,
+        topk_weights,
+        capacity_factor,
+        policy,
+        None if local_experts is None else [int(e) for e in local_experts],
+        renormalize,
+        reroute_rounds,
+        seed,
+        min_tokens,
+        min_capacity,
+        capacity_align,
+        capacity_scope,
+        num_sequences,
+        valid,
+    )
+
+
+del Sequence, annotations

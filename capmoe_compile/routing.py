@@ -1,0 +1,283 @@
+"""The eager reference of SPEC.md: capacity and the six capacity policies.
+
+Everything here is vectorised torch code over a dense ``[G, R, E]`` view of the routing
+problem (``G`` capacity groups of ``R`` rows each: one group for ``capacity_scope="batch"``,
+one per sequence for ``"sequence"``). The one primitive is :func:`_rank_rows`: the rank of
+every row within its expert column by a key, ties to the smaller row. Each policy is a choice
+of key plus, for ``reroute``, a few parallel proposal rounds.
+
+This module is the single source of the semantics. Fast paths are tested against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+
+import torch
+
+POLICIES = ("score", "order", "reverse", "random", "expanded_drop", "reroute")
+SCOPES = ("batch", "sequence")
+
+
+def _gamma_fraction(capacity_factor: float) -> Fraction:
+    # gamma is read as the decimal number the user wrote: 1.1 is 11/10 exactly, so that
+    # ceil(1.1 * 10 * 2 / 2) is 11 and not 12 through binary rounding.
+    return Fraction(repr(float(capacity_factor)))
+
+
+def capacity(
+    num_tokens,
+    num_experts: int,
+    top_k: int,
+    capacity_factor: float,
+    min_capacity: int = 1,
+    capacity_align: int = 1,
+):
+    """``C = max(1, min_capacity, ceil(gamma * T * k / E))`` rounded up to ``capacity_align``.
+
+    Exact integer arithmetic, so ``num_tokens`` may be an int, a SymInt (dynamic shapes) or an
+    integer tensor (token counts known only at run time, e.g. with padding excluded).
+    """
+    g = _gamma_fraction(capacity_factor)
+    num = num_tokens * (g.numerator * top_k)
+    den = g.denominator * num_experts
+    c = (num + (den - 1)) // den
+    floor = max(1, int(min_capacity))
+    if isinstance(c, torch.Tensor):
+        c = c.clamp_min(floor)
+    else:
+        c = torch.sym_max(c, floor) if isinstance(c, torch.SymInt) else max(c, floor)
+    a = int(capacity_align)
+    if a > 1:
+        c = (c + (a - 1)) // a * a
+    return c
+
+
+def _rank_rows(key: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Rank of each row of ``key`` [G, R, E] within its (group, expert) column.
+
+    Members sort first, by ``key`` descending; ties go to the smaller row index (the sort is
+    stable over rows laid out in ascending order). Non-members get ranks after all members.
+    """
+    if key.is_floating_point():
+        key = key.float().masked_fill(~member, float("-inf"))
+    else:
+        key = key.masked_fill(~member, torch.iinfo(key.dtype).min)
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    ranks = torch.arange(key.shape[1], device=key.device).view(1, -1, 1).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
+
+
+def _hash_scores(seed: int, rows: int, experts: int, device) -> torch.Tensor:
+    """Seeded, device-independent pseudo-random int keys in [0, 2**31) for every (t, e).
+
+    A small integer mixer whose products stay below 2**63, so it is exact on every backend
+    and inside compiled graphs (no torch.Generator state to trace).
+    """
+    m = 0x7FFFFFFF
+    s = (int(seed) * 0x3C6EF372 + 0x1B873593) & m
+    t = torch.arange(rows, device=device, dtype=torch.int64).view(-1, 1)
+    e = torch.arange(experts, device=device, dtype=torch.int64).view(1, -1)
+    x = ((t + s) & m) * 0x2C1B3C6D + e * 0x297A2D39 + 0x165667B1
+    x = x & m
+    for mul in (0x5BD1E995, 0x2C1B3C6D):
+        x = x ^ (x >> 15)
+        x = (x * mul) & m
+    return x ^ (x >> 16)
+
+
+def _token_scale(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """SPEC's per-token scale ``W / P`` of the selected pairs, or 1 where they disagree."""
+    p = probs.float().gather(1, ids)
+    w = weights.float()
+    ratio = w / p.clamp_min(torch.finfo(torch.float32).tiny)
+    eps = max(torch.finfo(probs.dtype).eps, torch.finfo(weights.dtype).eps)
+    tol = max(1e-5, 8 * eps)
+    hi, lo = ratio.amax(-1), ratio.amin(-1)
+    ok = (p > 0).all(-1) & ((hi - lo) <= tol * hi.abs())
+    return torch.where(ok, ratio.mean(-1), torch.ones_like(hi))
+
+
+def _expanded_width(top_k: int, num_experts: int, local_experts: Sequence[int] | None) -> int:
+    n_local = num_experts if local_experts is None else len(local_experts)
+    return top_k + min(n_local, num_experts - top_k)
+
+
+def output_width(
+    top_k: int, num_experts: int, policy: str, local_experts: Sequence[int] | None
+) -> int:
+    """k' of :func:`route`'s outputs."""
+    if policy == "expanded_drop":
+        return _expanded_width(top_k, num_experts, local_experts)
+    return top_k
+
+
+def _check(probs, topk_ids, topk_weights, policy, capacity_scope, num_sequences, valid):
+    if probs.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape:
+        raise ValueError(
+            "route expects probs [T, E], topk_ids [T, k] and topk_weights [T, k]; got "
+            f"{tuple(probs.shape)}, {tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}"
+        )
+    if topk_ids.shape[0] != probs.shape[0]:
+        raise ValueError("probs and topk_ids disagree on T")
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}: expected one of {', '.join(POLICIES)}")
+    if capacity_scope not in SCOPES:
+        raise ValueError(f"capacity_scope={capacity_scope!r}: expected one of {SCOPES}")
+    if capacity_scope == "sequence" and num_sequences < 1:
+        raise ValueError("capacity_scope='sequence' needs num_sequences >= 1")
+    if valid is not None and tuple(valid.shape) != (probs.shape[0],):
+        raise ValueError(f"valid must have shape [T]={probs.shape[0]}, got {tuple(valid.shape)}")
+
+
+def route_reference(
+    probs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    capacity_factor: float | None,
+    policy: str = "score",
+    local_experts: Sequence[int] | None = None,
+    renormalize: bool = False,
+    reroute_rounds: int = 1,
+    seed: int = 0,
+    min_tokens: int = 0,
+    min_capacity: int = 1,
+    capacity_align: int = 1,
+    capacity_scope: str = "batch",
+    num_sequences: int = 1,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC.md's capacity-aware assignment. See :func:`capmoe_compile.route` for the contract."""
+    _check(probs, topk_ids, topk_weights, policy, capacity_scope, num_sequences, valid)
+    T, E = probs.shape
+    k = topk_ids.shape[1]
+    ids = topk_ids.long()
+    if capacity_factor is None:
+        return ids.clone(), topk_weights.clone()
+    if T == 0 or (valid is None and T < min_tokens):
+        return _unchanged(ids, topk_weights, k, E, policy, local_experts)
+
+    G = num_sequences if capacity_scope == "sequence" else 1
+    if T % G:
+        raise ValueError(f"T={T} rows do not split into num_sequences={G} equal sequences")
+    R = T // G
+    dev = probs.device
+    rows_valid = torch.ones(T, dtype=torch.bool, device=dev) if valid is None else valid.bool()
+
+    # Selection S as a dense [T, E] mask (padding rows select nothing).
+    sel = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, ids, True)
+    sel &= rows_valid[:, None]
+
+    # Capacity per group: exact ints when every row counts, a tensor when padding is excluded.
+    if valid is None:
+        cap = capacity(R, E, k, capacity_factor, min_capacity, capacity_align)
+        cap_g = torch.full((G, 1, 1), cap, dtype=torch.int64, device=dev)
+    else:
+        counts = rows_valid.view(G, R).sum(1)
+        cap_g = capacity(counts, E, k, capacity_factor, min_capacity, capacity_align).view(G, 1, 1)
+
+    P = probs.float()
+    view = (G, R, E)
+    scale = _token_scale(probs, ids, topk_weights)
+
+    if policy == "expanded_drop":
+        local = torch.zeros(E, dtype=torch.bool, device=dev)
+        if local_experts is None:
+            local[:] = True
+        else:
+            local[list(local_experts)] = True
+        cand = sel | (local[None, :] & rows_valid[:, None])
+        keep = cand & (_rank_rows(P.view(view), cand.view(view)) < cap_g).view(T, E)
+    else:
+        if policy in ("score", "reroute"):
+            key = P
+        elif policy == "order":
+            key = -torch.arange(T, device=dev).view(-1, 1).expand(T, E)
+        elif policy == "reverse":
+            key = torch.arange(T, device=dev).view(-1, 1).expand(T, E)
+        else:  # random
+            key = _hash_scores(seed, T, E, dev)
+        keep = sel & (_rank_rows(key.reshape(view), sel.view(view)) < cap_g).view(T, E)
+
+    kept_slot = keep.gather(1, ids)
+    out_ids = torch.where(kept_slot, ids, torch.full_like(ids, E))
+    out_w = torch.where(kept_slot, topk_weights, torch.zeros_like(topk_weights))
+
+    if policy == "expanded_drop":
+        n_extra = _expanded_width(k, E, local_experts) - k
+        added = keep & ~sel
+        e_ids = torch.arange(E, device=dev).expand(T, E)
+        extra = torch.where(added, e_ids, torch.full_like(e_ids, E)).sort(-1).values[:, :n_extra]
+        got = extra < E
+        pe = P.gather(1, extra.clamp_max(E - 1)) * scale[:, None]
+        out_ids = torch.cat([out_ids, extra], 1)
+        out_w = torch.cat([out_w, torch.where(got, pe, 0.0).to(out_w.dtype)], 1)
+    elif policy == "reroute" and reroute_rounds > 0:
+        out_ids, out_w = _reroute(P, sel, keep, out_ids, out_w, cap_g, view, scale, reroute_rounds)
+
+    if renormalize:
+        before = topk_weights.float().sum(-1, keepdim=True)
+        after = out_w.float().sum(-1, keepdim=True)
+        factor = torch.where(after != 0, before / torch.where(after != 0, after, 1.0), 1.0)
+        out_w = (out_w.float() * factor).to(out_w.dtype)
+
+    if valid is not None and min_tokens > 0:
+        # Data-dependent count: choose with where, no host sync.
+        small = rows_valid.sum() < min_tokens
+        same_ids, same_w = _unchanged(ids, topk_weights, k, E, policy, local_experts)
+        out_ids = torch.where(small, same_ids, out_ids)
+        out_w = torch.where(small, same_w, out_w)
+    return out_ids, out_w
+
+
+def _unchanged(ids, weights, k, E, policy, local_experts):
+    width = output_width(k, E, policy, local_experts)
+    T = ids.shape[0]
+    if width == k:
+        return ids.clone(), weights.clone()
+    return (
+        torch.cat([ids, ids.new_full((T, width - k), E)], 1),
+        torch.cat([weights, weights.new_zeros(T, width - k)], 1),
+    )
+
+
+def _reroute(P, sel, keep, out_ids, out_w, cap_g, view, scale, rounds):
+    """SPEC's Token Reroute rounds, after ``score`` produced ``keep``."""
+    T, E = P.shape
+    dev = P.device
+    assigned = keep.clone()
+    proposed = torch.zeros_like(keep)
+    dropped_pairs = sel & ~keep
+    want = dropped_pairs.sum(-1)  # proposals each token may still make
+    spare = (cap_g - keep.view(view).sum(1, keepdim=True)).clamp_min(0)  # [G, 1, E]
+    e_idx = torch.arange(E, device=dev).expand(T, E)
+    for _ in range(rounds):
+        open_e = (spare > 0).expand(view).reshape(T, E)
+        avail = ~assigned & ~proposed & ~sel & open_e
+        pref = torch.sort(
+            P.masked_fill(~avail, float("-inf")), dim=-1, descending=True, stable=True
+        )
+        prank = torch.empty_like(pref.indices).scatter_(
+            1, pref.indices, torch.arange(E, device=dev).expand(T, E)
+        )
+        propose = avail & (prank < want[:, None])
+        proposed |= propose
+        accept = propose & (_rank_rows(P.view(view), propose.view(view)) < spare).view(T, E)
+        assigned |= accept
+        spare = spare - accept.view(view).sum(1, keepdim=True)
+        n_acc = accept.sum(-1)
+        want = want - n_acc
+        # Fill the token's still-dropped slots, in slot order, with its accepted experts in
+        # order of preference.
+        acc_key = torch.where(accept, prank, torch.full_like(prank, E))
+        acc_e = e_idx.gather(1, acc_key.sort(dim=-1, stable=True).indices)
+        hole = out_ids == E  # only valid rows with dropped slots have n_acc > 0
+        nth = hole.long().cumsum(-1) - 1
+        fill = hole & (nth < n_acc[:, None])
+        new_e = acc_e.gather(1, nth.clamp(0, E - 1))
+        out_ids = torch.where(fill, new_e, out_ids)
+        new_w = (P.gather(1, new_e) * scale[:, None]).to(out_w.dtype)
+        out_w = torch.where(fill, new_w, out_w)
+    return out_ids, out_w
