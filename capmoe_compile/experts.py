@@ -1,0 +1,137 @@
+"""Expert MLP forms and the ``capmoe::moe_experts`` op (dispatch + experts + combine).
+
+An :class:`ExpertForm` says how one expert computes from its parameters: which tensor is the
+(gate/up) projection and which the down projection, whether each is stored transposed, the
+activation, and whether the MLP is gated (SwiGLU-like). The passes do not trust names: they
+*find* the form by checking candidate forms against the model's own expert region on real and
+random inputs (see ``passes/experts.py``).
+
+``moe_experts(x, ids, weights, params, form)`` computes ``out[t] = sum_j weights[t, j] *
+expert_{ids[t, j]}(x[t])``, skipping the sentinel id ``E``. Parameters are either stacked
+(every tensor has a leading expert dimension) or per expert (``params`` is the concatenation
+of each expert's tensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertForm:
+    """How one expert computes. ``roles`` names each per-expert tensor, in ``params`` order.
+
+    Roles: ``gate_up`` (fused, gated: split in halves), ``gate`` and ``up`` (separate, gated),
+    ``up`` alone (plain MLP), ``down``; and biases ``b_<role>``. ``transposed`` lists the
+    weight roles stored as [in, out] instead of nn.Linear's [out, in].
+    """
+
+    roles: tuple[str, ...]
+    act: str
+    transposed: tuple[str, ...] = ()
+    gate_first: bool = True  # for gate_up: which half is the gate
+    stacked: bool = True  # params carry a leading expert dim; else per-expert concatenation
+
+    @property
+    def gated(self) -> bool:
+        return "gate_up" in self.roles or "gate" in self.roles
+
+    def to_str(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_str(s: str) -> ExpertForm:
+        d = json.loads(s)
+        return ExpertForm(
+            roles=tuple(d["roles"]),
+            act=d["act"],
+            transposed=tuple(d["transposed"]),
+            gate_first=d["gate_first"],
+            stacked=d["stacked"],
+        )
+
+    def describe(self) -> str:
+        kind = "swiglu" if self.gated and self.act == "silu" else ("glu" if self.gated else "mlp")
+        bias = "+bias" if any(r.startswith("b_") for r in self.roles) else ""
+        return f"{kind}({self.act}){bias}"
+
+    def expert_params(self, params: list[torch.Tensor], e: int) -> dict[str, torch.Tensor]:
+        n = len(self.roles)
+        ps = [p[e] for p in params] if self.stacked else params[e * n : (e + 1) * n]
+        return dict(zip(self.roles, ps, strict=True))
+
+    def num_experts(self, params: list[torch.Tensor]) -> int:
+        return params[0].shape[0] if self.stacked else len(params) // len(self.roles)
+
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One expert on rows ``x`` [n, H]."""
+
+        def lin(role: str) -> torch.Tensor:
+            w = p[role]
+            y = x_in[role] @ (w if role in self.transposed else w.t())
+            b = p.get("b_" + role)
+            return y if b is None else y + b
+
+        act = ACTIVATIONS[self.act]
+        x_in = {r: x for r in ("gate_up", "gate", "up")}
+        if "gate_up" in self.roles:
+            h = lin("gate_up")
+            a, b = h.chunk(2, dim=-1)
+            g, u = (a, b) if self.gate_first else (b, a)
+            h = act(g) * u
+        elif "gate" in self.roles:
+            h = act(lin("gate")) * lin("up")
+        else:
+            h = act(lin("up"))
+        x_in["down"] = h
+        return lin("down")
+
+
+def moe_experts_reference(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    params: list[torch.Tensor],
+    form: ExpertForm,
+) -> torch.Tensor:
+    """Eager reference: loop over experts, gather their rows, weighted scatter-add back."""
+    E = form.num_experts(params)
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    flat_ids = ids.reshape(-1)
+    flat_w = weights.reshape(-1)
+    k = ids.shape[1]
+    for e in range(E):
+        pos = (flat_ids == e).nonzero().squeeze(-1)
+        if pos.numel() == 0:
+            continue
+        rows = pos // k
+        y = form.apply(x[rows], form.expert_params(params, e))
+        out.index_add_(0, rows, y.float() * flat_w[pos].float()[:, None])
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("capmoe::moe_experts", mutates_args=())
+def moe_experts_op(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    params: list[torch.Tensor],
+    form: str,
+) -> torch.Tensor:
+    return moe_experts_reference(x, ids, weights, params, ExpertForm.from_str(form))
+
+
+@moe_experts_op.register_fake
+def _moe_experts_fake(x, ids, weights, params, form):
+    return torch.empty_like(x)

@@ -1,0 +1,60 @@
+"""Graph passes of the capmoe backend: find MoE layers and rewrite them (see moe_layers.py)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .. import config, module_config
+from .moe_layers import LayerReport, rewrite_moe_layers
+
+log = logging.getLogger("capmoe_compile")
+_warned: set[tuple[str, str]] = set()
+
+
+def _overrides(params: list[torch.Tensor], classes: list[type]) -> dict[str, Any]:
+    """Per-module overrides for a layer: classes on its module path (outer first), then the
+    registered instances that own its parameters (outer, i.e. larger, first)."""
+    out: dict[str, Any] = {}
+    for cls in classes:
+        out.update(module_config.options_for(cls))
+    ids = {id(p) for p in params}
+    owners = []
+    for mod in list(module_config._by_instance.keys()):
+        n = sum(1 for _ in mod.parameters())
+        if any(id(p) in ids for p in mod.parameters()):
+            owners.append((-n, mod))
+    for _, mod in sorted(owners, key=lambda t: t[0]):
+        out.update(module_config._by_instance.get(mod, {}))
+    return out
+
+
+def run_passes(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Mapping[str, Any] | None,
+    record: bool | None = None,
+) -> list[LayerReport]:
+    """Rewrite ``gm``'s MoE layers in place for the resolved configuration; return reports.
+
+    ``example_inputs`` must be real tensors: every rewrite is checked against the layer's own
+    computation on them before it is made.
+    """
+    from .. import telemetry
+
+    cfg = config.resolve(options)
+    if record is None:
+        record = telemetry.is_recording()
+
+    def layer_options(name: str, params: list[torch.Tensor], classes: list[type]):
+        return {**cfg, **_overrides(params, classes)}
+
+    reports = rewrite_moe_layers(gm, list(example_inputs), layer_options, record)
+    for r in reports:
+        if not r.matched and (r.name, r.reason) not in _warned:
+            _warned.add((r.name, r.reason))
+            log.warning("capmoe: left %s as written: %s", r.name, r.reason)
+    return reports

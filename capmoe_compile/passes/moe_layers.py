@@ -1,0 +1,518 @@
+"""Find MoE layers in a Dynamo FX graph and rewrite them into capmoe ops.
+
+A layer is found from its router (``routers.py``): a top-k over expert scores. Its *expert
+region* is every node between that top-k and the first ``[T, H]`` node that all of the
+top-k's data must flow through (its post-dominator): dispatch, the experts, the combine.
+Inside the region the passes find the selection ``S`` (ids ``[T, k]``) and the gate weights
+``W`` (``[T, k]``) the experts consume, the token input ``x`` and the expert parameters.
+
+Nothing is trusted by name. Before a layer is rewritten, the region is cut out of the graph
+and run on the call's real inputs and on random selections, and an :class:`ExpertForm` must
+reproduce it (``experts.py``). A layer that fails any check is left exactly as written, and
+the reason is recorded for ``explain``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import operator
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import fx
+
+from .. import experts as experts_mod
+from ..experts import ACTIVATIONS, ExpertForm, moe_experts_reference
+from . import routers
+
+log = logging.getLogger(__name__)
+
+_INPLACE_FUNCS = {operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv}
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """What the passes found for one router-like site (``explain`` prints these)."""
+
+    name: str
+    matched: bool
+    reason: str = ""
+    num_experts: int = 0
+    top_k: int = 0
+    router: str = ""
+    dispatch: str = ""
+    experts: str = ""
+    tokens: int | None = None
+    capacity: int | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+class Unmatched(Exception):
+    """A site the passes will not rewrite; the message is the reason."""
+
+
+def _val(node):
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def _shape(node):
+    v = _val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _clean_path(path)
+
+
+def _clean_path(path: str) -> str:
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return re.sub(r"\._modules\['([^']+)'\]", r".\1", path).strip(".")
+
+
+def _layer_name(site_node: fx.Node, out_node: fx.Node) -> str:
+    a, b = _module_path(site_node).split("."), _module_path(out_node).split(".")
+    common = [x for x, y in zip(a, b, strict=False) if x == y]
+    n = len(list(itertools.takewhile(lambda p: p[0] == p[1], zip(a, b, strict=False))))
+    return ".".join(common[:n]) or _module_path(site_node) or site_node.name
+
+
+def _descendants(start: list[fx.Node], stop: fx.Node | None = None) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(start)
+    while todo:
+        n = todo.pop()
+        if n in seen or n is stop:
+            continue
+        seen.add(n)
+        todo.extend(n.users)
+    return seen
+
+
+def _ancestors(start: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(start)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _is_param_root(node: fx.Node, example: dict[fx.Node, Any]) -> bool:
+    if node.op == "get_attr":
+        return True
+    return node.op == "placeholder" and isinstance(example.get(node), torch.nn.Parameter)
+
+
+def _classify_constants(graph: fx.Graph, example: dict[fx.Node, Any]) -> dict[fx.Node, str]:
+    """'param' for nodes computed only from parameters, 'const' for nodes computed from no
+    tensor input at all (aranges, sizes), 'act' otherwise."""
+    kind: dict[fx.Node, str] = {}
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            v = example.get(n)
+            if _is_param_root(n, example):
+                kind[n] = "param"
+            elif isinstance(v, torch.Tensor):
+                kind[n] = "act"
+            else:
+                kind[n] = "const"
+        elif n.op == "get_attr":
+            kind[n] = "param"
+        else:
+            ks = {kind.get(a, "act") for a in n.all_input_nodes}
+            kind[n] = "act" if "act" in ks else ("param" if "param" in ks else "const")
+    return kind
+
+
+@dataclasses.dataclass
+class Region:
+    site: routers.TopKSite
+    router: routers.RouterMatch
+    out: fx.Node  # the [T, H] node the layer's routed output is
+    x: fx.Node
+    ids: fx.Node
+    weights: fx.Node
+    expert_nodes: list[fx.Node]  # topological order; computes out from x, ids, weights
+    removable: list[fx.Node]  # region nodes to erase after the rewrite
+    params: list[fx.Node]  # parameter roots the experts read
+    roots: list[fx.Node]  # every graph input the expert subgraph needs
+
+
+def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node, str]) -> Region:
+    site = match.site
+    T = _shape(site.scores)[0]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    down = _descendants([site.node])
+    out = None
+    for c in sorted(down, key=order.__getitem__):
+        if c is site.node:
+            continue
+        sh = _shape(c)
+        v = _val(c)
+        if sh is None or len(sh) != 2 or sh[0] != T or not v.is_floating_point():
+            continue
+        reach = _descendants([site.node], stop=c)
+        if not any(u.op == "output" for n in reach for u in n.users) and all(
+            u in reach or u is c for n in reach for u in n.users
+        ):
+            out = c
+            break
+    if out is None:
+        raise Unmatched(
+            "the top-k's results leave the graph before any [T, H] output combines them "
+            "(a graph break between router and experts, or router outputs returned)"
+        )
+    region = _descendants([site.node], stop=out) | {out}
+
+    # ids: the indices (through casts); W: the last [T, k] float node of the router tail.
+    tk = (T, site.k)
+    ids = site.indices
+    weights = None
+    for n in sorted(region, key=order.__getitem__):
+        v = _val(n)
+        if isinstance(v, torch.Tensor) and tuple(v.shape) == tk:
+            if v.is_floating_point():
+                weights = n
+            elif n in _descendants([site.indices]) and weights is None:
+                ids = n
+    if weights is None:
+        raise Unmatched("no [T, k] gate weights found between the router and the experts")
+
+    expert_set = (_descendants([ids]) | _descendants([weights])) & region
+    expert_set -= {ids, weights}
+    router_side = _ancestors([ids, weights])
+    # Pull in what the experts need: parameter/constant computations (recomputed inside the
+    # subgraph) and activations derived from the token input off the router's path (e.g. a
+    # repeat_interleave of x). Stop at the router's own ancestors: one of them is x.
+    support: set[fx.Node] = set()
+    todo = [a for n in expert_set for a in n.all_input_nodes]
+    x_nodes: set[fx.Node] = set()
+    while todo:
+        a = todo.pop()
+        if a in expert_set or a in support or a in (ids, weights):
+            continue
+        if kind.get(a) in ("param", "const"):
+            support.add(a)
+            todo.extend(a.all_input_nodes)
+        elif a in router_side or a.op == "placeholder":
+            x_nodes.add(a)
+        else:
+            expert_set.add(a)
+            todo.extend(a.all_input_nodes)
+    hidden = [a for a in x_nodes if _shape(a) is not None and len(_shape(a)) == 2]
+    others = x_nodes - set(hidden)
+    if len(hidden) != 1 or others:
+        names = ", ".join(sorted(a.name for a in x_nodes))
+        raise Unmatched(f"the experts read activations other than one [T, H] input: {names}")
+    x = hidden[0]
+    if _shape(x) != _shape(out) or _shape(x)[0] != T:
+        raise Unmatched(f"token input {_shape(x)} and output {_shape(out)} disagree")
+    for n in expert_set:
+        if n.op == "call_method" and str(n.target).endswith("_") or n.target in _INPLACE_FUNCS:
+            if n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in expert_set:
+                raise Unmatched(f"the experts mutate {n.args[0].name}, a tensor from outside")
+    roots = [a for a in support if a.op in ("placeholder", "get_attr")]
+    params = [a for a in roots if kind[a] == "param"]
+    nodes = sorted(expert_set | (support - set(roots)), key=order.__getitem__)
+    removable = sorted(region - {ids, weights}, key=order.__getitem__)
+    return Region(site, match, out, x, ids, weights, nodes, removable, params, roots)
+
+
+def _extract(region: Region) -> fx.GraphModule:
+    """The expert subgraph as a module: (x, ids, weights, *roots) -> out."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in (region.x, region.ids, region.weights, *region.roots):
+        env[n] = g.placeholder(n.name)
+    for n in region.expert_nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[region.out])
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _candidate_forms(params: list[torch.Tensor], H: int) -> list[ExpertForm]:
+    """Every expert form the parameter shapes admit (stacked parameters, leading dim E)."""
+    mats = [i for i, p in enumerate(params) if p.dim() == 3]
+    vecs = [i for i, p in enumerate(params) if p.dim() == 2]
+    if len(mats) not in (2, 3) or len(vecs) > len(mats):
+        return []
+    role_sets = (
+        [("gate_up", "down"), ("up", "down")] if len(mats) == 2 else [("gate", "up", "down")]
+    )
+    forms = []
+    for roles in role_sets:
+        for perm in itertools.permutations(mats):
+            w = dict(zip(roles, (params[i].shape[1:] for i in perm), strict=True))
+            tr_options = []
+            for r in roles:
+                a, b = w[r]
+                ok = []
+                if (b if r != "down" else a) == H:
+                    ok.append(False)
+                if (a if r != "down" else b) == H:
+                    ok.append(True)
+                tr_options.append(ok)
+            for trs in itertools.product(*tr_options):
+                outdim = {r: (w[r][1] if t else w[r][0]) for r, t in zip(roles, trs, strict=True)}
+                for bias_roles in itertools.permutations(roles, len(vecs)):
+                    if any(
+                        params[v].shape[1] != outdim[r]
+                        for v, r in zip(vecs, bias_roles, strict=True)
+                    ):
+                        continue
+                    order = list(perm) + vecs
+                    names = list(roles) + ["b_" + r for r in bias_roles]
+                    by_index = dict(zip(order, names, strict=True))
+                    full = tuple(by_index[i] for i in range(len(params)))
+                    transposed = tuple(r for r, t in zip(roles, trs, strict=True) if t)
+                    for act in ACTIVATIONS:
+                        for gf in (True, False) if "gate_up" in roles else (True,):
+                            forms.append(ExpertForm(full, act, transposed, gf, True))
+    return forms
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    a, b = a.float(), b.float()
+    tol = 1e-3 if a.dtype == torch.float32 and b.dtype == torch.float32 else 3e-2
+    scale = b.abs().max().clamp_min(1e-6)
+    return bool(((a - b).abs() <= tol * (b.abs() + 0.05 * scale)).all())
+
+
+def _random_selection(T: int, E: int, k: int, like_w: torch.Tensor, gen: torch.Generator):
+    ids = torch.rand(T, E, generator=gen).argsort(-1)[:, :k]
+    w = torch.rand(T, k, generator=gen).to(like_w.dtype)
+    return ids.to(like_w.device), w.to(like_w.device)
+
+
+def _identify_form(region: Region, values: dict[fx.Node, Any]) -> ExpertForm:
+    sub = _extract(region)
+    x, ids, w = values[region.x], values[region.ids], values[region.weights]
+    roots = [values[r] for r in region.roots]
+    params = [values[p] for p in region.params]
+    E, k = region.site.num_experts, region.site.k
+    if any(p.shape[0] != E for p in params):
+        raise Unmatched(
+            "expert parameters are not stacked [E, ...] tensors "
+            f"(shapes {[tuple(p.shape) for p in params]}); per-expert modules are not handled"
+        )
+    gen = torch.Generator().manual_seed(0)
+    trials = [(ids.long(), w)]
+    trials.append(_random_selection(x.shape[0], E, k, w, gen))
+    refs = []
+    with torch.no_grad():
+        for tid, tw in trials:
+            refs.append(sub(x, tid.to(ids.dtype), tw, *roots))
+    rows = torch.arange(min(x.shape[0], 16))
+    for form in _candidate_forms(params, x.shape[1]):
+        try:
+            ok = all(
+                _close(moe_experts_reference(x[rows], tid[rows], tw[rows], params, form), ref[rows])
+                for (tid, tw), ref in zip(trials, refs, strict=True)
+            )
+        except RuntimeError:
+            continue
+        if ok:
+            return form
+    raise Unmatched("no known expert form (SwiGLU/GLU/MLP, silu/gelu/relu) reproduces the experts")
+
+
+def _capture(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> dict[fx.Node, Any]:
+    """Concrete values of ``wanted`` nodes, by interpreting the graph up to the last one."""
+    got: dict[fx.Node, Any] = {}
+    remaining = set(wanted)
+
+    class _Stop(Exception):
+        pass
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            r = super().run_node(n)
+            if n in remaining:
+                got[n] = r
+                remaining.discard(n)
+                if not remaining:
+                    raise _Stop
+            return r
+
+    if remaining:
+        try:
+            with torch.no_grad():
+                Recorder(gm).run(*example_inputs)
+        except _Stop:
+            pass
+    return got
+
+
+def rewrite_moe_layers(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    layer_options: Callable[[str, list[Any], list[type]], Mapping[str, Any]],
+    record: bool = False,
+) -> list[LayerReport]:
+    """Rewrite every MoE layer of ``gm`` in place; return one report per router-like site.
+
+    ``layer_options(name, params, classes)`` gives the resolved options of a layer (global config,
+    ``options=`` and per-module overrides).
+    """
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    example = dict(zip(placeholders, example_inputs, strict=False))
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            example[n] = operator.attrgetter(n.target)(gm)
+    if any(isinstance(v, torch._subclasses.FakeTensor) for v in example.values()):
+        return [LayerReport("<graph>", False, "inputs are fake tensors: cannot verify a rewrite")]
+    kind = _classify_constants(graph, example)
+
+    reports: list[LayerReport] = []
+    regions: list[tuple[Region, LayerReport]] = []
+    for site in routers.find_topk_sites(graph):
+        name = _module_path(site.node) or site.node.name
+        match = routers.match_router(site)
+        if match is None:
+            reports.append(
+                LayerReport(
+                    name,
+                    False,
+                    "top-k over scores no router pattern recognises",
+                    site.num_experts,
+                    site.k,
+                )
+            )
+            continue
+        try:
+            region = _find_region(graph, match, kind)
+        except Unmatched as e:
+            reports.append(LayerReport(name, False, str(e), site.num_experts, site.k, match.kind))
+            continue
+        name = _layer_name(site.node, region.out)
+        regions.append((region, LayerReport(name, False, "", site.num_experts, site.k, match.kind)))
+
+    wanted = {n for r, _ in regions for n in (r.x, r.ids, r.weights, *r.roots)}
+    values = _capture(gm, example_inputs, wanted)
+    values.update({n: v for n, v in example.items() if n in wanted})
+    for region, rep in regions:
+        try:
+            form = _identify_form(region, values)
+        except Unmatched as e:
+            rep.reason = str(e)
+            reports.append(rep)
+            continue
+        classes = _module_classes(region.site.node) + _module_classes(region.out)
+        opts = dict(layer_options(rep.name, [values[p] for p in region.params], classes))
+        rep.matched, rep.experts, rep.options = True, form.describe(), opts
+        rep.dispatch = _dispatch_kind(region)
+        rep.tokens = _shape(region.x)[0]
+        if opts.get("capacity_factor") is not None:
+            from ..routing import capacity
+
+            rep.capacity = capacity(
+                rep.tokens,
+                rep.num_experts,
+                rep.top_k,
+                opts["capacity_factor"],
+                opts.get("min_capacity", 1),
+                opts.get("capacity_align", 1),
+            )
+        _rewrite(graph, region, form, opts, rep.name, record)
+        reports.append(rep)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return reports
+
+
+def _module_classes(node: fx.Node) -> list[type]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [c for _, c in stack.values() if isinstance(c, type)]
+
+
+def _dispatch_kind(region: Region) -> str:
+    names = {str(getattr(n.target, "__name__", n.target)) for n in region.expert_nodes}
+    if any("grouped_mm" in s for s in names):
+        return "grouped_mm"
+    if "bmm" in names:
+        return "bmm"
+    if "einsum" in names:
+        return "einsum"
+    return "gather"
+
+
+def _rewrite(graph: fx.Graph, region: Region, form: ExpertForm, opts, name: str, record: bool):
+    from .. import ops, telemetry
+
+    out = region.out
+    gamma = opts.get("capacity_factor")
+    with graph.inserting_before(out):
+        ids, w = region.ids, region.weights
+        if ids.meta["example_value"].dtype != torch.int64:
+            ids = graph.call_method("long", (ids,))
+        if gamma is not None:
+            probs = region.router.probs
+            if region.router.probs_from_logits:
+                probs = graph.call_function(torch.softmax, (probs,), {"dim": -1})
+            probs = graph.call_method("float", (probs,))
+            routed = graph.call_function(
+                ops.route_op._opoverload,
+                (
+                    probs,
+                    ids,
+                    w,
+                    gamma,
+                    opts["policy"],
+                    list(opts["local_experts"]) if opts.get("local_experts") else None,
+                    opts["renormalize"],
+                    opts["reroute_rounds"],
+                    opts["seed"],
+                    opts["min_tokens"],
+                    opts["min_capacity"],
+                    opts["capacity_align"],
+                    "batch",
+                    1,
+                    None,
+                ),
+            )
+            new_ids = graph.call_function(operator.getitem, (routed, 0))
+            new_w = graph.call_function(operator.getitem, (routed, 1))
+            if record:
+                new_ids = graph.call_function(
+                    telemetry.observe_op._opoverload,
+                    (
+                        ids,
+                        new_ids,
+                        name,
+                        region.site.num_experts,
+                        gamma,
+                        opts["min_capacity"],
+                        opts["capacity_align"],
+                    ),
+                )
+            ids, w = new_ids, new_w
+        elif record:
+            ids = graph.call_function(
+                telemetry.observe_op._opoverload,
+                (ids, ids, name, region.site.num_experts, None, 1, 1),
+            )
+        new_out = graph.call_function(
+            experts_mod.moe_experts_op._opoverload,
+            (region.x, ids, w, list(region.params), form.to_str()),
+        )
+        if _val(out).dtype != _val(region.x).dtype:
+            new_out = graph.call_method("to", (new_out, _val(out).dtype))
+    out.replace_all_uses_with(new_out)
+    for n in reversed(region.removable):
+        if not n.users:
+            graph.erase_node(n)

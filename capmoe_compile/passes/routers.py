@@ -1,0 +1,155 @@
+"""Router patterns: how models spell "scores over experts -> top-k".
+
+Each pattern is a small named function that looks at one top-k site of an FX graph and says
+whether it recognises it, and if so where the router probabilities ``P`` come from (SPEC.md:
+the model's score function before top-k, bias, group limiting or renormalisation). They are
+tried in order; the first that recognises a site names its router kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+_SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax, "softmax"}
+_SIGMOID = {torch.sigmoid, F.sigmoid, torch.Tensor.sigmoid, "sigmoid"}
+_LINEAR = {F.linear, torch._C._nn.linear, torch.matmul, operator.matmul, "matmul"}
+# Ops that keep the value of every element (casts, views); a router may put them anywhere.
+_VALUE_PRESERVING = {"float", "to", "type", "view", "reshape", "contiguous", "type_as"}
+
+
+def _is(node: fx.Node, targets: set) -> bool:
+    if node.op == "call_function":
+        return node.target in targets
+    if node.op == "call_method":
+        return node.target in targets
+    return False
+
+
+def _shape(node) -> tuple | None:
+    v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _skip_value_preserving(node: fx.Node) -> fx.Node:
+    while node.op == "call_method" and node.target in _VALUE_PRESERVING and node.args:
+        node = node.args[0]
+    return node
+
+
+def _last_dim_softmax(node: fx.Node) -> bool:
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    shape = _shape(node)
+    return shape is not None and dim in (-1, len(shape) - 1)
+
+
+@dataclasses.dataclass
+class TopKSite:
+    """One top-k over experts: the node and its values/indices outputs."""
+
+    node: fx.Node
+    values: fx.Node | None
+    indices: fx.Node
+    k: int
+    num_experts: int
+    scores: fx.Node  # the tensor top-k ran over
+
+
+@dataclasses.dataclass
+class RouterMatch:
+    kind: str
+    site: TopKSite
+    probs: fx.Node  # P, or the logits when probs_from_logits
+    probs_from_logits: bool = False  # P = softmax(logits), computed for ranking only
+
+
+def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
+    """Every ``topk``/``max(dim)`` over the last dim of a 2-D float tensor, with its outputs."""
+    sites = []
+    for node in graph.nodes:
+        is_topk = _is(node, {torch.topk, "topk"})
+        is_max = _is(node, {torch.max, "max"}) and (len(node.args) > 1 or "dim" in node.kwargs)
+        if not (is_topk or is_max):
+            continue
+        scores = node.args[0]
+        shape = _shape(scores)
+        if shape is None or len(shape) != 2:
+            continue
+        if is_topk:
+            k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+        else:
+            k = 1
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        if not isinstance(k, int) or dim not in (-1, 1):
+            continue
+        outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        if 1 not in outs:
+            continue
+        sites.append(TopKSite(node, outs.get(0), outs[1], k, shape[1], scores))
+    return sites
+
+
+def softmax_topk(site: TopKSite) -> RouterMatch | None:
+    """softmax over experts -> top-k (Mixtral, Qwen-MoE, OLMoE; renormalised or not)."""
+    src = _skip_value_preserving(site.scores)
+    if _is(src, _SOFTMAX) and _last_dim_softmax(src):
+        return RouterMatch("softmax_topk", site, src)
+    return None
+
+
+def softmax_top1(site: TopKSite) -> RouterMatch | None:
+    """softmax -> max/top-1 (Switch Transformer style)."""
+    if site.k != 1:
+        return None
+    m = softmax_topk(site)
+    return dataclasses.replace(m, kind="softmax_top1") if m else None
+
+
+def sigmoid_bias_grouped_topk(site: TopKSite) -> RouterMatch | None:
+    """sigmoid scores (+ selection bias, group-limited masking) -> top-k (DeepSeek-V3 style).
+
+    P is the sigmoid output; the bias and group masking only shape the model's selection S.
+    """
+    seen, frontier = set(), [site.scores]
+    for _ in range(12):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if _is(n, _SIGMOID) and _shape(n) == _shape(site.scores):
+                return RouterMatch("sigmoid_bias_grouped_topk", site, n)
+            nxt.extend(a for a in n.all_input_nodes if _shape(a) == _shape(site.scores))
+        frontier = nxt
+    return None
+
+
+def logits_topk_softmax(site: TopKSite) -> RouterMatch | None:
+    """top-k over raw logits, softmax over the selected (GPT-OSS, Granite style)."""
+    src = _skip_value_preserving(site.scores)
+    if _is(src, _LINEAR) and site.values is not None:
+        if any(_is(u, _SOFTMAX) for u in site.values.users):
+            return RouterMatch("logits_topk_softmax", site, src, probs_from_logits=True)
+    return None
+
+
+ROUTER_PATTERNS: list[Callable[[TopKSite], RouterMatch | None]] = [
+    softmax_top1,
+    softmax_topk,
+    sigmoid_bias_grouped_topk,
+    logits_topk_softmax,
+]
+
+
+def match_router(site: TopKSite) -> RouterMatch | None:
+    for pattern in ROUTER_PATTERNS:
+        m = pattern(site)
+        if m is not None:
+            return m
+    return None
