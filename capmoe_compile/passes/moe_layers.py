@@ -27,6 +27,7 @@ from torch import fx
 
 from .. import experts as experts_mod
 from ..experts import ACTIVATIONS, ExpertForm, moe_experts_reference
+from ..lowering import grouped
 from . import routers
 
 log = logging.getLogger(__name__)
@@ -506,10 +507,12 @@ def _rewrite(graph: fx.Graph, region: Region, form: ExpertForm, opts, name: str,
                 telemetry.observe_op._opoverload,
                 (ids, ids, name, region.site.num_experts, None, 1, 1),
             )
-        new_out = graph.call_function(
-            experts_mod.moe_experts_op._opoverload,
-            (region.x, ids, w, list(region.params), form.to_str()),
-        )
+        dtype = _val(region.x).dtype
+        if grouped.supports(form, dtype) and all(_val(p).dtype == dtype for p in region.params):
+            fast = grouped.moe_experts_grouped  # traced by AOTAutograd: Inductor fuses it
+        else:
+            fast = experts_mod.moe_experts_op._opoverload  # the eager reference, opaque
+        new_out = graph.call_function(fast, (region.x, ids, w, list(region.params), form.to_str()))
         if _val(out).dtype != _val(region.x).dtype:
             new_out = graph.call_method("to", (new_out, _val(out).dtype))
     out.replace_all_uses_with(new_out)

@@ -1,0 +1,89 @@
+"""Dispatch + experts + combine as plain torch code that Inductor compiles and fuses.
+
+The backend inserts :func:`moe_experts_grouped` into the graph as a ``call_function``, so
+AOTAutograd traces it into aten ops and Inductor sees the whole layer: the sort into expert
+order, the gather of token rows, ``torch._grouped_mm`` for the expert GEMMs (one call per
+projection, no host synchronisation: group offsets stay on the device), the activation, the
+routing-weight multiply and the scatter-add combine, fused where Inductor can.
+
+Dropped pairs (sentinel id ``E``) sort after every real pair and fall outside the last group
+offset, so they cost no GEMM time. ``_grouped_mm`` leaves those rows unwritten: they are
+selected away with ``where`` (never multiplied: 0 * garbage can be NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..experts import ACTIVATIONS, ExpertForm
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def supports(form: ExpertForm, dtype: torch.dtype) -> bool:
+    """Whether :func:`moe_experts_grouped` handles this expert form and dtype."""
+    return form.stacked and dtype in SUPPORTED_DTYPES
+
+
+@torch.library.custom_op("capmoe::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm`` behind an op of our own: in torch 2.13 its meta kernel refuses
+    fp32 although the CPU kernel runs it, so Inductor calls it as an extern kernel."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@grouped_mm.register_fake
+def _grouped_mm_fake(a, b, offs):
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+def _gemm(h: torch.Tensor, w: torch.Tensor, transposed: bool, offs: torch.Tensor):
+    # grouped_mm wants [E, in, out]; nn.Linear-style storage is [E, out, in].
+    return grouped_mm(h, w if transposed else w.transpose(-2, -1), offs)
+
+
+def moe_experts_grouped(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    params: list[torch.Tensor],
+    form: ExpertForm | str,
+) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``; sentinel ids skipped.
+
+    ``form`` may be given as its string (how the backend passes it through an FX graph).
+    """
+    f = ExpertForm.from_str(form) if isinstance(form, str) else form
+    p = dict(zip(f.roles, params, strict=True))
+    E = params[0].shape[0]
+    T, k = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    eid = flat[order]
+    real = (eid < E)[:, None]
+    token = order // k
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
+    counts = counts.scatter_add_(0, flat.clamp(0, E), torch.ones_like(flat, dtype=torch.int32))
+    offs = counts[:E].cumsum(0, dtype=torch.int32)
+    xs = x[token]
+    eb = eid.clamp_max(E - 1)
+
+    def proj(role: str, h: torch.Tensor) -> torch.Tensor:
+        y = _gemm(h, p[role], role in f.transposed, offs)
+        b = p.get("b_" + role)
+        return y if b is None else y + b[eb]
+
+    act = ACTIVATIONS[f.act]
+    if "gate_up" in f.roles:
+        a, b = proj("gate_up", xs).chunk(2, dim=-1)
+        g, u = (a, b) if f.gate_first else (b, a)
+        h = act(g) * u
+    elif "gate" in f.roles:
+        h = act(proj("gate", xs)) * proj("up", xs)
+    else:
+        h = act(proj("up", xs))
+    y = proj("down", h)
+    w = weights.reshape(-1)[order]
+    y = torch.where(real, y.float() * w.float()[:, None], 0.0)
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, token, y).to(x.dtype)
