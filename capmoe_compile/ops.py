@@ -71,3 +71,98 @@ def _route_fake(
     width = k if capacity_factor is None else output_width(k, E, policy, local_experts)
     ids = topk_ids.new_empty((T, width), dtype=torch.int64)
     return ids, topk_weights.new_empty((T, width))
+
+
+# ---------------------------------------------------------------------------------------------
+# The op the backend puts in front of every rewritten MoE layer.
+#
+# A compiled graph does not bake the capacity options in: ``capmoe::route_layer`` resolves them
+# when it runs (global config < ``options=`` < per-module overrides, cached per config version),
+# so changing the configuration takes effect on the next call without a recompile and a stale
+# graph is impossible. Only the output width is structural: it is fixed when the graph is
+# compiled (k, or k' of ``expanded_drop``), and a call whose configuration needs another width
+# raises instead of computing something else.
+
+
+class LayerHandle:
+    """What ``route_layer`` needs to know about one rewritten layer."""
+
+    def __init__(self, name, num_experts, top_k, options, params, classes, resolve):
+        self.name = name
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.compile_options = dict(options or {})
+        self.params = params  # the layer's expert weights (the compiled graph holds them too)
+        self.classes = classes
+        self._resolve = resolve  # (compile_options, params, classes) -> dict
+        self._cache: tuple[int, dict] | None = None
+
+    def options(self) -> dict:
+        from . import config
+
+        v = config.version()
+        if self._cache is None or self._cache[0] != v:
+            self._cache = (v, self._resolve(self.compile_options, self.params, self.classes))
+        return self._cache[1]
+
+    def width(self, opts: dict) -> int:
+        if opts["capacity_factor"] is None:
+            return self.top_k
+        return output_width(self.top_k, self.num_experts, opts["policy"], opts["local_experts"])
+
+
+_LAYERS: list[LayerHandle] = []
+
+
+def register_layer(handle: LayerHandle) -> int:
+    _LAYERS.append(handle)
+    return len(_LAYERS) - 1
+
+
+@torch.library.custom_op("capmoe::route_layer", mutates_args=())
+def route_layer(
+    probs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    layer: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import telemetry
+
+    h = _LAYERS[layer]
+    opts = h.options()
+    if h.width(opts) != width:
+        raise RuntimeError(
+            f"capmoe: layer {h.name} was compiled for {width} experts per token, but the "
+            f"configuration now asks for {h.width(opts)} (policy={opts['policy']!r}); switching "
+            "to or from expanded_drop changes the graph: call torch._dynamo.reset() and run "
+            "the compiled model again"
+        )
+    T, k = topk_ids.shape
+    ids = topk_ids.long()
+    if opts["capacity_factor"] is None:
+        out_ids, out_w = ids.clone(), topk_weights.clone()
+    else:
+        out_ids, out_w = route_reference(
+            probs,
+            ids,
+            topk_weights,
+            capacity_factor=opts["capacity_factor"],
+            policy=opts["policy"],
+            local_experts=opts["local_experts"],
+            renormalize=opts["renormalize"],
+            reroute_rounds=opts["reroute_rounds"],
+            seed=opts["seed"],
+            min_tokens=opts["min_tokens"],
+            min_capacity=opts["min_capacity"],
+            capacity_align=opts["capacity_align"],
+        )
+    if telemetry.is_recording():
+        telemetry.record(h.name, ids, out_ids, h.num_experts, opts)
+    return out_ids, out_w
+
+
+@route_layer.register_fake
+def _route_layer_fake(probs, topk_ids, topk_weights, layer, width):
+    T = topk_ids.shape[0]
+    return topk_ids.new_empty((T, width), dtype=torch.int64), topk_weights.new_empty((T, width))

@@ -1,9 +1,8 @@
 """``record_stats()``: SPEC.md's load figures from compiled calls.
 
-Recording is part of what a compiled graph depends on: entering or leaving ``record_stats``
-changes the configuration version, so the backend compiles (once) a variant whose MoE layers
-report their loads through the ``capmoe::observe`` op. Graphs compiled while nobody records
-carry no such op: no extra outputs, no host synchronisation.
+Every rewritten layer's ``capmoe::route_layer`` op checks one Python list when it runs; only
+inside ``record_stats`` does it count loads (which synchronises with the device). Outside, it
+costs that list check: no extra outputs, no host synchronisation, no recompile.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from collections.abc import Iterator
 
 import torch
 
-from . import config
 from .routing import capacity as _capacity
 
 _active: list[Stats] = []
@@ -68,12 +66,10 @@ def record_stats() -> Iterator[Stats]:
     """Collect :class:`LayerStats` of every compiled MoE layer call inside the block."""
     stats = Stats()
     _active.append(stats)
-    config._bump()
     try:
         yield stats
     finally:
         _active.remove(stats)
-        config._bump()
 
 
 def _dense(ids: torch.Tensor, E: int) -> torch.Tensor:
@@ -81,37 +77,30 @@ def _dense(ids: torch.Tensor, E: int) -> torch.Tensor:
     return mask.scatter_(1, ids.long().clamp(0, E), True)[:, :E]
 
 
-@torch.library.custom_op("capmoe::observe", mutates_args=())
-def observe_op(
-    ids_before: torch.Tensor,
-    ids_after: torch.Tensor,
-    name: str,
-    num_experts: int,
-    capacity_factor: float | None,
-    min_capacity: int,
-    capacity_align: int,
-) -> torch.Tensor:
-    """Record one layer call's loads; returns ``ids_after`` (a copy, so it is never elided)."""
-    if _active:
-        T, k = ids_before.shape
-        before, after = _dense(ids_before, num_experts), _dense(ids_after, num_experts)
-        cap = None
-        if capacity_factor is not None:
-            cap = int(_capacity(T, num_experts, k, capacity_factor, min_capacity, capacity_align))
-        rec = LayerStats(
-            name=name,
-            tokens=T,
-            capacity=cap,
-            loads_before=before.sum(0).cpu(),
-            loads_after=after.sum(0).cpu(),
-            dropped=int((before & ~after).sum()),
-            added=int((after & ~before).sum()),
+def record(name: str, ids_before, ids_after, num_experts: int, opts) -> None:
+    """Append one layer call's figures to every active :func:`record_stats` block."""
+    T, k = ids_before.shape
+    before, after = _dense(ids_before, num_experts), _dense(ids_after, num_experts)
+    cap = None
+    if opts["capacity_factor"] is not None and T >= opts["min_tokens"]:
+        cap = int(
+            _capacity(
+                T,
+                num_experts,
+                k,
+                opts["capacity_factor"],
+                opts["min_capacity"],
+                opts["capacity_align"],
+            )
         )
-        for s in _active:
-            s.layers.append(rec)
-    return ids_after.clone()
-
-
-@observe_op.register_fake
-def _observe_fake(ids_before, ids_after, name, num_experts, capacity_factor, min_capacity, align):
-    return torch.empty_like(ids_after)
+    rec = LayerStats(
+        name=name,
+        tokens=T,
+        capacity=cap,
+        loads_before=before.sum(0).cpu(),
+        loads_after=after.sum(0).cpu(),
+        dropped=int((before & ~after).sum()),
+        added=int((after & ~before).sum()),
+    )
+    for s in _active:
+        s.layers.append(rec)

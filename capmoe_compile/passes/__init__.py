@@ -32,27 +32,25 @@ def _overrides(params: list[torch.Tensor], classes: list[type]) -> dict[str, Any
     return out
 
 
+def resolve_layer(
+    options: Mapping[str, Any] | None, params: list[torch.Tensor], classes: list[type]
+) -> dict[str, Any]:
+    """A layer's effective options: config < ``options=`` < per-module overrides."""
+    return {**config.resolve(options), **_overrides(params, classes)}
+
+
 def run_passes(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     options: Mapping[str, Any] | None,
-    record: bool | None = None,
 ) -> list[LayerReport]:
-    """Rewrite ``gm``'s MoE layers in place for the resolved configuration; return reports.
+    """Rewrite ``gm``'s MoE layers in place; return one report per router-like site.
 
     ``example_inputs`` must be real tensors: every rewrite is checked against the layer's own
     computation on them before it is made.
     """
-    from .. import telemetry
-
-    cfg = config.resolve(options)
-    if record is None:
-        record = telemetry.is_recording()
-
-    def layer_options(name: str, params: list[torch.Tensor], classes: list[type]):
-        return {**cfg, **_overrides(params, classes)}
-
-    reports = rewrite_moe_layers(gm, list(example_inputs), layer_options, record)
+    config.resolve(options)  # bad options fail here, at compile time
+    reports = rewrite_moe_layers(gm, list(example_inputs), options, resolve_layer)
     for r in reports:
         if not r.matched and (r.name, r.reason) not in _warned:
             _warned.add((r.name, r.reason))

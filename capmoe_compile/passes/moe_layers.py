@@ -26,8 +26,10 @@ import torch
 from torch import fx
 
 from .. import experts as experts_mod
+from .. import ops
 from ..experts import ACTIVATIONS, ExpertForm, moe_experts_reference
 from ..lowering import grouped
+from ..routing import capacity
 from . import routers
 
 log = logging.getLogger(__name__)
@@ -360,15 +362,22 @@ def _capture(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> dict[f
 def rewrite_moe_layers(
     gm: fx.GraphModule,
     example_inputs: list,
-    layer_options: Callable[[str, list[Any], list[type]], Mapping[str, Any]],
-    record: bool = False,
+    options: Mapping[str, Any] | None,
+    resolve: Callable[[Mapping[str, Any], list[Any], list[type]], dict[str, Any]],
 ) -> list[LayerReport]:
     """Rewrite every MoE layer of ``gm`` in place; return one report per router-like site.
 
-    ``layer_options(name, params, classes)`` gives the resolved options of a layer (global config,
-    ``options=`` and per-module overrides).
+    ``options`` are the compile's ``options=``; ``resolve(options, params, classes)`` gives a
+    layer's effective options (global config, ``options=``, per-module overrides). The
+    rewritten graph resolves them again each call, so configuration changes apply at once.
     """
     graph = gm.graph
+    # Dynamo passes backed SymInts for symbolic sizes: verify on their hints (no guards).
+    example_inputs = [
+        getattr(v.node, "hint", None) if isinstance(v, torch.SymInt) else v for v in example_inputs
+    ]
+    if any(v is None for v in example_inputs):
+        return [LayerReport("<graph>", False, "unbacked symbolic sizes: cannot verify a rewrite")]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     example = dict(zip(placeholders, example_inputs, strict=False))
     for n in graph.nodes:
@@ -413,22 +422,24 @@ def rewrite_moe_layers(
             reports.append(rep)
             continue
         classes = _module_classes(region.site.node) + _module_classes(region.out)
-        opts = dict(layer_options(rep.name, [values[p] for p in region.params], classes))
+        params = [values[p] for p in region.params]
+        handle = ops.LayerHandle(
+            rep.name, rep.num_experts, rep.top_k, options, params, classes, resolve
+        )
+        opts = handle.options()
         rep.matched, rep.experts, rep.options = True, form.describe(), opts
         rep.dispatch = _dispatch_kind(region)
         rep.tokens = _shape(region.x)[0]
-        if opts.get("capacity_factor") is not None:
-            from ..routing import capacity
-
+        if opts["capacity_factor"] is not None and rep.tokens >= opts["min_tokens"]:
             rep.capacity = capacity(
                 rep.tokens,
                 rep.num_experts,
                 rep.top_k,
                 opts["capacity_factor"],
-                opts.get("min_capacity", 1),
-                opts.get("capacity_align", 1),
+                opts["min_capacity"],
+                opts["capacity_align"],
             )
-        _rewrite(graph, region, form, opts, rep.name, record)
+        _rewrite(graph, region, form, ops.register_layer(handle), handle.width(opts))
         reports.append(rep)
     graph.eliminate_dead_code()
     graph.lint()
@@ -452,61 +463,17 @@ def _dispatch_kind(region: Region) -> str:
     return "gather"
 
 
-def _rewrite(graph: fx.Graph, region: Region, form: ExpertForm, opts, name: str, record: bool):
-    from .. import ops, telemetry
-
+def _rewrite(graph: fx.Graph, region: Region, form: ExpertForm, layer: int, width: int):
     out = region.out
-    gamma = opts.get("capacity_factor")
     with graph.inserting_before(out):
-        ids, w = region.ids, region.weights
-        if ids.meta["example_value"].dtype != torch.int64:
-            ids = graph.call_method("long", (ids,))
-        if gamma is not None:
-            probs = region.router.probs
-            if region.router.probs_from_logits:
-                probs = graph.call_function(torch.softmax, (probs,), {"dim": -1})
-            probs = graph.call_method("float", (probs,))
-            routed = graph.call_function(
-                ops.route_op._opoverload,
-                (
-                    probs,
-                    ids,
-                    w,
-                    gamma,
-                    opts["policy"],
-                    list(opts["local_experts"]) if opts.get("local_experts") else None,
-                    opts["renormalize"],
-                    opts["reroute_rounds"],
-                    opts["seed"],
-                    opts["min_tokens"],
-                    opts["min_capacity"],
-                    opts["capacity_align"],
-                    "batch",
-                    1,
-                    None,
-                ),
-            )
-            new_ids = graph.call_function(operator.getitem, (routed, 0))
-            new_w = graph.call_function(operator.getitem, (routed, 1))
-            if record:
-                new_ids = graph.call_function(
-                    telemetry.observe_op._opoverload,
-                    (
-                        ids,
-                        new_ids,
-                        name,
-                        region.site.num_experts,
-                        gamma,
-                        opts["min_capacity"],
-                        opts["capacity_align"],
-                    ),
-                )
-            ids, w = new_ids, new_w
-        elif record:
-            ids = graph.call_function(
-                telemetry.observe_op._opoverload,
-                (ids, ids, name, region.site.num_experts, None, 1, 1),
-            )
+        probs = region.router.probs
+        if region.router.probs_from_logits:
+            probs = graph.call_function(torch.softmax, (probs,), {"dim": -1})
+        routed = graph.call_function(
+            ops.route_layer._opoverload, (probs, region.ids, region.weights, layer, width)
+        )
+        ids = graph.call_function(operator.getitem, (routed, 0))
+        w = graph.call_function(operator.getitem, (routed, 1))
         dtype = _val(region.x).dtype
         if grouped.supports(form, dtype) and all(_val(p).dtype == dtype for p in region.params):
             fast = grouped.moe_experts_grouped  # traced by AOTAutograd: Inductor fuses it
