@@ -12,9 +12,24 @@ from collections.abc import Sequence
 import torch
 
 from . import config
-from .routing import POLICIES, capacity, route_reference
+from .explain import ExplainReport, explain
+from .module_config import configure, exempt
+from .routing import POLICIES, capacity
+from .telemetry import LayerStats, Stats, record_stats
 
-__all__ = ["POLICIES", "capacity", "config", "route"]
+__all__ = [
+    "POLICIES",
+    "ExplainReport",
+    "LayerStats",
+    "Stats",
+    "capacity",
+    "config",
+    "configure",
+    "exempt",
+    "explain",
+    "record_stats",
+    "route",
+]
 __version__ = "0.1.0"
 
 
@@ -62,27 +77,39 @@ def route(
         ``(ids, weights)`` of shape [T, k'] (``k' = k`` except for ``expanded_drop``, whose
         extra columns hold the added pairs); dropped slots hold expert id ``E`` and weight 0.
     """
-    from . import ops  # registers capmoe::route on first use
+    from . import ops  # registers the capmoe ops
 
+    checked = {
+        name: config.validate(name, value)
+        for name, value in (
+            ("policy", policy),
+            ("local_experts", local_experts),
+            ("renormalize", renormalize),
+            ("reroute_rounds", reroute_rounds),
+            ("seed", seed),
+            ("min_tokens", min_tokens),
+            ("min_capacity", min_capacity),
+            ("capacity_align", capacity_align),
+            ("capacity_scope", capacity_scope),
+        )
+    }
     if capacity_factor is not None:
         capacity_factor = config.validate("capacity_factor", capacity_factor)
+    local = checked["local_experts"]
     return ops.route_op(
         probs,
         topk_ids,
         topk_weights,
         capacity_factor,
-        policy,
-        None if local_experts is None else [int(e) for e in local_experts],
-        renormalize,
-        reroute_rounds,
-        seed,
-        min_tokens,
-        min_capacity,
-        capacity_align,
-        capacity_scope,
+        checked["policy"],
+        None if local is None else list(local),
+        checked["renormalize"],
+        checked["reroute_rounds"],
+        checked["seed"],
+        checked["min_tokens"],
+        checked["min_capacity"],
+        checked["capacity_align"],
+        checked["capacity_scope"],
         num_sequences,
         valid,
     )
-
-
-del Sequence, annotations

@@ -40,7 +40,7 @@ def explain(model: torch.nn.Module | Callable, **options: Any) -> Callable[..., 
     The model runs once, eagerly on the rewritten graphs, so the report's capacities are those
     of these inputs.
     """
-    from .backend import run_passes
+    from .passes import run_passes
 
     cfg_options: Mapping[str, Any] = options
 
