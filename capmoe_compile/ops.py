@@ -126,7 +126,14 @@ def route_layer(
     topk_weights: torch.Tensor,
     layer: int,
     width: int,
+    num_sequences: int,
+    attention_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route one layer call with the options in force now (see :class:`LayerHandle`).
+
+    ``num_sequences`` is B of the [B, S] the rows were flattened from (0: unknown);
+    ``attention_mask`` the model's [B, S] mask where the passes could tie it to the rows.
+    """
     from . import telemetry
 
     h = _LAYERS[layer]
@@ -140,7 +147,17 @@ def route_layer(
         )
     T, k = topk_ids.shape
     ids = topk_ids.long()
+    valid = None
+    if attention_mask is not None and opts["exclude_padding"]:
+        valid = attention_mask.reshape(-1).bool()
+    scope = opts["capacity_scope"]
+    if scope == "sequence" and num_sequences < 1:
+        raise RuntimeError(
+            f"capmoe: capacity_scope='sequence' needs the [B, S] structure of layer {h.name}'s "
+            "rows, which the graph does not show (see capmoe_compile.explain)"
+        )
     if opts["capacity_factor"] is None:
+        valid = None  # capacity off: the layer runs exactly as written
         out_ids, out_w = ids.clone(), topk_weights.clone()
     else:
         out_ids, out_w = route_reference(
@@ -156,13 +173,16 @@ def route_layer(
             min_tokens=opts["min_tokens"],
             min_capacity=opts["min_capacity"],
             capacity_align=opts["capacity_align"],
+            capacity_scope=scope,
+            num_sequences=max(num_sequences, 1),
+            valid=valid,
         )
     if telemetry.is_recording():
-        telemetry.record(h.name, ids, out_ids, h.num_experts, opts)
+        telemetry.record(h.name, ids, out_ids, h.num_experts, opts, valid, max(num_sequences, 1))
     return out_ids, out_w
 
 
 @route_layer.register_fake
-def _route_layer_fake(probs, topk_ids, topk_weights, layer, width):
+def _route_layer_fake(probs, topk_ids, topk_weights, layer, width, num_sequences, mask):
     T = topk_ids.shape[0]
     return topk_ids.new_empty((T, width), dtype=torch.int64), topk_weights.new_empty((T, width))

@@ -77,22 +77,34 @@ def _dense(ids: torch.Tensor, E: int) -> torch.Tensor:
     return mask.scatter_(1, ids.long().clamp(0, E), True)[:, :E]
 
 
-def record(name: str, ids_before, ids_after, num_experts: int, opts) -> None:
-    """Append one layer call's figures to every active :func:`record_stats` block."""
+def record(
+    name: str, ids_before, ids_after, num_experts: int, opts, valid=None, num_sequences: int = 1
+) -> None:
+    """Append one layer call's figures to every active :func:`record_stats` block.
+
+    With ``valid`` (padding excluded), padding rows count in neither ``tokens`` nor loads.
+    ``capacity`` is the bound on any expert's load in the call: ``C`` for the batch scope, the
+    sum of the sequences' ``C_s`` for the sequence scope.
+    """
     T, k = ids_before.shape
-    before, after = _dense(ids_before, num_experts), _dense(ids_after, num_experts)
+    rows = torch.ones(T, dtype=torch.bool) if valid is None else valid.cpu()
     cap = None
-    if opts["capacity_factor"] is not None and T >= opts["min_tokens"]:
-        cap = int(
-            _capacity(
-                T,
-                num_experts,
-                k,
-                opts["capacity_factor"],
-                opts["min_capacity"],
-                opts["capacity_align"],
-            )
+    if opts["capacity_factor"] is not None and int(rows.sum()) >= opts["min_tokens"]:
+        groups = num_sequences if opts["capacity_scope"] == "sequence" else 1
+        per_group = rows.view(groups, -1).sum(1)
+        caps = _capacity(
+            per_group,
+            num_experts,
+            k,
+            opts["capacity_factor"],
+            opts["min_capacity"],
+            opts["capacity_align"],
         )
+        cap = int(caps.sum())
+    if valid is not None:
+        ids_before, ids_after = ids_before[valid], ids_after[valid]
+    T = ids_before.shape[0]
+    before, after = _dense(ids_before, num_experts), _dense(ids_after, num_experts)
     rec = LayerStats(
         name=name,
         tokens=T,

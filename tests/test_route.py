@@ -665,7 +665,7 @@ def route_cases(
             draw(st.lists(st.integers(0, E - 1), min_size=1, max_size=E, unique=True))
         )
     if draw(st.integers(0, 3)) == 0:
-        kw["min_capacity"] = draw(st.integers(0, 8))
+        kw["min_capacity"] = draw(st.integers(1, 8))
     if draw(st.integers(0, 3)) == 0:
         kw["capacity_align"] = draw(st.sampled_from([2, 4, 8]))
     if draw(st.integers(0, 5)) == 0:

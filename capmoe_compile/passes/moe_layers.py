@@ -51,6 +51,7 @@ class LayerReport:
     experts: str = ""
     tokens: int | None = None
     capacity: int | None = None
+    padding: str = ""  # how padding rows are treated, or why they cannot be excluded
     options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -230,6 +231,46 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
     nodes = sorted(expert_set | (support - set(roots)), key=order.__getitem__)
     removable = sorted(region - {ids, weights}, key=order.__getitem__)
     return Region(site, match, out, x, ids, weights, nodes, removable, params, roots)
+
+
+_VIEWS = {"view", "reshape", "contiguous", "to", "float", "type_as"}
+
+
+def _known_equal(a, b) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b)) if not isinstance(a == b, bool) else a == b
+
+
+def _sequence_tie(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node | None, fx.Node | None, str]:
+    """The [B, S, H] tensor the layer's rows were flattened from, and the model's 2-D attention
+    mask of shape [B, S] if the graph has one. Returns (seq_node, mask_node, explanation)."""
+    T = _val(x).shape[0]
+    node = x
+    seq = None
+    for _ in range(8):
+        v = _val(node)
+        if (
+            isinstance(v, torch.Tensor)
+            and v.dim() == 3
+            and _known_equal(v.shape[0] * v.shape[1], T)
+        ):
+            seq = node
+            break
+        if node.op == "call_method" and node.target in _VIEWS and node.args:
+            node = node.args[0]
+        else:
+            break
+    if seq is None:
+        return None, None, "rows are not a reshape of a [B, S, H] tensor: all rows count"
+    B, S = _val(seq).shape[:2]
+    for ph in graph.find_nodes(op="placeholder"):
+        v = _val(ph)
+        if "attention_mask" not in ph.name or not isinstance(v, torch.Tensor) or v.dim() != 2:
+            continue
+        if _known_equal(v.shape[0], B) and _known_equal(v.shape[1], S):
+            return seq, ph, f"padding excluded (tied to {ph.name})"
+    return seq, None, "no 2-D attention_mask input of shape [B, S]: all rows count"
 
 
 def _extract(region: Region) -> fx.GraphModule:
@@ -439,7 +480,9 @@ def rewrite_moe_layers(
                 opts["min_capacity"],
                 opts["capacity_align"],
             )
-        _rewrite(graph, region, form, ops.register_layer(handle), handle.width(opts))
+        seq, mask, rep.padding = _sequence_tie(graph, region.x)
+        layer = ops.register_layer(handle)
+        _rewrite(graph, region, form, layer, handle.width(opts), seq, mask)
         reports.append(rep)
     graph.eliminate_dead_code()
     graph.lint()
@@ -463,14 +506,25 @@ def _dispatch_kind(region: Region) -> str:
     return "gather"
 
 
-def _rewrite(graph: fx.Graph, region: Region, form: ExpertForm, layer: int, width: int):
+def _rewrite(
+    graph: fx.Graph,
+    region: Region,
+    form: ExpertForm,
+    layer: int,
+    width: int,
+    seq: fx.Node | None,
+    mask: fx.Node | None,
+):
     out = region.out
     with graph.inserting_before(out):
         probs = region.router.probs
         if region.router.probs_from_logits:
             probs = graph.call_function(torch.softmax, (probs,), {"dim": -1})
+        # 0 sequences: the [B, S] structure is unknown (capacity_scope="sequence" refuses).
+        num_seq = 0 if seq is None else graph.call_method("size", (seq, 0))
         routed = graph.call_function(
-            ops.route_layer._opoverload, (probs, region.ids, region.weights, layer, width)
+            ops.route_layer._opoverload,
+            (probs, region.ids, region.weights, layer, width, num_seq, mask),
         )
         ids = graph.call_function(operator.getitem, (routed, 0))
         w = graph.call_function(operator.getitem, (routed, 1))
