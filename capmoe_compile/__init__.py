@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from . import config
+from .declare import router
 from .explain import ExplainReport, explain
 from .module_config import configure, exempt
 from .routing import POLICIES, capacity
@@ -29,6 +30,7 @@ __all__ = [
     "explain",
     "record_stats",
     "route",
+    "router",
 ]
 __version__ = "0.1.0"
 

@@ -64,14 +64,42 @@ class TopKSite:
 class RouterMatch:
     kind: str
     site: TopKSite
-    probs: fx.Node  # P, or the logits when probs_from_logits
-    probs_from_logits: bool = False  # P = softmax(logits), computed for ranking only
+    probs: fx.Node  # P, or the logits when score_of_logits is set
+    score_of_logits: str | None = None  # P = softmax/sigmoid(logits), for ranking only
+
+
+def _declared(node: fx.Node) -> bool:
+    from ..declare import declared_router
+
+    return node.op == "call_function" and node.target is declared_router._opoverload
+
+
+def _feeds_declared(node: fx.Node, depth: int = 64) -> bool:
+    seen, todo = set(), [node]
+    while todo and len(seen) < depth:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if _declared(n):
+            return True
+        todo.extend(n.users)
+    return False
 
 
 def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
-    """Every ``topk``/``max(dim)`` over the last dim of a 2-D float tensor, with its outputs."""
+    """Every ``topk``/``max(dim)`` over the last dim of a 2-D float tensor, with its outputs,
+    and every router declared with ``@capmoe_compile.router`` (whose own top-k, if any, is
+    not reported twice)."""
     sites = []
     for node in graph.nodes:
+        if _declared(node):
+            outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+            if 0 in outs:
+                logits = node.args[0]
+                E = _shape(logits)[1]
+                sites.append(TopKSite(node, outs.get(1), outs[0], node.args[3], E, logits))
+            continue
         is_topk = _is(node, {torch.topk, "topk"})
         is_max = _is(node, {torch.max, "max"}) and (len(node.args) > 1 or "dim" in node.kwargs)
         if not (is_topk or is_max):
@@ -86,7 +114,7 @@ def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
         else:
             k = 1
             dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
-        if not isinstance(k, int) or dim not in (-1, 1):
+        if not isinstance(k, int) or dim not in (-1, 1) or _feeds_declared(node):
             continue
         outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
         if 1 not in outs:
@@ -135,11 +163,19 @@ def logits_topk_softmax(site: TopKSite) -> RouterMatch | None:
     src = _skip_value_preserving(site.scores)
     if _is(src, _LINEAR) and site.values is not None:
         if any(_is(u, _SOFTMAX) for u in site.values.users):
-            return RouterMatch("logits_topk_softmax", site, src, probs_from_logits=True)
+            return RouterMatch("logits_topk_softmax", site, src, score_of_logits="softmax")
+    return None
+
+
+def declared(site: TopKSite) -> RouterMatch | None:
+    """A routing function decorated with ``@capmoe_compile.router(top_k=k, score=...)``."""
+    if _declared(site.node):
+        return RouterMatch("declared", site, site.scores, score_of_logits=site.node.args[4])
     return None
 
 
 ROUTER_PATTERNS: list[Callable[[TopKSite], RouterMatch | None]] = [
+    declared,
     softmax_top1,
     softmax_topk,
     sigmoid_bias_grouped_topk,
@@ -153,3 +189,13 @@ def match_router(site: TopKSite) -> RouterMatch | None:
         if m is not None:
             return m
     return None
+
+
+def strip_declared(graph: fx.Graph) -> None:
+    """Remove the ``declared_router`` markers: their outputs are their inputs."""
+    for node in list(graph.nodes):
+        if _declared(node):
+            for u in list(node.users):
+                u.replace_all_uses_with(node.args[2 if u.args[1] == 1 else 1])
+                graph.erase_node(u)
+            graph.erase_node(node)
