@@ -86,7 +86,13 @@ def _layer_name(site_node: fx.Node, out_node: fx.Node) -> str:
     a, b = _module_path(site_node).split("."), _module_path(out_node).split(".")
     common = [x for x, y in zip(a, b, strict=False) if x == y]
     n = len(list(itertools.takewhile(lambda p: p[0] == p[1], zip(a, b, strict=False))))
-    return ".".join(common[:n]) or _module_path(site_node) or site_node.name
+    if ".".join(common[:n]):
+        return ".".join(common[:n])
+    # The MoE block is the compiled module itself: name it by its class.
+    for node in (site_node, out_node):
+        for _, cls in (node.meta.get("nn_module_stack") or {}).values():
+            return getattr(cls, "__name__", str(cls))
+    return site_node.name
 
 
 def _descendants(start: list[fx.Node], stop: fx.Node | None = None) -> set[fx.Node]:
@@ -484,6 +490,7 @@ def rewrite_moe_layers(
         layer = ops.register_layer(handle)
         _rewrite(graph, region, form, layer, handle.width(opts), seq, mask)
         reports.append(rep)
+    routers.strip_declared(graph)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -518,8 +525,10 @@ def _rewrite(
     out = region.out
     with graph.inserting_before(out):
         probs = region.router.probs
-        if region.router.probs_from_logits:
+        if region.router.score_of_logits == "softmax":
             probs = graph.call_function(torch.softmax, (probs,), {"dim": -1})
+        elif region.router.score_of_logits == "sigmoid":
+            probs = graph.call_function(torch.sigmoid, (probs,))
         # 0 sequences: the [B, S] structure is unknown (capacity_scope="sequence" refuses).
         num_seq = 0 if seq is None else graph.call_method("size", (seq, 0))
         routed = graph.call_function(
