@@ -463,7 +463,14 @@ def rewrite_moe_layers(
     values.update({n: v for n, v in example.items() if n in wanted})
     for region, rep in regions:
         try:
-            form = _identify_form(region, values)
+            # capmoe EP hook: an expert-parallel layer (capmoe_compile.distributed) runs its
+            # sharded experts through capmoe::ep_experts; its form was verified before sharding.
+            epn = _ep_node(region.expert_nodes)
+            form = (
+                ExpertForm.from_str(epn.args[4])
+                if epn is not None
+                else _identify_form(region, values)
+            )
         except Unmatched as e:
             rep.reason = str(e)
             reports.append(rep)
@@ -513,6 +520,13 @@ def _dispatch_kind(region: Region) -> str:
     return "gather"
 
 
+def _ep_node(expert_nodes) -> fx.Node | None:
+    # capmoe EP hook: see capmoe_compile/distributed/ep.py
+    from ..distributed.ep import ep_node
+
+    return ep_node(expert_nodes)
+
+
 def _rewrite(
     graph: fx.Graph,
     region: Region,
@@ -523,6 +537,7 @@ def _rewrite(
     mask: fx.Node | None,
 ):
     out = region.out
+    epn = _ep_node(region.expert_nodes)  # capmoe EP hook
     with graph.inserting_before(out):
         probs = region.router.probs
         if region.router.score_of_logits == "softmax":
@@ -531,6 +546,17 @@ def _rewrite(
             probs = graph.call_function(torch.sigmoid, (probs,))
         # 0 sequences: the [B, S] structure is unknown (capacity_scope="sequence" refuses).
         num_seq = 0 if seq is None else graph.call_method("size", (seq, 0))
+        if epn is not None:  # capmoe EP hook: group routing + all-to-all (distributed/ep.py)
+            from ..distributed.ep import ep_moe_op
+
+            x, _, _, params, form_str, key = epn.args
+            args = (x, probs, region.ids, region.weights, layer, key, num_seq, mask)
+            new_out = graph.call_function(ep_moe_op._opoverload, (*args, list(params), form_str))
+            out.replace_all_uses_with(new_out)
+            for n in reversed(region.removable):
+                if not n.users:
+                    graph.erase_node(n)
+            return
         routed = graph.call_function(
             ops.route_layer._opoverload,
             (probs, region.ids, region.weights, layer, width, num_seq, mask),
