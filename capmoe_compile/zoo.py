@@ -28,6 +28,7 @@ __all__ = [
     "EXTRA_FAMILIES",
     "FAMILIES",
     "MAIN_FAMILIES",
+    "MoELayer",
     "PLAIN_KINDS",
     "build",
     "expert_loads",
@@ -120,7 +121,8 @@ def _deepseek_v3(h, f, e, k, n, v):
         "moe_intermediate_size": f,
         "n_shared_experts": 1,
         "n_group": n_group,
-        "topk_group": max(1, n_group // 2),
+        # half the groups, and enough of them to hold k experts
+        "topk_group": min(n_group, max(n_group // 2, -(-k // (e // n_group)))),
         "routed_scaling_factor": 2.5,
         "norm_topk_prob": True,
         "first_k_dense_replace": 0,
@@ -275,22 +277,34 @@ def build(
         model = AutoModelForCausalLM.from_config(
             config, experts_implementation=experts_implementation, dtype=torch.float32
         )
-        _randomize_correction_bias_(model)
     model.eval()
     if skew:
         skew_router_(model, strength=skew, seed=seed)
+    _randomize_correction_bias_(model, seed=seed)
     return model.to(dtype)
 
 
 @torch.no_grad()
-def _randomize_correction_bias_(model: nn.Module) -> None:
-    # DeepSeek-V3-style routers: a nonzero e_score_correction_bias, of the size of the spread of
-    # the sigmoid scores, so the bias-adjusted selection differs from top-k of the scores for
-    # many tokens (40-65% of them in the tiny deepseek_v3).
-    for layer in moe_layers(model):
-        bias = getattr(layer.router, "e_score_correction_bias", None)
-        if bias is not None:
-            bias.copy_(torch.randn(bias.shape) * 0.02)
+def _randomize_correction_bias_(model: nn.Module, seed: int = 0, scale: float = 0.5) -> None:
+    """DeepSeek-V3-style routers (sigmoid scores plus ``e_score_correction_bias`` for the
+    selection only): a nonzero random bias, ``scale`` times the spread (std over tokens) of the
+    sigmoid scores, so the bias-adjusted selection differs from top-k of the scores for many
+    tokens without swamping the router. Transformers initialises the bias to zeros."""
+    layers = [
+        layer
+        for layer in moe_layers(model)
+        if isinstance(getattr(layer.router, "e_score_correction_bias", None), torch.Tensor)
+    ]
+    if not layers:
+        return
+    gen = torch.Generator().manual_seed(seed + 2_000_003)
+    sample = random_input_ids(model, batch=16, seq=64, seed=seed)
+    for layer, x in zip(layers, _router_inputs(model, layers, sample), strict=True):
+        scores = torch.sigmoid(x @ layer.router.weight.float().t())
+        spread = scores.std(dim=0).mean()
+        bias = layer.router.e_score_correction_bias
+        noise = torch.randn(bias.shape, generator=gen)
+        bias.copy_((scale * spread * noise).to(bias.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,11 +623,11 @@ def skew_router_(model: nn.Module, strength: float = 1.5, seed: int = 0) -> nn.M
             scale = weight.float().norm(dim=-1).mean()
             weight.add_((scale * d).to(weight.dtype))
             model.zoo_shared_direction = (scale * d).to(weight.dtype)
-        sample = random_input_ids(model, batch=4, seq=64, seed=seed)
+        sample = random_input_ids(model, batch=16, seq=64, seed=seed)
     else:
         if getattr(model, "zoo_shared_direction", None) is None:
             model.zoo_shared_direction = math.sqrt(hidden) * d
-        sample = random_hidden(model, batch=4, seq=64, seed=seed)
+        sample = random_hidden(model, batch=16, seq=64, seed=seed)
 
     inputs = _router_inputs(model, layers, sample)
     for layer, x in zip(layers, inputs, strict=True):
