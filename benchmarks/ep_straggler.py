@@ -1,0 +1,335 @@
+"""The straggler effect under expert parallelism, measured, and what capacity does to it.
+
+Real run (N ranks, gloo on CPU here; NCCL works the same on GPUs)::
+
+    torchrun --nproc-per-node 2 benchmarks/ep_straggler.py --out benchmarks/results/ep_straggler.json
+
+One MoE layer (a transformers Mixtral block, E experts sharded by
+``capmoe_compile.distributed.expert_parallel``, compiled with ``backend="capmoe"``), routing
+skewed the way trained routers are (``zoo.skew_router_``), every rank with its own tokens. For
+gamma in {off, 2.0, 1.5, 1.0} x policies it reports: per-rank expert compute time, time in
+collectives (waiting for the slowest rank included), layer latency (max over ranks, median of
+iterations), max/mean expert load, pairs dropped, the modeled speedup ``max_load_before /
+max_load_after`` (SPEC, per expert) and the rank-level bound (per rank: the sum of its experts'
+loads), and the measured speedup against gamma=off. A table, then one JSON line.
+
+Simulator (no torchrun)::
+
+    python benchmarks/ep_straggler.py --simulate 8 16 64 --replay benchmarks/results/ep_straggler.json
+
+replays the recorded per-expert loads (scaled to N ranks' tokens: same routing distribution,
+``T`` and ``C`` grow with N) with the measured per-row expert cost and fixed per-call cost:
+``latency(N) = fixed + cost_per_row * max_rank(rows of the rank's experts)``. The real run
+also prints the simulator's prediction for its own N next to the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+GAMMAS = [None, 2.0, 1.5, 1.0]
+POLICIES = ["score", "order", "reverse", "random", "expanded_drop", "reroute"]
+
+
+def _rank_loads(loads: list[int], n_ranks: int) -> list[float]:
+    per = len(loads) // n_ranks
+    return [float(sum(loads[r * per : (r + 1) * per])) for r in range(n_ranks)]
+
+
+def _label(gamma) -> str:
+    return "off" if gamma is None else f"{gamma:g}"
+
+
+def measure(args) -> dict:
+    import torch.distributed as dist
+
+    from capmoe_compile import config, telemetry, zoo
+    from capmoe_compile.distributed import expert_parallel, record_timings
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = zoo.build(
+        "mixtral",
+        num_layers=1,
+        hidden=args.hidden,
+        ffn=args.ffn,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        vocab=512,
+        skew=args.skew,
+    )
+    block = model.model.layers[0].mlp
+    # The layer's real inputs (they carry the router's shared direction, as a trained model's
+    # hidden states do): one eager forward of random tokens, different on every rank.
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, 512, (args.batch, args.seq), generator=gen)
+    got = {}
+    hook = block.register_forward_pre_hook(lambda mod, a: got.__setitem__("x", a[0]))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    x = got["x"]
+    expert_parallel(block)
+    layer = torch.compile(block, backend="capmoe", dynamic=False)
+
+    rows = []
+    with torch.no_grad():
+        for gamma in GAMMAS:
+            for policy in POLICIES if gamma is not None else ["score"]:
+                with config.patch(capacity_factor=gamma, policy=policy, min_tokens=2):
+                    layer(x)  # warm-up (first: compile)
+                    with telemetry.record_stats() as st:
+                        layer(x)
+                    s = st.layers[-1]
+                    lat, comp, comm, route = [], [], [], []
+                    recv = []
+                    for _ in range(args.iters):
+                        dist.barrier()
+                        t0 = time.perf_counter()
+                        with record_timings() as tim:
+                            layer(x)
+                        total = time.perf_counter() - t0
+                        got = [None] * world
+                        t = tim[-1]
+                        mine = [total, t.compute_s, t.comm_s, t.route_s, t.recv_rows]
+                        dist.all_gather_object(got, mine)
+                        lat.append(max(g[0] for g in got))
+                        comp.append([g[1] for g in got])
+                        comm.append([g[2] for g in got])
+                        route.append([g[3] for g in got])
+                        recv.append([g[4] for g in got])
+                    before = s.loads_before.tolist()
+                    after = s.loads_after.tolist()
+                    mean = sum(before) / len(before)
+                    rb, ra = _rank_loads(before, world), _rank_loads(after, world)
+                    rows.append(
+                        {
+                            "gamma": gamma,
+                            "policy": policy if gamma is not None else "-",
+                            "tokens": s.tokens,
+                            "capacity": s.capacity,
+                            "latency_s": statistics.median(lat),
+                            "compute_s": [
+                                statistics.median(c[r] for c in comp) for r in range(world)
+                            ],
+                            "comm_s": [statistics.median(c[r] for c in comm) for r in range(world)],
+                            "route_s": statistics.median(max(c) for c in route),
+                            "recv_rows": recv[-1],
+                            "loads_before": before,
+                            "loads_after": after,
+                            "max_mean_before": max(before) / mean,
+                            "max_mean_after": max(after) / mean,
+                            "dropped": s.dropped,
+                            "added": s.added,
+                            "modeled_speedup": max(before) / max(max(after), 1),
+                            "modeled_rank_speedup": max(rb) / max(max(ra), 1.0),
+                            "compute_per_row_s": [
+                                statistics.median(c[r] for c in comp) / max(recv[-1][r], 1)
+                                for r in range(world)
+                            ],
+                        }
+                    )
+    off = rows[0]["latency_s"]
+    for r in rows:
+        r["measured_speedup"] = off / r["latency_s"]
+    result = {
+        "world": world,
+        "backend": dist.get_backend(),
+        "torch": torch.__version__,
+        "threads_per_rank": args.threads,
+        "shape": {
+            "hidden": args.hidden,
+            "ffn": args.ffn,
+            "experts": args.experts,
+            "top_k": args.top_k,
+            "tokens_per_rank": args.batch * args.seq,
+            "skew": args.skew,
+        },
+        "iters": args.iters,
+        "rows": rows,
+    }
+    dist.barrier()
+    dist.destroy_process_group()
+    return result if rank == 0 else {}
+
+
+def calibrate(result: dict) -> tuple[float, float]:
+    """(cost per routed row, fixed cost per call) from a real run: the per-row cost is the
+    median of compute_s / rows over ranks and configurations; the fixed cost is the latency
+    of the capacity-off row minus the straggler rank's expert compute."""
+    per_row = statistics.median(
+        c
+        for r in result["rows"]
+        for c, n in zip(r["compute_per_row_s"], r["recv_rows"], strict=True)
+        if n
+    )
+    off = result["rows"][0]
+    world = result["world"]
+    fixed = off["latency_s"] - per_row * max(_rank_loads(off["loads_after"], world))
+    return per_row, max(fixed, 0.0)
+
+
+def simulate(result: dict, n_ranks: int) -> list[dict]:
+    per_row, fixed = calibrate(result)
+    scale = n_ranks / result["world"]  # same routing distribution, N ranks' tokens
+    E = len(result["rows"][0]["loads_before"])
+    out = []
+    for r in result["rows"]:
+        if E % n_ranks:
+            raise SystemExit(f"simulate: E={E} experts do not split over {n_ranks} ranks")
+        before = [v * scale for v in r["loads_before"]]
+        after = [v * scale for v in r["loads_after"]]
+        lb, la = max(_rank_loads(before, n_ranks)), max(_rank_loads(after, n_ranks))
+        off = max(_rank_loads([v * scale for v in result["rows"][0]["loads_after"]], n_ranks))
+        lat = fixed + per_row * la
+        out.append(
+            {
+                "gamma": r["gamma"],
+                "policy": r["policy"],
+                "latency_s": lat,
+                "speedup": (fixed + per_row * off) / lat,
+                "rank_bound": lb / max(la, 1e-9),
+            }
+        )
+    return out
+
+
+def table(result: dict) -> str:
+    world = result["world"]
+    head = (
+        f"{'gamma':>5} {'policy':<13} {'lat ms':>7} {'compute ms/rank':>17} {'comm ms/rank':>15} "
+        f"{'max/mean':>9} {'dropped':>7} {'added':>6} {'model':>6} {'rank-model':>10} "
+        f"{'measured':>8} {'meas/model':>10}"
+    )
+    lines = [head]
+    for r in result["rows"]:
+        comp = "/".join(f"{1e3 * c:.0f}" for c in r["compute_s"])
+        comm = "/".join(f"{1e3 * c:.0f}" for c in r["comm_s"])
+        lines.append(
+            f"{_label(r['gamma']):>5} {r['policy']:<13} {1e3 * r['latency_s']:>7.1f} {comp:>17} "
+            f"{comm:>15} {r['max_mean_before']:>4.2f}>{r['max_mean_after']:<4.2f} "
+            f"{r['dropped']:>7} {r['added']:>6} {r['modeled_speedup']:>6.2f} "
+            f"{r['modeled_rank_speedup']:>10.2f} {r['measured_speedup']:>8.2f} "
+            f"{r['measured_speedup'] / r['modeled_speedup']:>10.2f}"
+        )
+    lines.append(f"({world} ranks; compute/comm per rank, rank 0 first; medians of iterations)")
+    return "\n".join(lines)
+
+
+def sim_table(result: dict, ns: list[int]) -> tuple[str, dict]:
+    per_row, fixed = calibrate(result)
+    lines = [
+        f"simulator: {1e6 * per_row:.1f} us per routed row, {1e3 * fixed:.1f} ms fixed per call"
+    ]
+    sims = {n: simulate(result, n) for n in ns}
+    lines.append(f"{'gamma':>5} {'policy':<13} " + " ".join(f"{'N=' + str(n):>8}" for n in ns))
+    for i, r in enumerate(result["rows"]):
+        lines.append(
+            f"{_label(r['gamma']):>5} {r['policy']:<13} "
+            + " ".join(f"{sims[n][i]['speedup']:>8.2f}" for n in ns)
+        )
+    return "\n".join(lines), sims
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--skew", type=float, default=0.5)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="")
+    p.add_argument("--simulate", type=int, nargs="*", default=None)
+    p.add_argument("--replay", default="", help="a real run's JSON for --simulate")
+    args = p.parse_args(argv)
+
+    if args.simulate is not None and args.replay:
+        with open(args.replay) as f:
+            result = json.load(f)
+        text, sims = sim_table(result, args.simulate or [8, 16, 64])
+        print(text)
+        print(json.dumps({"simulate": {str(n): s for n, s in sims.items()}}))
+        return 0
+
+    result = measure(args)
+    if not result:  # not rank 0
+        return 0
+    print(table(result))
+    ns = args.simulate or [8, 16, 64]
+    text, sims = sim_table(result, [result["world"], *ns])
+    print(text)
+    pred = {(s["gamma"], s["policy"]): s["speedup"] for s in sims[result["world"]]}
+    check = []
+    for r in result["rows"]:
+        check.append(
+            {
+                "gamma": r["gamma"],
+                "policy": r["policy"],
+                "measured": r["measured_speedup"],
+                "simulated": pred[(r["gamma"], r["policy"])],
+            }
+        )
+    result["simulated"] = {str(n): s for n, s in sims.items()}
+    result["simulator_check"] = check
+    bar = next(r for r in result["rows"] if r["gamma"] == 1.0 and r["policy"] == "score")
+    result["bar"] = {
+        "gamma": 1.0,
+        "policy": "score",
+        "measured_speedup": bar["measured_speedup"],
+        "modeled_speedup": bar["modeled_speedup"],
+        "ratio": bar["measured_speedup"] / bar["modeled_speedup"],
+        "sim_8_rank_score_g1": next(
+            s["speedup"] for s in sims[8] if s["gamma"] == 1.0 and s["policy"] == "score"
+        ),
+        "sim_8_rank_expanded_drop_g1": next(
+            s["speedup"] for s in sims[8] if s["gamma"] == 1.0 and s["policy"] == "expanded_drop"
+        ),
+        "sim_8_rank_reroute_g1": next(
+            s["speedup"] for s in sims[8] if s["gamma"] == 1.0 and s["policy"] == "reroute"
+        ),
+        "paper": {"expanded_drop_mixtral_8x7b": 1.85, "token_reroute_v1": 1.94},
+    }
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    summary = {
+        "world": result["world"],
+        "bar": result["bar"],
+        "rows": [
+            {
+                k: r[k]
+                for k in (
+                    "gamma",
+                    "policy",
+                    "latency_s",
+                    "max_mean_before",
+                    "max_mean_after",
+                    "dropped",
+                    "modeled_speedup",
+                    "modeled_rank_speedup",
+                    "measured_speedup",
+                )
+            }
+            for r in result["rows"]
+        ],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
