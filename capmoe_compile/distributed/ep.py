@@ -529,15 +529,16 @@ def ep_moe_op(
         )
     fp_opts = {k: v for k, v in opts.items() if k != "local_experts"}
     fp = _fingerprint([ep.name, form, fp_opts, valid is not None])
-    header = torch.tensor([T, fp, max(num_sequences, 1)])
+    header = torch.tensor([T, fp, max(num_sequences, 1), int(telemetry.is_recording())])
     with clock.part("comm_s"):
         got = _check_agreement(info, header, f"layer {h.name}")
     counts = got[:, 0].tolist()
     seqs = got[:, 2].tolist()
     off = sum(counts[: info.rank])
-    if opts["capacity_factor"] is None:
+    # The group's routing metadata is gathered when capacity is on, or when any rank records
+    # telemetry (loads of the whole group); every rank decides alike from the header.
+    if opts["capacity_factor"] is None and not any(got[:, 3].tolist()):
         out_ids, out_w = ids.long(), weights
-        g_ids = g_out = g_valid = None
     else:
         k = ids.shape[1]
         E = probs.shape[1]
@@ -556,6 +557,8 @@ def ep_moe_op(
             g_out_i, g_out_w = route_group(
                 gP, g_ids, gW, rank_of_row, info, opts, counts, seqs, g_valid
             )
+        if opts["capacity_factor"] is None:
+            g_out_i, g_out_w = g_ids, gW
         out_ids, out_w = g_out_i[off : off + T], g_out_w[off : off + T]
         g_out = g_out_i
         if telemetry.is_recording():
