@@ -599,10 +599,12 @@ def skew_router_(model: nn.Module, strength: float = 1.5, seed: int = 0) -> nn.M
     Random hidden states have no common direction, so noise on router weights gives no
     consistent skew. As in trained models, give the router inputs a shared direction ``d``
     (added to every row of the input embedding table of a causal LM; for a plain layer,
-    :func:`random_hidden` adds it) and add ``linspace(s, -s, E) outer d`` to every router's
-    weight, scaled so that expert ``e``'s logit moves by ``linspace(s, -s, E)[e]`` times the
-    spread (std over tokens) of the router logits. ``strength`` is ``s``: 1.5 gives a
-    max/mean load of about 2.8 at E=8, k=2 (the ceiling there is E/k = 4).
+    :func:`random_hidden` adds it) and add a multiple of ``d`` to every router's weight rows,
+    calibrated on one forward of random tokens so that expert ``e``'s mean logit becomes
+    ``linspace(s, -s, E)[e]`` times the spread (std over tokens) of the router logits.
+    ``strength`` is ``s``. Measured at s = 1.5, E=8, k=2 on 2048 random tokens: max/mean load
+    2.4-3.5 per layer (about 2.9 typical; 1.2-1.8 unskewed; the ceiling is E/k = 4), the
+    value of a Gaussian router with these offsets (2.86). Calling it again keeps ``d``.
     """
     layers = moe_layers(model)
     if not layers:
