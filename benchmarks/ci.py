@@ -591,6 +591,11 @@ def main(argv: list[str] | None = None) -> int:
 
     baseline = load_baselines()
     findings = compare(baseline, figures)
+    meta_path = BASELINE_DIR / "models.json"
+    if meta_path.exists():
+        recorded = json.loads(meta_path.read_text()).get("meta", {})
+        if recorded != _meta():
+            print(f"note: baselines were recorded with {recorded}, this run has {_meta()}")
     print(_table(findings))
     print()
     print("timing (median ms, interleaved): " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
@@ -606,7 +611,9 @@ def main(argv: list[str] | None = None) -> int:
         print("updated " + ", ".join(str(p) for p in paths))
         status = "updated"
     else:
-        failures += [f.message() for f in findings if f.failed]
+        # regressions and changes first: a missing figure usually follows from one of them
+        failed = sorted((f for f in findings if f.failed), key=lambda f: f.status == "missing")
+        failures += [f.message() for f in failed]
         failures += check_timing(ratios)
         if not baseline:
             failures.append(f"no baselines in {BASELINE_DIR}: run python -m benchmarks.ci --update")
@@ -624,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         "status": status,
         "runtime_s": round(runtime, 1),
         "figures": len(figures),
-        "regressions": failures if not args.update else [],
+        "num_failures": len(failures) if not args.update else 0,
+        "failures": failures[:20] if not args.update else [],  # all of them are printed above
         "improved": [f.name for f in findings if f.status == "improved"],
         "timing_ms": {k: round(v, 3) for k, v in med.items()},
         "timing_ratios": {k: round(v, 3) for k, v in ratios.items()},
