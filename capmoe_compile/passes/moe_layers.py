@@ -199,9 +199,11 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
     if weights is None:
         raise Unmatched("no [T, k] gate weights found between the router and the experts")
 
-    expert_set = (_descendants([ids]) | _descendants([weights])) & region
-    expert_set -= {ids, weights}
     router_side = _ancestors([ids, weights])
+    # The experts are what the selection feeds, minus the router's tail that computes W from
+    # the ids (DeepSeek-V3 gathers W from the scores at the selected ids).
+    expert_set = (_descendants([ids]) | _descendants([weights])) & region
+    expert_set -= router_side
     # Pull in what the experts need: parameter/constant computations (recomputed inside the
     # subgraph) and activations derived from the token input off the router's path (e.g. a
     # repeat_interleave of x). Stop at the router's own ancestors: one of them is x.
@@ -220,6 +222,20 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
         else:
             expert_set.add(a)
             todo.extend(a.all_input_nodes)
+    if len(x_nodes) == 1 and _shape(next(iter(x_nodes))) != _shape(out):
+        # The experts flatten the block's [B, S, H] input themselves: that view is x.
+        (src,) = x_nodes
+        views = [
+            n
+            for n in expert_set
+            if n.op == "call_method"
+            and n.target in ("view", "reshape")
+            and n.args[0] is src
+            and _shape(n) == _shape(out)
+        ]
+        if len(views) == 1:
+            expert_set.discard(views[0])
+            x_nodes = {views[0]}
     hidden = [a for a in x_nodes if _shape(a) is not None and len(_shape(a)) == 2]
     others = x_nodes - set(hidden)
     if len(hidden) != 1 or others:
@@ -461,6 +477,7 @@ def rewrite_moe_layers(
     wanted = {n for r, _ in regions for n in (r.x, r.ids, r.weights, *r.roots)}
     values = _capture(gm, example_inputs, wanted)
     values.update({n: v for n, v in example.items() if n in wanted})
+    touched: set[fx.Node] = set()  # nodes of rewritten layers that may now be dead
     for region, rep in regions:
         try:
             # capmoe EP hook: an expert-parallel layer (capmoe_compile.distributed) runs its
@@ -494,14 +511,39 @@ def rewrite_moe_layers(
                 opts["capacity_align"],
             )
         seq, mask, rep.padding = _sequence_tie(graph, region.x)
+        touched.update(region.removable)
+        touched.update(region.expert_nodes)
         layer = ops.register_layer(handle)
         _rewrite(graph, region, form, layer, handle.width(opts), seq, mask)
         reports.append(rep)
     routers.strip_declared(graph)
-    graph.eliminate_dead_code()
+    _erase_dead(graph, touched)
     graph.lint()
     gm.recompile()
     return reports
+
+
+def _erase_dead(graph: fx.Graph, touched: set[fx.Node]) -> None:
+    """Erase the now unused nodes of rewritten layers, and their parameter-only inputs.
+
+    Not ``graph.eliminate_dead_code()``: it would also delete user-less in-place ops such as
+    ``inv_perm[perm] = arange`` of layers left as written, changing what they compute.
+    """
+    todo = set(touched)
+    while todo:
+        dead = [
+            n
+            for n in todo
+            if not getattr(n, "_erased", False)
+            and n.op not in ("placeholder", "output")
+            and not n.users
+        ]
+        todo = set()
+        for n in dead:
+            inputs = n.all_input_nodes
+            graph.erase_node(n)
+            todo.update(a for a in inputs if a.op == "call_function" or a.op == "call_method")
+        todo -= set(dead)
 
 
 def _module_classes(node: fx.Node) -> list[type]:

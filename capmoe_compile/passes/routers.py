@@ -84,6 +84,8 @@ def _feeds_declared(node: fx.Node, depth: int = 64) -> bool:
         if _declared(n):
             return True
         todo.extend(n.users)
+        if n.op == "call_method" and str(n.target).endswith("_") and n.args:
+            todo.append(n.args[0])  # an in-place op feeds its target's later readers
     return False
 
 
@@ -120,7 +122,38 @@ def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
         if 1 not in outs:
             continue
         sites.append(TopKSite(node, outs.get(0), outs[1], k, shape[1], scores))
-    return sites
+    return [s for s in sites if not _limits_another(s, sites)]
+
+
+def _limits_another(site: TopKSite, sites: list[TopKSite]) -> bool:
+    """A top-k over fewer "experts" whose result shapes the scores of another top-k of the same
+    module (group-limited routing picks groups first, DeepSeek-V3 style) is a stage of that
+    router, not a router of its own."""
+    path = _stack_path(site.node)
+    later = {
+        s.scores
+        for s in sites
+        if s is not site and s.num_experts > site.num_experts and _stack_path(s.node) == path
+    }
+    if not later:
+        return False
+    seen, todo = set(), [site.node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in later:
+            return True
+        todo.extend(n.users)
+        if n.op == "call_method" and str(n.target).endswith("_") and n.args:
+            todo.append(n.args[0])  # an in-place op feeds its target's later readers
+    return False
+
+
+def _stack_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
 
 
 def softmax_topk(site: TopKSite) -> RouterMatch | None:
