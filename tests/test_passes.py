@@ -11,14 +11,14 @@ from capmoe_compile.passes import routers
 
 def test_unmatched_layers_compute_as_written(monkeypatch):
     """With no router pattern, nothing is rewritten, and the graph must still compute eager's
-    result: transformers' grouped_mm experts un-permute with a user-less in-place
-    ``inv_perm[perm] = arange``, which a global dead-code pass would delete."""
+    result: DeepSeek-V3's group-limited router builds its mask with a user-less in-place
+    ``group_mask.scatter_(...)``, which a global dead-code pass would delete."""
     monkeypatch.setattr(routers, "ROUTER_PATTERNS", [])
     torch._dynamo.reset()
-    model = zoo.build("mixtral", seed=5)
+    model = zoo.build("deepseek_v3", seed=5)
     ids = zoo.random_input_ids(model, 2, 16, seed=5)
     report = cc.explain(model, capacity_factor=0.5)(ids)
-    assert report.layers == [] and len(report.unmatched) == 2
+    assert report.layers == [] and len(report.unmatched) >= 2
     compiled = torch.compile(model, backend="capmoe", options={"capacity_factor": 0.5})
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
