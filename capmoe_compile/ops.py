@@ -97,12 +97,16 @@ class LayerHandle:
         self._resolve = resolve  # (compile_options, params, classes) -> dict
         self._cache: tuple[int, dict] | None = None
 
-    def options(self) -> dict:
+    def options(self, anchor: torch.Tensor | None = None) -> dict:
+        """The options in force now. ``anchor`` is the layer's first expert weight as the
+        running graph sees it: two instances of one model class share a compiled graph, and
+        per-instance overrides must follow the instance actually running."""
         from . import config
 
-        v = config.version()
-        if self._cache is None or self._cache[0] != v:
-            self._cache = (v, self._resolve(self.compile_options, self.params, self.classes))
+        params = self.params if anchor is None else [anchor]
+        key = (config.version(), params[0].data_ptr())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._resolve(self.compile_options, params, self.classes))
         return self._cache[1]
 
     def width(self, opts: dict) -> int:
@@ -128,6 +132,7 @@ def route_layer(
     width: int,
     num_sequences: int,
     attention_mask: torch.Tensor | None,
+    anchor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route one layer call with the options in force now (see :class:`LayerHandle`).
 
@@ -137,7 +142,7 @@ def route_layer(
     from . import telemetry
 
     h = _LAYERS[layer]
-    opts = h.options()
+    opts = h.options(anchor)
     if h.width(opts) != width:
         raise RuntimeError(
             f"capmoe: layer {h.name} was compiled for {width} experts per token, but the "
@@ -183,6 +188,8 @@ def route_layer(
 
 
 @route_layer.register_fake
-def _route_layer_fake(probs, topk_ids, topk_weights, layer, width, num_sequences, mask):
+def _route_layer_fake(
+    probs, topk_ids, topk_weights, layer, width, num_sequences, mask, anchor=None
+):
     T = topk_ids.shape[0]
     return topk_ids.new_empty((T, width), dtype=torch.int64), topk_weights.new_empty((T, width))

@@ -54,28 +54,6 @@ CASES = [
     ("deepseek_v3", "grouped_mm"),
 ]
 
-# Known library bugs (see the module's report); strict xfails turn into failures once fixed.
-DS_UNMATCHED = (
-    "capmoe bug: deepseek_v3's router is left as written, 0 of 2 MoE layers matched. explain: "
-    "'model.layers.N.mlp.gate: the experts read activations other than one [T, H] input: "
-    "hidden_states_M, scores' (the router gathers topk_weights = scores.gather(1, topk_indices) "
-    "after the top-k, so the sigmoid scores flow into the expert region) and, for the "
-    "group-limiting top-k over [T, n_group], 'top-k over scores no router pattern recognises'"
-)
-DS_NAN = (
-    "capmoe bug: compiled deepseek_v3 != eager with capacity off (NaN logits for input 2x32) "
-    "although no layer is rewritten: rewrite_moe_layers() ends with graph.eliminate_dead_code(), "
-    "which erases in-place call_method nodes whose return value is unused (the router's "
-    "group_mask.scatter_(1, group_idx, 1), MLA attention's copy_), so group_mask stays zero"
-)
-SHARED_GRAPH_CONFIG = (
-    "capmoe bug: two instances of one model class compiled with the same backend options share "
-    "Dynamo's compiled graph (no recompile: nn modules are inlined, parameters are graph inputs), "
-    "but each LayerHandle resolves per-instance overrides by the parameter identities of the "
-    "instance that was compiled first, so configure(second_model.model.layers[0], "
-    "capacity_factor=None) is ignored (its layer 0 still drops under global gamma=0.5)"
-)
-
 
 def _case_params(xfail_deepseek: str | None = None, cases=CASES):
     out = []
@@ -282,7 +260,7 @@ def test_hand_reference_is_the_model_when_capacity_off(suite, key):
     assert len(sel) == len(zoo.moe_layers(case.model))
 
 
-@pytest.mark.parametrize("key", _case_params(DS_NAN))
+@pytest.mark.parametrize("key", _case_params())
 def test_capacity_off_equals_eager(suite, key):
     case = _case(suite, key)
     for shape, seed in ((SHAPE_A, 0), (SHAPE_B, 1)):
@@ -290,7 +268,7 @@ def test_capacity_off_equals_eager(suite, key):
         _assert_close(case.compiled(ids, **CALL).logits, case.model(ids, **CALL).logits)
 
 
-@pytest.mark.parametrize("key", _case_params(DS_UNMATCHED))
+@pytest.mark.parametrize("key", _case_params())
 def test_explain_finds_every_moe_layer(suite, key):
     case = _case(suite, key)
     rep = case.report
@@ -309,7 +287,7 @@ def test_explain_finds_every_moe_layer(suite, key):
 
 
 @pytest.mark.parametrize("policy,opts", RUNTIME_POLICIES, ids=lambda v: str(v) if v else "")
-@pytest.mark.parametrize("key", _case_params(DS_UNMATCHED))
+@pytest.mark.parametrize("key", _case_params())
 def test_capacity_policy_matches_spec(suite, key, policy, opts):
     case = _case(suite, key)
     _assert_all_matched(case)
@@ -336,7 +314,7 @@ EXPANDED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("key", _case_params(DS_UNMATCHED, EXPANDED_CASES))
+@pytest.mark.parametrize("key", _case_params(None, EXPANDED_CASES))
 def test_expanded_drop_matches_spec(suite, key):
     """expanded_drop changes the layer's output width (k'), fixed when the graph is compiled:
     a separate static compile with the policy in ``options``."""
@@ -357,7 +335,7 @@ def test_expanded_drop_matches_spec(suite, key):
         assert rec.added > 0  # idle experts get filled
 
 
-@pytest.mark.parametrize("key", _case_params(DS_UNMATCHED))
+@pytest.mark.parametrize("key", _case_params())
 def test_switching_to_expanded_drop_at_run_time_raises(suite, key):
     """The compiled width is structural: asking for expanded_drop on a graph compiled for k
     must fail loudly, never compute something else."""
@@ -369,7 +347,7 @@ def test_switching_to_expanded_drop_at_run_time_raises(suite, key):
 
 
 @pytest.mark.parametrize("policy", DROP_POLICIES)
-@pytest.mark.parametrize("key", _case_params(DS_UNMATCHED))
+@pytest.mark.parametrize("key", _case_params())
 def test_stats_loads_bounded_and_counted(suite, key, policy):
     case = _case(suite, key)
     _assert_all_matched(case)
@@ -394,15 +372,6 @@ def test_stats_loads_bounded_and_counted(suite, key, policy):
             assert int(rec.loads_after.sum()) == T * k - rec.dropped
 
 
-BF16_UNMATCHED = (
-    "capmoe bug: at bf16 no MoE layer is rewritten (explain: 'model.layers.N.mlp: no known "
-    "expert form (SwiGLU/GLU/MLP, silu/gelu/relu) reproduces the experts'), so capacity is "
-    "silently off: passes/moe_layers.py _close() casts both tensors with .float() before "
-    "choosing its tolerance from their dtypes, so bf16 regions are checked at the fp32 "
-    "tolerance 1e-3 instead of 3e-2 (choosing the tolerance before the cast matches both layers)"
-)
-
-
 @pytest.fixture(scope="module")
 def bf16_case(suite):  # after `suite`: its explain() calls would discard this compile
     model = zoo.build("mixtral", experts_implementation="grouped_mm", dtype=torch.bfloat16)
@@ -422,7 +391,6 @@ def test_bf16_capacity_off_equals_eager(bf16_case):
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2 * scale, rtol=3e-2)
 
 
-@pytest.mark.xfail(strict=True, reason=BF16_UNMATCHED)
 def test_bf16_capacity_bounds_loads(bf16_case):
     model, compiled, ids = bf16_case
     before = backend.compile_count()
@@ -612,7 +580,6 @@ def test_configure_class_overrides_global(suite):
     assert [r.capacity for r in st.layers] == [oracle_capacity(64, 8, 2, GAMMA)] * 2
 
 
-@pytest.mark.xfail(strict=True, reason=SHARED_GRAPH_CONFIG)
 def test_configure_instance_of_second_model_of_same_class(suite):
     case = _case(suite, ("mixtral", "grouped_mm"))
     assert case.compiled is not None  # the first instance's graph exists

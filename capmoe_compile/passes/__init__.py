@@ -21,11 +21,11 @@ def _overrides(params: list[torch.Tensor], classes: list[type]) -> dict[str, Any
     out: dict[str, Any] = {}
     for cls in classes:
         out.update(module_config.options_for(cls))
-    ids = {id(p) for p in params}
+    ptrs = {p.data_ptr() for p in params}
     owners = []
     for mod in list(module_config._by_instance.keys()):
         n = sum(1 for _ in mod.parameters())
-        if any(id(p) in ids for p in mod.parameters()):
+        if any(p.data_ptr() in ptrs for p in mod.parameters()):
             owners.append((-n, mod))
     for _, mod in sorted(owners, key=lambda t: t[0]):
         out.update(module_config._by_instance.get(mod, {}))

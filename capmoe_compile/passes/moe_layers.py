@@ -351,8 +351,8 @@ def _candidate_forms(params: list[torch.Tensor], H: int) -> list[ExpertForm]:
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape:
         return False
-    a, b = a.float(), b.float()
     tol = 1e-3 if a.dtype == torch.float32 and b.dtype == torch.float32 else 3e-2
+    a, b = a.float(), b.float()
     scale = b.abs().max().clamp_min(1e-6)
     return bool(((a - b).abs() <= tol * (b.abs() + 0.05 * scale)).all())
 
@@ -601,7 +601,7 @@ def _rewrite(
             return
         routed = graph.call_function(
             ops.route_layer._opoverload,
-            (probs, region.ids, region.weights, layer, width, num_seq, mask),
+            (probs, region.ids, region.weights, layer, width, num_seq, mask, region.params[0]),
         )
         ids = graph.call_function(operator.getitem, (routed, 0))
         w = graph.call_function(operator.getitem, (routed, 1))
