@@ -28,8 +28,19 @@ def supports(form: ExpertForm, dtype: torch.dtype) -> bool:
 @torch.library.custom_op("capmoe::grouped_mm", mutates_args=())
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``torch._grouped_mm`` behind an op of our own: in torch 2.13 its meta kernel refuses
-    fp32 although the CPU kernel runs it, so Inductor calls it as an extern kernel."""
-    return torch._grouped_mm(a, b, offs=offs)
+    fp32 although the CPU kernel runs it, so Inductor calls it as an extern kernel.
+
+    ``torch._grouped_mm`` wants every non-unit stride to be a multiple of 16 bytes; layers whose
+    in or out size is not (e.g. bf16 with H = 12) are zero-padded to it (a copy of the weights
+    per call: only such odd, small layers pay it)."""
+    n = 16 // a.element_size()
+    K, N = a.shape[-1], b.shape[-1]
+    if K % n == 0 and N % n == 0:
+        return torch._grouped_mm(a, b, offs=offs)
+    pk, pn = -K % n, -N % n
+    a = torch.nn.functional.pad(a, (0, pk))
+    b = torch.nn.functional.pad(b, (0, pn, 0, pk))
+    return torch._grouped_mm(a, b, offs=offs)[:, :N].contiguous()
 
 
 @grouped_mm.register_fake
