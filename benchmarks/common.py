@@ -1,0 +1,186 @@
+"""Helpers shared by the benchmarks: machine description, interleaved timing, roofline floors,
+tables and the recorded JSON.
+
+Timing rule (the machines are shared and noisy): every row of one comparison is measured in the
+same run, interleaved round-robin (each repetition calls every row once, starting from a
+rotating offset), and the median of the repetitions is reported. The GEMM peak and the memory
+bandwidth that the floors use are rows of the same loop, so they see the same noise.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    try:
+        info["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def sync(device: torch.device | str = "cpu") -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(
+    rows: Mapping[str, Callable[[], Any]],
+    reps: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
+    """Seconds per call of every row, ``reps`` samples each, round-robin over the rows."""
+    names = list(rows)
+    for _ in range(warmup):
+        for n in names:
+            rows[n]()
+    sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for i in range(len(names)):
+            n = names[(i + r) % len(names)]
+            sync(device)
+            t0 = time.perf_counter()
+            rows[n]()
+            sync(device)
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def gemm_peak_row(n: int, dtype: torch.dtype, device="cpu") -> tuple[Callable[[], Any], float]:
+    """A large square ``torch.mm`` and its FLOPs (2 n^3): the machine's measured GEMM peak."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
+
+
+def copy_bw_row(nbytes: int, device="cpu") -> tuple[Callable[[], Any], float]:
+    """A large contiguous copy and the bytes it moves (read + write): memory bandwidth."""
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2.0 * n * 4
+
+
+@dataclass
+class Floor:
+    """Roofline floor of one row: its FLOPs at the measured peak, its bytes at the measured
+    bandwidth; the floor is the larger of the two."""
+
+    flops: float
+    bytes: float
+    peak_flops: float  # FLOP/s
+    bandwidth: float  # B/s
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flops_s(self) -> float:
+        return self.flops / self.peak_flops
+
+    @property
+    def bytes_s(self) -> float:
+        return self.bytes / self.bandwidth
+
+    @property
+    def floor_s(self) -> float:
+        return max(self.flops_s, self.bytes_s)
+
+
+def fmt_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    line = "  ".join(
+        h.rjust(w) if i else h.ljust(w)
+        for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+    )
+    out = [line, "-" * len(line)]
+    for r in cells:
+        out.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    return "\n".join(out)
+
+
+def _fmt(c: Any) -> str:
+    if c is None:
+        return "-"
+    if isinstance(c, float):
+        if c != c:
+            return "nan"
+        if abs(c) >= 100:
+            return f"{c:.0f}"
+        if abs(c) >= 10:
+            return f"{c:.1f}"
+        return f"{c:.2f}"
+    return str(c)
+
+
+def write_json(path: str, payload: Mapping[str, Any]) -> None:
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=False, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, torch.dtype):
+        return str(o).removeprefix("torch.")
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def json_line(payload: Mapping[str, Any]) -> str:
+    return json.dumps(payload, default=_json_default, separators=(",", ":"))

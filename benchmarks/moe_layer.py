@@ -1,0 +1,621 @@
+"""One MoE layer, every way of running it: transformers eager, Inductor, capmoe.
+
+    python -m benchmarks.moe_layer                      # CPU fp32, the issue's shapes
+    python -m benchmarks.moe_layer --dtypes fp32,bf16   # bf16 too (slow on CPUs without AMX)
+    python -m benchmarks.moe_layer --quick              # tiny smoke run (CI)
+    python -m benchmarks.moe_layer --out benchmarks/results/cpu_fp32_<date>.json
+    python -m benchmarks.moe_layer --profile            # + torch.profiler of capmoe's prefill
+    python -m benchmarks.moe_layer --shapes fine --profile fine
+
+The layer is transformers' ``MixtralSparseMoeBlock`` from a 1-layer ``zoo.build("mixtral", ...,
+skew=1.5)`` model. Its input is the hidden state the model itself feeds the block (captured with a
+forward pre-hook on random token ids), so it carries the shared direction that makes the router
+skewed the way trained routers are (``zoo.skew_router_``); the table reports the resulting
+max/mean expert load before and after capacity.
+
+Shapes (``--quick`` shrinks them): ``prefill`` T=2048, H=1024, F=2048, E=8, k=2; ``decode``
+T=16 on the same layer (16 sequences of one token); ``fine`` T=2048, H=1024, F=512, E=64, k=8.
+
+Rows, per shape and dtype, measured in one run and interleaved round-robin, median of ``--reps``:
+
+- ``hf_grouped_mm``: the block in eager mode with its default experts implementation;
+- ``hf_eager``: the same block with transformers' ``eager`` experts implementation;
+- ``inductor``: ``torch.compile(block)`` with the default backend (Inductor);
+- ``capmoe_off``: ``torch.compile(block, backend="capmoe")``, capacity off (``gamma=None``);
+- ``capmoe_score``: the same compiled block under ``config.patch(capacity_factor=1.0)``;
+- ``capmoe_expanded``: compiled with ``capacity_factor=1.0, policy="expanded_drop"``;
+- ``capmoe_*@F16``: capmoe on a copy of the layer with the same router and F=16: its time is
+  routing + capacity + dispatch + combine (the expert GEMMs are ~free), the overhead part;
+- ``gemm_peak`` (a large ``torch.mm``) and ``copy_bw`` (a large copy): the measured peak and
+  bandwidth the floors use.
+
+Each row's floor is max(FLOPs / peak, bytes / bandwidth). FLOPs are the FLOPs actually computed:
+the router plus 6*H*F per computed (token, expert) pair (T*k pairs without capacity; the kept
+pairs, from ``capmoe_compile.record_stats()`` in an untimed call, with it). Bytes are the expert
+weights of experts that get at least one pair, the router weight and the input and output
+activations. ``%peak`` = FLOPs / (time * peak), ``%bw`` = bytes / (time * bandwidth), ``%floor`` =
+floor / time. All compiled rows use ``dynamic=False`` (one static graph per shape, Inductor's
+best case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from typing import Any
+
+import torch
+
+import capmoe_compile
+from capmoe_compile import zoo
+
+from .common import (
+    Floor,
+    copy_bw_row,
+    fmt_table,
+    gemm_peak_row,
+    interleaved,
+    json_line,
+    machine,
+    median,
+    write_json,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# layer configs; shapes name a layer and a token count
+LAYERS_FULL = {
+    "e8": dict(H=1024, F=2048, E=8, k=2),
+    "e64": dict(H=1024, F=512, E=64, k=8),
+}
+LAYERS_QUICK = {
+    "e8": dict(H=64, F=128, E=8, k=2),
+    "e64": dict(H=64, F=32, E=64, k=8),
+}
+SHAPES_FULL = {"prefill": ("e8", 2048), "decode": ("e8", 16), "fine": ("e64", 2048)}
+SHAPES_QUICK = {"prefill": ("e8", 128), "decode": ("e8", 4), "fine": ("e64", 128)}
+TINY_F = 16  # the overhead rows' F (a multiple of 16 bytes in fp32 and bf16)
+
+EAGER_ROWS = ("hf_grouped_mm", "hf_eager")
+SCORE = {"capacity_factor": 1.0, "policy": "score"}
+EXPANDED = {"capacity_factor": 1.0, "policy": "expanded_drop"}
+
+
+# ---------------------------------------------------------------------------------------------
+# building the layer and its input
+# ---------------------------------------------------------------------------------------------
+
+
+def build_layer(cfg: dict, dtype: torch.dtype, skew: float, max_tokens: int):
+    """(block, hidden states [B, S, H] the model feeds it, B*S >= max_tokens)."""
+    model = zoo.build(
+        "mixtral",
+        num_layers=1,
+        hidden=cfg["H"],
+        ffn=cfg["F"],
+        num_experts=cfg["E"],
+        top_k=cfg["k"],
+        skew=skew,
+        dtype=dtype,
+    )
+    block = zoo.moe_layers(model)[0].block
+    seq = min(512, max_tokens)  # the zoo models have 512 positions
+    batch = -(-max_tokens // seq)
+    captured = {}
+
+    def hook(module, args):
+        captured["x"] = args[0].detach().clone()
+
+    handle = block.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(zoo.random_input_ids(model, batch=batch, seq=seq, seed=1))
+    finally:
+        handle.remove()
+    return model, block, captured["x"]
+
+
+def tiny_copy(cfg: dict, block, dtype: torch.dtype):
+    """A layer with ``block``'s router and F=TINY_F experts: same routing, ~free GEMMs."""
+    model = zoo.build(
+        "mixtral",
+        num_layers=1,
+        hidden=cfg["H"],
+        ffn=TINY_F,
+        num_experts=cfg["E"],
+        top_k=cfg["k"],
+        skew=None,
+        dtype=dtype,
+    )
+    tiny = zoo.moe_layers(model)[0].block
+    with torch.no_grad():
+        tiny.gate.weight.copy_(block.gate.weight)
+    return model, tiny
+
+
+def eager_copy(block):
+    """The block with transformers' ``eager`` experts implementation (its own config copy)."""
+    e = copy.deepcopy(block)
+    e.experts.config._experts_implementation = "eager"
+    return e
+
+
+def decode_input(x: torch.Tensor, T: int) -> torch.Tensor:
+    """T decode tokens: T sequences of one token each."""
+    return x.reshape(-1, x.shape[-1])[:T].reshape(T, 1, x.shape[-1]).contiguous()
+
+
+def prefill_input(x: torch.Tensor, T: int) -> torch.Tensor:
+    B, S, H = x.shape
+    if T % S == 0:
+        return x[: T // S].contiguous()
+    return x.reshape(-1, H)[:T].reshape(1, T, H).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _patched(fn, opts):
+    def run(x):
+        with capmoe_compile.config.patch(**opts):
+            return fn(x)
+
+    return run
+
+
+def make_rows(block, tiny, overhead: bool) -> dict[str, Any]:
+    """name -> callable(x) for every row of one layer. Compiled rows are not compiled yet."""
+    rows: dict[str, Any] = {
+        "hf_grouped_mm": block,
+        "hf_eager": eager_copy(block),
+        "inductor": torch.compile(block, dynamic=False),
+    }
+    cap = torch.compile(block, backend="capmoe", dynamic=False)
+    rows["capmoe_off"] = cap
+    rows["capmoe_score"] = _patched(cap, SCORE)
+    rows["capmoe_expanded"] = torch.compile(
+        block, backend="capmoe", dynamic=False, options=EXPANDED
+    )
+    if overhead:
+        cap_t = torch.compile(tiny, backend="capmoe", dynamic=False)
+        rows[f"capmoe_off@F{TINY_F}"] = cap_t
+        rows[f"capmoe_score@F{TINY_F}"] = _patched(cap_t, SCORE)
+    return rows
+
+
+def loads_of(fn, x, opts: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loads before, loads after capacity) of one untimed call of a capmoe row."""
+    with capmoe_compile.config.patch(**(opts or {})), capmoe_compile.record_stats() as st:
+        fn(x)
+    if len(st.layers) != 1:
+        raise RuntimeError(f"expected one MoE layer call in the stats, got {len(st.layers)}")
+    return st.layers[0].loads_before, st.layers[0].loads_after
+
+
+def _imb(loads: torch.Tensor) -> float:
+    loads = loads.float()
+    return float(loads.max() / loads.mean()) if loads.sum() > 0 else 1.0
+
+
+def floor_of(cfg, F, T, loads, dtype, peak, bw) -> Floor:
+    """FLOPs and bytes actually needed for one call that computes ``loads`` pairs per expert."""
+    H, E = cfg["H"], cfg["E"]
+    es = torch.tensor([], dtype=dtype).element_size()
+    pairs = int(loads.sum())
+    active = int((loads > 0).sum())
+    flops = 2.0 * T * H * E + 6.0 * H * F * pairs
+    nbytes = es * (H * E + 3.0 * H * F * active + 2.0 * T * H)
+    return Floor(flops, nbytes, peak, bw, {"pairs": pairs, "active_experts": active})
+
+
+# ---------------------------------------------------------------------------------------------
+# one shape
+# ---------------------------------------------------------------------------------------------
+
+
+def run_shape(name, cfg, T, dtype, rows, x, reps, gemm_n, copy_bytes, compile_s) -> dict:
+    """Measure every row on ``x`` interleaved with the peak and bandwidth rows."""
+    k = cfg["k"]
+    with torch.no_grad():
+        # first calls: compile (static shape) and check against transformers' own output
+        for r, fn in rows.items():
+            t0 = time.perf_counter()
+            fn(x)
+            if r not in EAGER_ROWS:
+                compile_s.setdefault(name, {})[r] = time.perf_counter() - t0
+        ref = rows["hf_grouped_mm"](x).float()
+        err = {
+            r: float((rows[r](x).float() - ref).abs().max())
+            for r in ("hf_eager", "inductor", "capmoe_off")
+        }
+        tiny_name = f"capmoe_off@F{TINY_F}"
+        loads: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        loads["capmoe_off"] = loads_of(rows["capmoe_off"], x, None)
+        loads["capmoe_score"] = loads_of(rows["capmoe_off"], x, SCORE)
+        loads["capmoe_expanded"] = loads_of(rows["capmoe_expanded"], x, None)
+        if tiny_name in rows:
+            loads[tiny_name] = loads_of(rows[tiny_name], x, None)
+            loads[f"capmoe_score@F{TINY_F}"] = loads_of(rows[tiny_name], x, SCORE)
+        before = loads["capmoe_off"][0]
+        for r in EAGER_ROWS + ("inductor",):
+            loads[r] = (before, before)
+
+        peak_fn, peak_flops = gemm_peak_row(gemm_n, dtype)
+        bw_fn, bw_bytes = copy_bw_row(copy_bytes)
+        timed = {r: (lambda fn=fn: fn(x)) for r, fn in rows.items()}
+        timed["gemm_peak"] = peak_fn
+        timed["copy_bw"] = bw_fn
+        times = interleaved(timed, reps=reps, warmup=1)
+
+    peak = peak_flops / median(times["gemm_peak"])
+    bw = bw_bytes / median(times["copy_bw"])
+    out_rows = {}
+    for r in rows:
+        lb, la = loads[r]
+        F = TINY_F if "@F" in r else cfg["F"]
+        fl = floor_of(cfg, F, T, la, dtype, peak, bw)
+        t = median(times[r])
+        out_rows[r] = {
+            "ms": 1e3 * t,
+            "ms_min": 1e3 * min(times[r]),
+            "ms_max": 1e3 * max(times[r]),
+            "samples_ms": [1e3 * s for s in times[r]],
+            "gflop": fl.flops / 1e9,
+            "mbytes": fl.bytes / 1e6,
+            "flops_floor_ms": 1e3 * fl.flops_s,
+            "bytes_floor_ms": 1e3 * fl.bytes_s,
+            "floor_ms": 1e3 * fl.floor_s,
+            "frac_peak": fl.flops_s / t,
+            "frac_bw": fl.bytes_s / t,
+            "frac_floor": fl.floor_s / t,
+            "pairs": fl.extra["pairs"],
+            "active_experts": fl.extra["active_experts"],
+            "imbalance_before": _imb(lb),
+            "imbalance_after": _imb(la),
+            "max_load_after": int(la.max()),
+            "max_abs_err_vs_hf": err.get(r),
+        }
+    for r in out_rows:
+        out_rows[r]["speedup_vs_hf_grouped_mm"] = (
+            out_rows["hf_grouped_mm"]["ms"] / out_rows[r]["ms"]
+        )
+    return {
+        "shape": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "T": T,
+        **cfg,
+        "capacity": int(capmoe_compile.capacity(T, cfg["E"], k, 1.0)),
+        "loads_before": before.tolist(),
+        "loads_after_score": loads["capmoe_score"][1].tolist(),
+        "loads_after_expanded": loads["capmoe_expanded"][1].tolist(),
+        "imbalance_before": _imb(before),
+        "peak_gflops": peak / 1e9,
+        "bandwidth_gbs": bw / 1e9,
+        "gemm_peak_ms": 1e3 * median(times["gemm_peak"]),
+        "copy_bw_ms": 1e3 * median(times["copy_bw"]),
+        "gemm_peak_samples_ms": [1e3 * t for t in times["gemm_peak"]],
+        "copy_bw_samples_ms": [1e3 * t for t in times["copy_bw"]],
+        "peak_gflops_best": peak_flops / min(times["gemm_peak"]) / 1e9,
+        "bandwidth_gbs_best": bw_bytes / min(times["copy_bw"]) / 1e9,
+        "gemm_n": gemm_n,
+        "copy_mbytes": bw_bytes / 1e6,
+        "reps": reps,
+        "rows": out_rows,
+    }
+
+
+def print_shape(res: dict) -> None:
+    c = res
+    print(
+        f"\n== {c['shape']} {c['dtype']}: T={c['T']} H={c['H']} F={c['F']} E={c['E']} k={c['k']}"
+        f"  C(gamma=1)={c['capacity']}  max/mean load {c['imbalance_before']:.2f}"
+        f"  loads {c['loads_before']}"
+    )
+    print(
+        f"   measured: GEMM peak {c['peak_gflops']:.1f} GFLOP/s (mm {c['gemm_n']}^3,"
+        f" {c['gemm_peak_ms']:.1f} ms; best {c['peak_gflops_best']:.1f}), bandwidth"
+        f" {c['bandwidth_gbs']:.1f} GB/s (copy {c['copy_mbytes']:.0f} MB, {c['copy_bw_ms']:.1f} ms;"
+        f" best {c['bandwidth_gbs_best']:.1f}); median of {c['reps']}; floors use the medians"
+    )
+    headers = [
+        "row",
+        "ms",
+        "min",
+        "max",
+        "vs hf",
+        "pairs",
+        "max/mean",
+        "GFLOP",
+        "%peak",
+        "MB",
+        "%bw",
+        "floor ms",
+        "%floor",
+        "err",
+    ]
+    rows = []
+    for name, r in c["rows"].items():
+        rows.append(
+            [
+                name,
+                r["ms"],
+                r["ms_min"],
+                r["ms_max"],
+                f"{r['speedup_vs_hf_grouped_mm']:.2f}x",
+                r["pairs"],
+                r["imbalance_after"],
+                r["gflop"],
+                f"{100 * r['frac_peak']:.0f}%",
+                r["mbytes"],
+                f"{100 * r['frac_bw']:.0f}%",
+                r["floor_ms"],
+                f"{100 * r['frac_floor']:.0f}%",
+                None if r["max_abs_err_vs_hf"] is None else f"{r['max_abs_err_vs_hf']:.1e}",
+            ]
+        )
+    print(fmt_table(headers, rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# the issue's bars
+# ---------------------------------------------------------------------------------------------
+
+
+def bars(results: list[dict]) -> list[dict]:
+    """The issue's CPU performance bars, evaluated on this run's numbers."""
+    out = []
+
+    def add(name, value, target, ok, note=""):
+        out.append({"bar": name, "value": value, "target": target, "ok": bool(ok), "note": note})
+
+    for res in results:
+        R, tag = res["rows"], f"{res['shape']} {res['dtype']}"
+        fastest_eager = min(R[r]["ms"] for r in EAGER_ROWS)
+        if res["shape"] == "prefill":
+            off = R["capmoe_off"]
+            add(
+                f"{tag}: capmoe off vs fastest eager",
+                fastest_eager / off["ms"],
+                ">= 1.0x",
+                fastest_eager / off["ms"] >= 1.0,
+            )
+            sp = R["inductor"]["ms"] / off["ms"]
+            add(f"{tag}: capmoe off vs inductor", sp, ">= 1.2x", sp >= 1.2)
+            add(f"{tag}: capmoe off %peak", off["frac_peak"], ">= 0.85", off["frac_peak"] >= 0.85)
+            sc = R["capmoe_score"]
+            add(
+                f"{tag}: capmoe score %peak (kept FLOPs)",
+                sc["frac_peak"],
+                ">= 0.85",
+                sc["frac_peak"] >= 0.85,
+            )
+            t_ratio, f_ratio = sc["ms"] / off["ms"], sc["gflop"] / off["gflop"]
+            add(
+                f"{tag}: score time / off time vs FLOPs kept",
+                t_ratio,
+                f"<= {f_ratio:.2f} (FLOPs ratio)",
+                t_ratio <= f_ratio * 1.05,
+                "5% slack",
+            )
+            tiny = R.get(f"capmoe_score@F{TINY_F}")
+            if tiny is not None:
+                frac = tiny["ms"] / sc["ms"]
+                add(
+                    f"{tag}: routing+capacity+dispatch+combine / layer (score)",
+                    frac,
+                    "<= 0.05",
+                    frac <= 0.05,
+                    f"capmoe_score@F{TINY_F} time over capmoe_score time",
+                )
+        elif res["shape"] == "decode":
+            for r in ("capmoe_off", "capmoe_score"):
+                x = R[r]
+                add(
+                    f"{tag}: {r} vs fastest eager",
+                    fastest_eager / x["ms"],
+                    ">= 1.0x",
+                    fastest_eager / x["ms"] >= 1.0,
+                )
+                ratio = x["ms"] / x["bytes_floor_ms"]
+                add(f"{tag}: {r} time / weight-bytes floor", ratio, "<= 1.5", ratio <= 1.5)
+    return out
+
+
+def print_bars(bs: list[dict], quick: bool = False) -> None:
+    if not bs:
+        return
+    note = " -- --quick: tiny shapes, the bars are not meaningful" if quick else ""
+    print(f"\n== issue bars (this run){note}")
+    rows = [[b["bar"], b["value"], b["target"], "PASS" if b["ok"] else "FAIL"] for b in bs]
+    print(fmt_table(["bar", "value", "target", ""], rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# profile
+# ---------------------------------------------------------------------------------------------
+
+
+def profile_rows(block, x, n: int = 3, top: int = 20) -> dict[str, list[dict]]:
+    """torch.profiler of capmoe off and score on ``x``: the top ops by self CPU time.
+
+    A separate compile with Inductor's C++ kernel profiling on, so its fused kernels show up by
+    name (the timed rows are compiled without it). ``torch._dynamo.reset()`` first: an equal
+    ``torch.compile`` wrapper would otherwise reuse the timed rows' graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        fn = torch.compile(block, backend="capmoe", dynamic=False)
+        with torch.no_grad():
+            fn(x)
+            with capmoe_compile.config.patch(**SCORE):
+                fn(x)
+    out = {}
+    for label, opts in (("capmoe_off", {}), ("capmoe_score", SCORE)):
+        with torch.no_grad(), capmoe_compile.config.patch(**opts):
+            fn(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(n):
+                    fn(x)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        table = [
+            {
+                "op": e.key,
+                "self_ms_per_call": e.self_cpu_time_total / 1e3 / n,
+                "share": e.self_cpu_time_total / total if total else 0.0,
+                "calls_per_layer_call": e.count / n,
+            }
+            for e in ranked
+        ]
+        out[label] = table
+        print(f"\n== profile: {label} (self CPU time, per layer call, {n} calls)")
+        print(
+            fmt_table(
+                ["op", "self ms", "share", "calls"],
+                [
+                    [
+                        t["op"][:70],
+                        t["self_ms_per_call"],
+                        f"{100 * t['share']:.1f}%",
+                        t["calls_per_layer_call"],
+                    ]
+                    for t in table
+                ],
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few reps (smoke run)")
+    p.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16 (default fp32)")
+    p.add_argument("--shapes", default="prefill,decode,fine", help="comma list of shapes")
+    p.add_argument(
+        "--reps", type=int, default=None, help="repetitions (median; default 7, quick 5)"
+    )
+    p.add_argument(
+        "--skew", type=float, default=1.5, help="router skew strength (zoo.skew_router_)"
+    )
+    p.add_argument("--no-overhead", action="store_true", help="skip the F=16 overhead rows")
+    p.add_argument(
+        "--profile",
+        nargs="?",
+        const="prefill",
+        default="",
+        help="profile capmoe (off, score; and the F=16 copy) on these shapes (default: prefill)",
+    )
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    args = p.parse_args(argv)
+
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    layers = LAYERS_QUICK if args.quick else LAYERS_FULL
+    shape_defs = SHAPES_QUICK if args.quick else SHAPES_FULL
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    for s in shapes:
+        if s not in shape_defs:
+            p.error(f"unknown shape {s!r}; known: {', '.join(shape_defs)}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            p.error(f"unknown dtype {d!r}; known: {', '.join(DTYPES)}")
+    reps = args.reps or (5 if args.quick else 7)
+    gemm_n = 256 if args.quick else 2048
+    copy_bytes = (16 if args.quick else 256) << 20
+
+    info = machine()
+    print(f"# moe_layer benchmark  {info['date']}  {info['cpu']}  torch {info['torch']}")
+    print(
+        f"# threads {info['torch_threads']}/{info['cores']} cores, load avg {info.get('loadavg_start')}"
+    )
+    t_start = time.perf_counter()
+    results, compile_s, profiles = [], {}, {}
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for lname, cfg in layers.items():
+            mine = [s for s in shapes if shape_defs[s][0] == lname]
+            if not mine:
+                continue
+            max_T = max(shape_defs[s][1] for s in mine)
+            model, block, x_all = build_layer(cfg, dtype, args.skew, max_T)
+            tiny_model, tiny = tiny_copy(cfg, block, dtype)
+            rows = make_rows(block, tiny, overhead=not args.no_overhead)
+            for s in mine:
+                T = shape_defs[s][1]
+                x = decode_input(x_all, T) if s == "decode" else prefill_input(x_all, T)
+                res = run_shape(
+                    s,
+                    cfg,
+                    T,
+                    dtype,
+                    rows,
+                    x,
+                    reps * (3 if s == "decode" else 1),
+                    gemm_n,
+                    copy_bytes,
+                    compile_s.setdefault(dname, {}),
+                )
+                results.append(res)
+                print_shape(res)
+                sys.stdout.flush()
+                if s in args.profile.split(",") and dname == dtypes[0]:
+                    profiles[f"{s} {dname}"] = profile_rows(block, x)
+                    if not args.no_overhead:
+                        print(f"\n(F={TINY_F} copy: routing + capacity + dispatch + combine)")
+                        profiles[f"{s} {dname} @F{TINY_F}"] = profile_rows(tiny, x)
+            del model, block, tiny_model, tiny, rows
+            torch._dynamo.reset()
+
+    bs = bars(results)
+    print_bars(bs, args.quick)
+    try:
+        import os
+
+        info["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
+    payload = {
+        "benchmark": "moe_layer",
+        "args": vars(args),
+        "machine": info,
+        "wall_s": time.perf_counter() - t_start,
+        "compile_s": compile_s,
+        "results": results,
+        "bars": bs,
+        "profiles": profiles,
+    }
+    if args.out:
+        write_json(args.out, payload)
+        print(f"\n# wrote {args.out}")
+    summary = {
+        "benchmark": "moe_layer",
+        "date": info["date"],
+        "quick": args.quick,
+        "rows": {
+            f"{r['shape']}/{r['dtype']}/{name}": round(v["ms"], 3)
+            for r in results
+            for name, v in r["rows"].items()
+        },
+        "peak_gflops": {f"{r['shape']}/{r['dtype']}": round(r["peak_gflops"], 1) for r in results},
+        "bandwidth_gbs": {
+            f"{r['shape']}/{r['dtype']}": round(r["bandwidth_gbs"], 2) for r in results
+        },
+        "bars_ok": sum(b["ok"] for b in bs),
+        "bars_total": len(bs),
+    }
+    print(json_line(summary))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
