@@ -96,5 +96,8 @@ def moe_experts_grouped(
     y = proj("down", h)
     w = weights.reshape(-1)[order]
     y = torch.where(real, y.float() * w.float()[:, None], 0.0)
-    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-    return out.index_add_(0, token, y).to(x.dtype)
+    # Combine as a gather (each token reads its k rows back from expert order) rather than a
+    # scatter-add: Inductor turns index_add_ into per-element atomics, this into a plain
+    # reduction over k that fuses with the weighting above.
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=x.device))
+    return y[pos].view(T, k, -1).sum(1).to(x.dtype)
