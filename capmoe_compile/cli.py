@@ -15,12 +15,24 @@ def _demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    print(
-        f"capmoe demo: tiny {args.family} (random weights, router skewed like trained ones), "
-        f"batch {args.batch} x {args.seq} tokens, gamma={args.gamma}, policy={args.policy}"
-    )
-    model = zoo.build(args.family, seed=args.seed, skew=args.skew)
-    ids = zoo.random_input_ids(model, args.batch, args.seq, seed=args.seed)
+    if args.model == "shipped":
+        from capmoe_compile.models import load_tiny_moe, stdlib_corpus, validation_windows
+
+        print(
+            "capmoe demo: the shipped tiny MoE LM (Mixtral config, E=8, k=2, trained without a "
+            "balancing loss) on held-out Python standard library text, "
+            f"batch {args.batch} x {args.seq} bytes, gamma={args.gamma}, policy={args.policy}"
+        )
+        model, _ = load_tiny_moe()
+        ids = validation_windows(stdlib_corpus(), args.seq, args.batch)
+    else:
+        print(
+            f"capmoe demo: tiny {args.family} (random weights, router skewed like trained "
+            f"ones), batch {args.batch} x {args.seq} tokens, gamma={args.gamma}, "
+            f"policy={args.policy}"
+        )
+        model = zoo.build(args.family, seed=args.seed, skew=args.skew)
+        ids = zoo.random_input_ids(model, args.batch, args.seq, seed=args.seed)
 
     report = cc.explain(model, capacity_factor=args.gamma, policy=args.policy)(ids)
     print(report)
@@ -52,6 +64,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    from capmoe_compile.report import write_report
+
+    for name, (path, _) in write_report(args.results, args.out_dir, gamma=args.gamma).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="capmoe",
@@ -59,14 +79,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a tiny skewed MoE model eager and compiled")
-    demo.add_argument("--family", default="mixtral")
+    demo.add_argument("--family", default="mixtral", help="zoo family (with --model zoo)")
     demo.add_argument("--gamma", type=float, default=1.0, help="capacity factor")
     demo.add_argument("--policy", default="score")
     demo.add_argument("--batch", type=int, default=4)
     demo.add_argument("--seq", type=int, default=64)
     demo.add_argument("--skew", type=float, default=1.5)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--model",
+        choices=("shipped", "zoo"),
+        default="shipped",
+        help="shipped: the trained tiny MoE LM (real skew); zoo: a random-weight --family model",
+    )
     demo.set_defaults(func=_demo)
+    report = sub.add_parser(
+        "report", help="PNG plots of a quality sweep (benchmarks/quality.py's JSON)"
+    )
+    report.add_argument("--results", default="benchmarks/results/quality.json")
+    report.add_argument("--out-dir", default="benchmarks/results")
+    report.add_argument("--gamma", type=float, default=1.0, help="gamma of the load profiles")
+    report.set_defaults(func=_report)
     args = parser.parse_args(argv)
     return args.func(args)
 
