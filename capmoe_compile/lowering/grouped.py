@@ -4,7 +4,8 @@ The backend inserts :func:`moe_experts_grouped` into the graph as a ``call_funct
 AOTAutograd traces it into aten ops and Inductor sees the whole layer: the sort into expert
 order, the gather of token rows, ``torch._grouped_mm`` for the expert GEMMs (one call per
 projection, no host synchronisation: group offsets stay on the device), the activation, the
-routing-weight multiply and the scatter-add combine, fused where Inductor can.
+routing-weight multiply and the combine (a gather back into token order), fused where
+Inductor can.
 
 Dropped pairs (sentinel id ``E``) sort after every real pair and fall outside the last group
 offset, so they cost no GEMM time. ``_grouped_mm`` leaves those rows unwritten: they are
@@ -71,12 +72,10 @@ def moe_experts_grouped(
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     eid = flat[order]
-    real = (eid < E)[:, None]
-    token = order // k
     counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
     counts = counts.scatter_add_(0, flat.clamp(0, E), torch.ones_like(flat, dtype=torch.int32))
     offs = counts[:E].cumsum(0, dtype=torch.int32)
-    xs = x[token]
+    xs = x[order // k]
     eb = eid.clamp_max(E - 1)
 
     def proj(role: str, h: torch.Tensor) -> torch.Tensor:
@@ -94,10 +93,10 @@ def moe_experts_grouped(
     else:
         h = act(proj("up", xs))
     y = proj("down", h)
-    w = weights.reshape(-1)[order]
-    y = torch.where(real, y.float() * w.float()[:, None], 0.0)
-    # Combine as a gather (each token reads its k rows back from expert order) rather than a
-    # scatter-add: Inductor turns index_add_ into per-element atomics, this into a plain
-    # reduction over k that fuses with the weighting above.
+    # Combine as a gather: each token reads its k rows back from expert order, weighted and
+    # masked in token order, one reduction over k that Inductor fuses (an index_add_ would be
+    # per-element atomics, and weighting in expert order a second [T*k, H] buffer).
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=x.device))
-    return y[pos].view(T, k, -1).sum(1).to(x.dtype)
+    rows = y[pos].view(T, k, -1).float()
+    keep = (ids < E)[:, :, None]
+    return torch.where(keep, rows * weights.float()[:, :, None], 0.0).sum(1).to(x.dtype)
