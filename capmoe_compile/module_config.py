@@ -15,7 +15,7 @@ Every change bumps ``config.version()`` so compiled graphs recompile.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from torch import nn
@@ -80,10 +80,3 @@ def clear(target: nn.Module | type[nn.Module] | None = None, /) -> None:
     else:
         _by_instance.pop(target, None)
     config._bump()
-
-
-def fingerprint() -> Hashable:
-    """A hashable summary of every override (instances by identity), for compile caches."""
-    classes = tuple((c, tuple(sorted(o.items()))) for c, o in _by_class.items() if o)
-    instances = tuple((id(m), tuple(sorted(o.items()))) for m, o in _by_instance.items() if o)
-    return frozenset(classes), frozenset(instances)

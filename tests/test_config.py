@@ -251,8 +251,7 @@ def test_instance_overrides_are_weak():
 
     layer = _MoE()
     module_config.configure(layer, seed=1)
-    fp = module_config.fingerprint()
+    assert len(module_config._by_instance) == 1
     del layer
     gc.collect()
-    assert module_config.fingerprint() != fp
     assert not module_config._by_instance

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import operator
 import re
 from collections.abc import Callable, Mapping
@@ -31,8 +30,6 @@ from ..experts import ACTIVATIONS, ExpertForm, moe_experts_reference
 from ..lowering import grouped
 from ..routing import capacity
 from . import routers
-
-log = logging.getLogger(__name__)
 
 _INPLACE_FUNCS = {operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv}
 
