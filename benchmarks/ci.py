@@ -74,6 +74,10 @@ RULES: dict[str, str] = {
     "speedup": "exact",
 }
 EXACT_TOL = 1e-6
+# Relative slack of "max" figures that are not reproducible run to run. Inductor's estimated
+# bytes of the same code on the same inputs were seen at 26.1 MB and 30.3 MB (mixtral block,
+# two clean CI runs): a regression there is a rise beyond this.
+SLACK: dict[str, float] = {"bytes": 0.25}
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,6 +151,8 @@ def compare(
             same = math.isclose(new, base, rel_tol=exact_tol, abs_tol=exact_tol)
             status = "ok" if same else "changed"
         elif new == base:
+            status = "ok"
+        elif rule == "max" and base < new <= base * (1 + SLACK.get(name.rsplit(".", 1)[-1], 0)):
             status = "ok"
         elif (new > base) == (rule == "max"):
             status = "regression"
