@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .routing import output_width, route_reference
+from .routing import output_width, route_reference, route_with_options
 
 
 @torch.library.custom_op("capmoe::route", mutates_args=())
@@ -165,19 +165,11 @@ def route_layer(
         valid = None  # capacity off: the layer runs exactly as written
         out_ids, out_w = ids.clone(), topk_weights.clone()
     else:
-        out_ids, out_w = route_reference(
+        out_ids, out_w = route_with_options(
             probs,
             ids,
             topk_weights,
-            capacity_factor=opts["capacity_factor"],
-            policy=opts["policy"],
-            local_experts=opts["local_experts"],
-            renormalize=opts["renormalize"],
-            reroute_rounds=opts["reroute_rounds"],
-            seed=opts["seed"],
-            min_tokens=opts["min_tokens"],
-            min_capacity=opts["min_capacity"],
-            capacity_align=opts["capacity_align"],
+            opts,
             capacity_scope=scope,
             num_sequences=max(num_sequences, 1),
             valid=valid,

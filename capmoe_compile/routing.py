@@ -232,6 +232,29 @@ def route_reference(
     return out_ids, out_w
 
 
+#: The config knobs that are arguments of :func:`route_reference`, under the same names.
+ROUTE_KNOBS = (
+    "capacity_factor",
+    "policy",
+    "local_experts",
+    "renormalize",
+    "reroute_rounds",
+    "seed",
+    "min_tokens",
+    "min_capacity",
+    "capacity_align",
+    "capacity_scope",
+)
+
+
+def route_with_options(probs, topk_ids, topk_weights, opts, **overrides):
+    """:func:`route_reference` with its knobs taken from a resolved options dict
+    (``capmoe_compile.config.resolve``); ``overrides`` win over ``opts``."""
+    kw = {name: opts[name] for name in ROUTE_KNOBS}
+    kw.update(overrides)
+    return route_reference(probs, topk_ids, topk_weights, **kw)
+
+
 def _unchanged(ids, weights, k, E, policy, local_experts):
     width = output_width(k, E, policy, local_experts)
     T = ids.shape[0]

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from ..experts import ExpertForm, moe_experts_reference
 from ..lowering import grouped
-from ..routing import _token_scale, capacity, route_reference
+from ..routing import _token_scale, capacity, route_reference, route_with_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,19 +367,8 @@ def route_group(
     if gamma is None or T == 0 or n_valid < opts["min_tokens"]:
         return _pad(ids, weights, opts, info, E)
     if opts["policy"] != "expanded_drop" and opts["capacity_scope"] == "batch":
-        return route_reference(
-            probs,
-            ids,
-            weights,
-            capacity_factor=gamma,
-            policy=opts["policy"],
-            renormalize=opts["renormalize"],
-            reroute_rounds=opts["reroute_rounds"],
-            seed=opts["seed"],
-            min_tokens=0,
-            min_capacity=opts["min_capacity"],
-            capacity_align=opts["capacity_align"],
-            valid=valid,
+        return route_with_options(
+            probs, ids, weights, opts, local_experts=None, min_tokens=0, valid=valid
         )
     outs_i, outs_w = [], []
     blocks = (
@@ -399,18 +388,13 @@ def route_group(
                 probs[sl], ids[sl], weights[sl], rank_of_row[sl], info, opts, v, nseq
             )
         else:
-            oi, ow = route_reference(
+            oi, ow = route_with_options(
                 probs[sl],
                 ids[sl],
                 weights[sl],
-                capacity_factor=gamma,
-                policy=opts["policy"],
-                renormalize=opts["renormalize"],
-                reroute_rounds=opts["reroute_rounds"],
-                seed=opts["seed"],
+                opts,
+                local_experts=None,
                 min_tokens=0,
-                min_capacity=opts["min_capacity"],
-                capacity_align=opts["capacity_align"],
                 capacity_scope="sequence",
                 num_sequences=max(nseq, 1),
                 valid=v,
