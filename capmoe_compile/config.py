@@ -37,6 +37,10 @@ Knobs (SPEC.md has the exact semantics):
 - ``capacity_scope``: ``"batch"`` (one ``C`` per call, the paper's) or ``"sequence"``
   (one ``C`` per sequence: batch-invariant outputs).
 - ``exclude_padding``: padding rows tied to the attention mask count in no load.
+- ``batch_invariant``: expert GEMMs in fixed row tiles, so a row's result does not depend on
+  how many rows share its expert (``lowering/invariant.py``). Always on under
+  ``capacity_scope="sequence"``; set it for bit-identical outputs across batchings with
+  capacity off or batch scope too (routing under batch scope still depends on the batch).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ min_capacity: int = 1
 capacity_align: int = 1
 capacity_scope: str = "batch"
 exclude_padding: bool = True
+batch_invariant: bool = False
 
 KNOBS: Mapping[str, Any] = types.MappingProxyType(
     {
@@ -75,6 +80,7 @@ KNOBS: Mapping[str, Any] = types.MappingProxyType(
         "capacity_align": capacity_align,
         "capacity_scope": capacity_scope,
         "exclude_padding": exclude_padding,
+        "batch_invariant": batch_invariant,
     }
 )
 POLICIES: tuple[str, ...] = ("score", "order", "reverse", "random", "expanded_drop", "reroute")
@@ -151,6 +157,7 @@ _VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "capacity_align": lambda v: _int("capacity_align", v, 1, "an int >= 1"),
     "capacity_scope": lambda v: _choice("capacity_scope", v, SCOPES),
     "exclude_padding": lambda v: _bool("exclude_padding", v),
+    "batch_invariant": lambda v: _bool("batch_invariant", v),
 }
 
 

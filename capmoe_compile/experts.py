@@ -104,8 +104,13 @@ def moe_experts_reference(
     weights: torch.Tensor,
     params: list[torch.Tensor],
     form: ExpertForm,
+    tile: int = 0,
 ) -> torch.Tensor:
-    """Eager reference: loop over experts, gather their rows, weighted scatter-add back."""
+    """Eager reference: loop over experts, gather their rows, weighted scatter-add back.
+
+    ``tile > 0``: each expert's rows go through the expert in zero-filled tiles of exactly
+    ``tile`` rows, so a row's result does not depend on its group's size (batch invariance,
+    ``lowering/invariant.py``)."""
     E = form.num_experts(params)
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = ids.reshape(-1)
@@ -116,9 +121,22 @@ def moe_experts_reference(
         if pos.numel() == 0:
             continue
         rows = pos // k
-        y = form.apply(x[rows], form.expert_params(params, e))
+        y = _apply_tiled(form, x[rows], form.expert_params(params, e), tile)
         out.index_add_(0, rows, y.float() * flat_w[pos].float()[:, None])
     return out.to(x.dtype)
+
+
+def _apply_tiled(form: ExpertForm, rows: torch.Tensor, p, tile: int) -> torch.Tensor:
+    if tile <= 0:
+        return form.apply(rows, p)
+    buf = rows.new_zeros(tile, rows.shape[1])
+    outs = []
+    for s in range(0, rows.shape[0], tile):
+        n = min(tile, rows.shape[0] - s)
+        buf.zero_()
+        buf[:n] = rows[s : s + n]
+        outs.append(form.apply(buf, p)[:n])
+    return torch.cat(outs)
 
 
 @torch.library.custom_op("capmoe::moe_experts", mutates_args=())
@@ -128,10 +146,12 @@ def moe_experts_op(
     weights: torch.Tensor,
     params: list[torch.Tensor],
     form: str,
+    tile: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return moe_experts_reference(x, ids, weights, params, ExpertForm.from_str(form))
+    t = 0 if tile is None else int(tile)
+    return moe_experts_reference(x, ids, weights, params, ExpertForm.from_str(form), t)
 
 
 @moe_experts_op.register_fake
-def _moe_experts_fake(x, ids, weights, params, form):
+def _moe_experts_fake(x, ids, weights, params, form, tile=None):
     return torch.empty_like(x)

@@ -133,11 +133,16 @@ def route_layer(
     num_sequences: int,
     attention_mask: torch.Tensor | None,
     anchor: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route one layer call with the options in force now (see :class:`LayerHandle`).
 
     ``num_sequences`` is B of the [B, S] the rows were flattened from (0: unknown);
     ``attention_mask`` the model's [B, S] mask where the passes could tie it to the rows.
+
+    Returns the new ids and weights, and ``gemm_tile``: a 0-d int64 CPU tensor, the row tile
+    the expert GEMMs must use for batch-invariant arithmetic (``lowering/invariant.py``), or 0
+    when this call does not need it. It is data, not a graph constant, so switching scopes
+    needs no recompile.
     """
     from . import telemetry
 
@@ -176,7 +181,16 @@ def route_layer(
         )
     if telemetry.is_recording():
         telemetry.record(h.name, ids, out_ids, h.num_experts, opts, valid, max(num_sequences, 1))
-    return out_ids, out_w
+    return out_ids, out_w, torch.tensor(gemm_tile(opts), dtype=torch.int64)
+
+
+def gemm_tile(opts: dict) -> int:
+    """The GEMM row tile resolved options ask for: batch-invariant arithmetic (a fixed tile) for
+    ``capacity_scope="sequence"`` (SPEC.md promises a sequence's output independent of its
+    batch) and for ``batch_invariant=True``; 0 (the fastest GEMM) otherwise."""
+    from .lowering.invariant import TILE
+
+    return TILE if opts["batch_invariant"] or opts["capacity_scope"] == "sequence" else 0
 
 
 @route_layer.register_fake
@@ -184,4 +198,8 @@ def _route_layer_fake(
     probs, topk_ids, topk_weights, layer, width, num_sequences, mask, anchor=None
 ):
     T = topk_ids.shape[0]
-    return topk_ids.new_empty((T, width), dtype=torch.int64), topk_weights.new_empty((T, width))
+    return (
+        topk_ids.new_empty((T, width), dtype=torch.int64),
+        topk_weights.new_empty((T, width)),
+        torch.empty((), dtype=torch.int64, device="cpu"),
+    )

@@ -32,6 +32,7 @@ def test_defaults():
         "capacity_align": 1,
         "capacity_scope": "batch",
         "exclude_padding": True,
+        "batch_invariant": False,
     }
     assert config.snapshot() == dict(config.KNOBS)
 

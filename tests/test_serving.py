@@ -139,29 +139,86 @@ def test_explain_reports_padding(mixtral):
     assert without.layers and all("all rows count" in r.padding for r in without.layers)
 
 
-def test_sequence_scope_is_batch_invariant(mixtral):
-    """A sequence's routing, and so its output, does not depend on its batch neighbours.
+def _pack(rows: list[torch.Tensor], left: bool):
+    """Sequences of different lengths padded into one [B, S] batch, with the attention mask
+    and the position ids a generation loop would pass (counting real tokens only)."""
+    ids = torch.zeros(len(rows), S, dtype=torch.long)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for b, r in enumerate(rows):
+        where = slice(S - len(r), S) if left else slice(0, len(r))
+        ids[b, where], mask[b, where] = r, 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
-    Even with capacity off, this model's eager output for a sequence changes in the last bits
-    with its neighbours (the expert GEMMs see other group sizes), so bit-for-bit equality
-    holds for the routing decisions (checked in test_route.py) and the outputs are compared
-    at fp32 rounding; the batch scope, by contrast, changes them materially.
-    """
+
+def _first_sequence_logits(compiled, rows, left):
+    ids, mask, pos = _pack(rows, left)
+    logits = compiled(ids, attention_mask=mask, position_ids=pos).logits[0]
+    n = len(rows[0])
+    return logits[S - n :] if left else logits[:n]
+
+
+# Neighbour sets for one sequence of 5 tokens: alone, then with a full-length sequence, two
+# others of other lengths, one of the same length, and three at once.
+NEIGHBOURS = [[], [S], [3, 9], [5], [S, 1, 7]]
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"capacity_factor": 0.5, "capacity_scope": "sequence"},
+        {"capacity_factor": 1.0, "capacity_scope": "sequence", "policy": "reroute"},
+        {"capacity_factor": None, "batch_invariant": True},
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_output_is_batch_invariant_bit_for_bit(mixtral, left, opts):
+    """SPEC.md: under capacity_scope="sequence" a sequence's output does not depend on what
+    else is batched with it. Routing (per-sequence capacity) and arithmetic (fixed GEMM tiles,
+    lowering/invariant.py) both, so the compiled logits are equal bit for bit, alone or batched
+    with sequences of other lengths, left or right padded; ``batch_invariant=True`` gives the
+    same guarantee with capacity off."""
     _, compiled = mixtral
     gen = torch.Generator().manual_seed(4)
-    a = torch.randint(0, 256, (1, S), generator=gen)
-    others = [torch.randint(0, 256, (2, S), generator=gen) for _ in range(3)]
+    mine = torch.randint(0, 256, (5,), generator=gen)
+    with torch.no_grad(), cc.config.patch(**opts):
+        outs = []
+        for lengths in NEIGHBOURS:
+            others = [torch.randint(0, 256, (n,), generator=gen) for n in lengths]
+            outs.append(_first_sequence_logits(compiled, [mine, *others], left))
+    for lengths, out in zip(NEIGHBOURS[1:], outs[1:], strict=True):
+        assert torch.equal(out, outs[0]), (lengths, (out - outs[0]).abs().max().item())
 
-    def first_row(scope):
-        with cc.config.patch(capacity_factor=0.5, capacity_scope=scope):
-            return [compiled(torch.cat([a, o])).logits[0] for o in others]
 
-    with torch.no_grad():
-        seq = first_row("sequence")
-        batch = first_row("batch")
-        off = [compiled(torch.cat([a, o])).logits[0] for o in others]
-    noise = max((o - off[0]).abs().max().item() for o in off[1:])
-    seq_spread = max((s - seq[0]).abs().max().item() for s in seq[1:])
-    batch_spread = max((b - batch[0]).abs().max().item() for b in batch[1:])
-    assert seq_spread <= max(10 * noise, 1e-5)
-    assert batch_spread > 100 * max(seq_spread, 1e-6)
+def test_batch_scope_is_not_batch_invariant(mixtral):
+    """The contrast: one C for the whole call lets the neighbours take a sequence's capacity,
+    so its output moves materially (the tiles are the same; only the routing differs)."""
+    _, compiled = mixtral
+    gen = torch.Generator().manual_seed(4)
+    mine = torch.randint(0, 256, (5,), generator=gen)
+    opts = {"capacity_factor": 0.5, "capacity_scope": "batch", "batch_invariant": True}
+    with torch.no_grad(), cc.config.patch(**opts):
+        outs = []
+        for lengths in NEIGHBOURS:
+            others = [torch.randint(0, 256, (n,), generator=gen) for n in lengths]
+            outs.append(_first_sequence_logits(compiled, [mine, *others], left=False))
+    spread = max((o - outs[0]).abs().max().item() for o in outs[1:])
+    assert spread > 1e-3
+
+
+def test_default_arithmetic_is_not_batch_invariant(mixtral):
+    """Why the fixed tiles exist: with capacity off and the fastest GEMMs, this model's output
+    for a sequence already changes in the last bits with its neighbours (an expert's group of
+    one row is a GEMV, of more rows a GEMM). If this ever starts to pass bit for bit, the tiles
+    may have become unnecessary on this machine; the invariance test above still holds."""
+    _, compiled = mixtral
+    gen = torch.Generator().manual_seed(4)
+    mine = torch.randint(0, 256, (5,), generator=gen)
+    with torch.no_grad(), cc.config.patch(capacity_factor=None):
+        outs = []
+        for lengths in NEIGHBOURS:
+            others = [torch.randint(0, 256, (n,), generator=gen) for n in lengths]
+            outs.append(_first_sequence_logits(compiled, [mine, *others], left=False))
+    if all(torch.equal(o, outs[0]) for o in outs[1:]):
+        pytest.xfail("this machine's GEMMs are already row-invariant for these shapes")
+    assert max((o - outs[0]).abs().max().item() for o in outs[1:]) < 1e-4

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..experts import ACTIVATIONS, ExpertForm
+from .invariant import tiled_grouped_mm
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -27,13 +28,20 @@ def supports(form: ExpertForm, dtype: torch.dtype) -> bool:
 
 
 @torch.library.custom_op("capmoe::grouped_mm", mutates_args=())
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_mm(
+    a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, tile: torch.Tensor | None = None
+) -> torch.Tensor:
     """``torch._grouped_mm`` behind an op of our own: in torch 2.13 its meta kernel refuses
     fp32 although the CPU kernel runs it, so Inductor calls it as an extern kernel.
+
+    ``tile`` (a 0-d int tensor from ``capmoe::route_layer``), when positive, asks for
+    batch-invariant arithmetic: fixed-size row tiles (``lowering/invariant.py``).
 
     ``torch._grouped_mm`` wants every non-unit stride to be a multiple of 16 bytes; layers whose
     in or out size is not (e.g. bf16 with H = 12) are zero-padded to it (a copy of the weights
     per call: only such odd, small layers pay it)."""
+    if tile is not None and int(tile) > 0:
+        return tiled_grouped_mm(a, b, offs, int(tile))
     n = 16 // a.element_size()
     K, N = a.shape[-1], b.shape[-1]
     if K % n == 0 and N % n == 0:
@@ -45,13 +53,13 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 
 @grouped_mm.register_fake
-def _grouped_mm_fake(a, b, offs):
+def _grouped_mm_fake(a, b, offs, tile=None):
     return a.new_empty(a.shape[0], b.shape[-1])
 
 
-def _gemm(h: torch.Tensor, w: torch.Tensor, transposed: bool, offs: torch.Tensor):
+def _gemm(h: torch.Tensor, w: torch.Tensor, transposed: bool, offs: torch.Tensor, tile):
     # grouped_mm wants [E, in, out]; nn.Linear-style storage is [E, out, in].
-    return grouped_mm(h, w if transposed else w.transpose(-2, -1), offs)
+    return grouped_mm(h, w if transposed else w.transpose(-2, -1), offs, tile)
 
 
 def moe_experts_grouped(
@@ -60,10 +68,12 @@ def moe_experts_grouped(
     weights: torch.Tensor,
     params: list[torch.Tensor],
     form: ExpertForm | str,
+    tile: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``; sentinel ids skipped.
 
     ``form`` may be given as its string (how the backend passes it through an FX graph).
+    ``tile``: see :func:`grouped_mm` (``None``: the fastest GEMM).
     """
     f = ExpertForm.from_str(form) if isinstance(form, str) else form
     p = dict(zip(f.roles, params, strict=True))
@@ -79,7 +89,7 @@ def moe_experts_grouped(
     eb = eid.clamp_max(E - 1)
 
     def proj(role: str, h: torch.Tensor) -> torch.Tensor:
-        y = _gemm(h, p[role], role in f.transposed, offs)
+        y = _gemm(h, p[role], role in f.transposed, offs, tile)
         b = p.get("b_" + role)
         return y if b is None else y + b[eb]
 

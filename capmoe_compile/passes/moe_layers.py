@@ -602,12 +602,14 @@ def _rewrite(
         )
         ids = graph.call_function(operator.getitem, (routed, 0))
         w = graph.call_function(operator.getitem, (routed, 1))
+        tile = graph.call_function(operator.getitem, (routed, 2))  # batch-invariant GEMMs
         dtype = _val(region.x).dtype
         if grouped.supports(form, dtype) and all(_val(p).dtype == dtype for p in region.params):
             fast = grouped.moe_experts_grouped  # traced by AOTAutograd: Inductor fuses it
         else:
             fast = experts_mod.moe_experts_op._opoverload  # the eager reference, opaque
-        new_out = graph.call_function(fast, (region.x, ids, w, list(region.params), form.to_str()))
+        args = (region.x, ids, w, list(region.params), form.to_str(), tile)
+        new_out = graph.call_function(fast, args)
         if _val(out).dtype != _val(region.x).dtype:
             new_out = graph.call_method("to", (new_out, _val(out).dtype))
     out.replace_all_uses_with(new_out)
