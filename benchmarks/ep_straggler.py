@@ -48,6 +48,30 @@ def _label(gamma) -> str:
     return "off" if gamma is None else f"{gamma:g}"
 
 
+def profile_route(T: int, E: int, k: int, world: int, skew: float = 2.0) -> dict:
+    """Milliseconds of the capacity policy alone (``route_group``, what every rank runs on the
+    group's rows at gamma = 1) per policy, on a skewed [T, E] score matrix."""
+    from capmoe_compile import config
+    from capmoe_compile.distributed import EPInfo, route_group
+
+    gen = torch.Generator().manual_seed(0)
+    P = (torch.randn(T, E, generator=gen) + torch.linspace(skew, -skew, E)).softmax(-1)
+    W, ids = P.topk(k, -1)
+    counts = [T // world] * world
+    rank_of_row = torch.repeat_interleave(torch.arange(world), torch.tensor(counts))
+    info = EPInfo(None, 0, world, E, 0, E // world)
+    out = {}
+    for policy in POLICIES:
+        opts = dict(config.resolve({"capacity_factor": 1.0, "policy": policy}))
+        args = (P, ids, W, rank_of_row, info, opts, counts, [1] * world, None)
+        route_group(*args)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            route_group(*args)
+        out[policy] = 1e3 * (time.perf_counter() - t0) / 5
+    return out
+
+
 def measure(args) -> dict:
     import torch.distributed as dist
 
@@ -157,6 +181,10 @@ def measure(args) -> dict:
         "iters": args.iters,
         "rows": rows,
     }
+    if rank == 0:
+        result["route_profile_ms"] = profile_route(
+            rows[0]["tokens"], args.experts, args.top_k, world
+        )
     dist.barrier()
     dist.destroy_process_group()
     return result if rank == 0 else {}
@@ -207,8 +235,8 @@ def table(result: dict) -> str:
     world = result["world"]
     head = (
         f"{'gamma':>5} {'policy':<13} {'lat ms':>7} {'compute ms/rank':>17} {'comm ms/rank':>15} "
-        f"{'max/mean':>9} {'dropped':>7} {'added':>6} {'model':>6} {'rank-model':>10} "
-        f"{'measured':>8} {'meas/model':>10}"
+        f"{'route ms':>8} {'max/mean':>9} {'dropped':>7} {'added':>6} {'model':>6} "
+        f"{'rank-model':>10} {'measured':>8} {'/rank-model':>11} {'/model':>7}"
     )
     lines = [head]
     for r in result["rows"]:
@@ -216,13 +244,33 @@ def table(result: dict) -> str:
         comm = "/".join(f"{1e3 * c:.0f}" for c in r["comm_s"])
         lines.append(
             f"{_label(r['gamma']):>5} {r['policy']:<13} {1e3 * r['latency_s']:>7.1f} {comp:>17} "
-            f"{comm:>15} {r['max_mean_before']:>4.2f}>{r['max_mean_after']:<4.2f} "
+            f"{comm:>15} {1e3 * r['route_s']:>8.1f} "
+            f"{r['max_mean_before']:>4.2f}>{r['max_mean_after']:<4.2f} "
             f"{r['dropped']:>7} {r['added']:>6} {r['modeled_speedup']:>6.2f} "
             f"{r['modeled_rank_speedup']:>10.2f} {r['measured_speedup']:>8.2f} "
-            f"{r['measured_speedup'] / r['modeled_speedup']:>10.2f}"
+            f"{r['measured_speedup'] / r['modeled_rank_speedup']:>11.2f} "
+            f"{r['measured_speedup'] / r['modeled_speedup']:>7.2f}"
         )
-    lines.append(f"({world} ranks; compute/comm per rank, rank 0 first; medians of iterations)")
+    lines.append(
+        f"({world} ranks, dispatch={result.get('dispatch', 'opaque')}; compute/comm per rank, "
+        "rank 0 first; route: the policy on the group's rows (max over ranks); medians of "
+        "iterations; /rank-model and /model: measured speedup over the rank-level and the "
+        "expert-level modeled speedup)"
+    )
+    lines.append(BOUND_NOTE.format(n=world))
     return "\n".join(lines)
+
+
+#: Why measured / expert-level modeled speedup cannot reach 0.8 with few ranks.
+BOUND_NOTE = (
+    "bound: with N={n} ranks and capacity C = gamma*T*k/E, a rank's rows after capacity are at "
+    "most (E/N)*C = gamma*T*k/N and at most T*k before, so the rank-level speedup (the latency "
+    "of ranks whose time is proportional to their rows) is at most N/gamma ({n}x at gamma=1), "
+    "while the expert-level modeled speedup max_load_before/max_load_after equals max/mean >= 3 "
+    "on this skew at gamma=1. measured / expert-level >= 0.8 would need each rank's latency to "
+    "track its single most loaded expert (N >= E: one expert per rank); with N={n} the "
+    "achievable target is measured / rank-level."
+)
 
 
 def sim_table(result: dict, ns: list[int]) -> tuple[str, dict]:
@@ -242,8 +290,8 @@ def sim_table(result: dict, ns: list[int]) -> tuple[str, dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
@@ -268,6 +316,10 @@ def main(argv=None) -> int:
     if not result:  # not rank 0
         return 0
     print(table(result))
+    print(
+        f"route profile (policy alone, T={result['rows'][0]['tokens']}, 1 thread): "
+        + ", ".join(f"{p} {v:.1f} ms" for p, v in result["route_profile_ms"].items())
+    )
     ns = args.simulate or [8, 16, 64]
     text, sims = sim_table(result, [result["world"], *ns])
     print(text)
@@ -290,7 +342,17 @@ def main(argv=None) -> int:
         "policy": "score",
         "measured_speedup": bar["measured_speedup"],
         "modeled_speedup": bar["modeled_speedup"],
+        "modeled_rank_speedup": bar["modeled_rank_speedup"],
+        # both ratios, the expert-level one (the issue's bar) is not hidden: see BOUND_NOTE
         "ratio": bar["measured_speedup"] / bar["modeled_speedup"],
+        "ratio_expert_level": bar["measured_speedup"] / bar["modeled_speedup"],
+        "ratio_rank_level": bar["measured_speedup"] / bar["modeled_rank_speedup"],
+        "rank_level_bound_n_over_gamma": result["world"] / 1.0,
+        "bound_note": BOUND_NOTE.format(n=result["world"]),
+        "route_s": bar["route_s"],
+        "compute_s": bar["compute_s"],
+        "comm_s": bar["comm_s"],
+        "latency_s": bar["latency_s"],
         "sim_8_rank_score_g1": next(
             s["speedup"] for s in sims[8] if s["gamma"] == 1.0 and s["policy"] == "score"
         ),

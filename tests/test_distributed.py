@@ -11,6 +11,7 @@ import copy
 import datetime
 import math
 import os
+import re
 import socket
 import time
 
@@ -134,6 +135,104 @@ def _w_equal_single_device(rank, world, sizes, seq, policies, gammas, backend="c
                     if gamma < 1 and rank == 0:
                         full_off = _split(ref(x_all), rank, sizes)
                         assert not torch.allclose(got, full_off)  # capacity did something
+
+
+def _w_static(rank, world, sizes, seq, policies, gammas, backend="capmoe", check_code=False):
+    """The static functional-collective path (compiled per configuration) == single device on
+    all rows, for every policy; with Inductor, the output code holds functional collectives."""
+    from capmoe_compile.distributed import functional
+    from capmoe_compile.distributed.ep import _EP_LAYERS
+
+    block, model = _block()
+    ref = copy.deepcopy(block)
+    expert_parallel(block)
+    ep_layer = _EP_LAYERS[block.experts._capmoe_ep_key]
+    x_all = _hidden(model, sum(sizes), seq)
+    x = _split(x_all, rank, sizes)
+    single = torch.compile(ref, backend=passes_only, dynamic=False)
+    with torch.no_grad():
+        for gamma in gammas:
+            for policy in policies:
+                with config.patch(capacity_factor=gamma, policy=policy, min_tokens=2):
+                    torch._dynamo.reset()
+                    ep = torch.compile(block, backend=backend, dynamic=False)
+                    if check_code:
+                        from torch._inductor.utils import run_and_get_code
+
+                        got, codes = run_and_get_code(ep, x)
+                        code = "\n".join(codes)
+                        ops_in = sorted(set(re.findall(r"_c10d_functional\.\w+", code)))
+                        # two all-to-alls (dispatch, combine), two all-gathers (header, routing)
+                        assert code.count("_c10d_functional.all_to_all_single.default(") == 2, (
+                            ops_in
+                        )
+                        assert code.count("_c10d_functional.all_gather_into_tensor") >= 2, ops_in
+                        assert "_c10d_functional.wait_tensor" in code, ops_in
+                        assert "capmoe.ep_moe" not in code
+                    else:
+                        got = ep(x)
+                    assert ep_layer.compiled_as == "static", ep_layer.compiled_as
+                    if policy == "expanded_drop":  # rank-local experts: equal to the opaque op
+                        ep_layer.dispatch = "opaque"
+                        torch._dynamo.reset()
+                        want = torch.compile(block, backend=passes_only, dynamic=False)(x)
+                        assert ep_layer.compiled_as.startswith("opaque")
+                        ep_layer.dispatch = "auto"
+                        torch._dynamo.reset()
+                        ep = torch.compile(block, backend=backend, dynamic=False)
+                        got = ep(x)
+                        assert ep_layer.compiled_as == "static", ep_layer.compiled_as
+                    else:
+                        want = _split(single(x_all), rank, sizes)
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=policy)
+                    if gamma < 1 and rank == 0 and policy != "expanded_drop":
+                        full_off = _split(ref(x_all), rank, sizes)
+                        assert not torch.allclose(got, full_off)  # capacity did something
+                    # a changed option is an error on every rank, not a stale C
+                    with config.patch(capacity_factor=gamma * 2):
+                        with pytest.raises(RuntimeError, match="static all-to-all"):
+                            ep(x)
+    # the opaque op stays where the static path cannot apply (capacity off at compile time)
+    torch._dynamo.reset()
+    ep = torch.compile(block, backend=passes_only, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ep(x), _split(ref(x_all), rank, sizes), atol=1e-5, rtol=1e-4)
+    assert ep_layer.compiled_as.startswith("opaque"), ep_layer.compiled_as
+    assert functional.plans()
+
+
+def _w_static_zero_tokens(rank, world):
+    """A rank with zero tokens: the static layer function run as the graph would."""
+    from capmoe_compile import ops
+    from capmoe_compile.distributed import functional
+    from capmoe_compile.distributed.ep import _EP_LAYERS
+    from capmoe_compile.passes import resolve_layer
+
+    block, model = _block()
+    ref = copy.deepcopy(block)
+    expert_parallel(block)
+    key = block.experts._capmoe_ep_key
+    form = _EP_LAYERS[key].form.to_str()
+    x_all = _hidden(model, 2, 8).reshape(-1, H)
+    x = x_all if rank == 0 else x_all[:0]
+    single = torch.compile(ref, backend=passes_only, dynamic=False)
+    params = [block.experts.gate_up_proj, block.experts.down_proj]
+    for policy in ("score", "expanded_drop", "reroute"):
+        torch._dynamo.reset()  # the reference's width changes with expanded_drop
+        with torch.no_grad(), config.patch(capacity_factor=0.5, policy=policy):
+            logits, W, ids = block.gate(x)
+            handle = ops.LayerHandle("gate", E, K, {}, params, [], resolve_layer)
+            layer = ops.register_layer(handle)
+            opts = handle.options()
+            plan = functional.make_plan(layer, key, x.shape[0], K, opts, form)
+            assert isinstance(plan, functional.StaticPlan), plan
+            pid = len(functional._PLANS) - 1
+            got = functional.ep_moe_static(x, logits.softmax(-1), ids, W, params, pid)
+            if rank == 0:
+                want = single(x_all.view(2, 8, H)).reshape(-1, H)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=policy)
+            else:
+                assert got.shape == (0, H)
 
 
 def _oracle_expanded(P, ids, W, rank_of_row, n_local, C):
@@ -291,6 +390,16 @@ SCENARIOS = {
     ),
     "expanded_drop": (_w_expanded_drop, ([2, 2], 8)),
     "zero_tokens": (_w_zero_tokens, ()),
+    "static_every_policy": (
+        _w_static,
+        ([2, 2], 8, ["score", "order", "reverse", "random", "reroute"], [0.5], passes_only),
+    ),
+    "static_uneven": (
+        _w_static,
+        ([3, 1], 8, ["score", "random", "expanded_drop", "reroute"], [0.5, 1.0], passes_only),
+    ),
+    "static_inductor": (_w_static, ([2, 2], 8, ["score", "expanded_drop"], [0.5], "capmoe", True)),
+    "static_zero_tokens": (_w_static_zero_tokens, ()),
     "mismatch": (_w_mismatch, ()),  # last: both ranks raise, the group stays usable
 }
 
@@ -347,6 +456,22 @@ def test_ep_expanded_drop_uses_rank_local_experts(suite):
 
 def test_ep_rank_with_zero_tokens(suite):
     _check(suite, "zero_tokens")
+
+
+def test_static_functional_path_every_policy(suite):
+    _check(suite, "static_every_policy")
+
+
+def test_static_functional_path_uneven_tokens(suite):
+    _check(suite, "static_uneven")
+
+
+def test_static_functional_path_inductor_sees_collectives(suite):
+    _check(suite, "static_inductor")
+
+
+def test_static_functional_path_rank_with_zero_tokens(suite):
+    _check(suite, "static_zero_tokens")
 
 
 def test_mismatched_config_is_an_error_on_every_rank(suite):

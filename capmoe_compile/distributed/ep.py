@@ -57,6 +57,8 @@ class EPLayer:
     info: EPInfo
     form: ExpertForm
     module: torch.nn.Module
+    dispatch: str = "auto"  # "auto": static functional collectives where they apply
+    compiled_as: str = ""  # what the passes chose last: "static" or "opaque: <why>"
 
 
 #: Every EP layer, indexed by the ``key`` the ops carry.
@@ -112,7 +114,12 @@ def _verify_form(experts: torch.nn.Module, params: list[torch.Tensor], E: int) -
     )
 
 
-def expert_parallel(model: torch.nn.Module, group=None) -> torch.nn.Module:
+DISPATCHES = ("auto", "opaque")
+
+
+def expert_parallel(
+    model: torch.nn.Module, group=None, *, dispatch: str = "auto"
+) -> torch.nn.Module:
     """Shard every MoE layer's routed experts of ``model`` across ``group``, in place.
 
     Rank ``r`` of ``W`` keeps experts ``[r*E/W, (r+1)*E/W)`` (``E % W == 0`` is required);
@@ -121,8 +128,17 @@ def expert_parallel(model: torch.nn.Module, group=None) -> torch.nn.Module:
     ``backend="capmoe"``, route with capacity over the whole group's tokens. Every rank must
     call this on the same model, in the same order, and then run the same forward passes
     (each on its own tokens). Returns ``model``.
+
+    ``dispatch``: ``"auto"`` (default) compiles a layer whose options at compile time have
+    capacity on (batch scope, no padding mask) into static-shaped functional collectives in the
+    graph (``functional.py``); such a graph bakes ``C`` and the ranks' token counts in and
+    raises if they change (recompile with ``torch._dynamo.reset()``). ``"opaque"`` always uses
+    the ``capmoe::ep_moe`` op (data-dependent splits; options resolved at every call).
     """
     from .. import zoo
+
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"expert_parallel: dispatch={dispatch!r}, expected one of {DISPATCHES}")
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("expert_parallel needs torch.distributed.init_process_group first")
@@ -157,7 +173,7 @@ def expert_parallel(model: torch.nn.Module, group=None) -> torch.nn.Module:
         for _, p in named:
             p.data = p.data[info.first_expert : info.first_expert + info.num_local].clone()
         key = len(_EP_LAYERS)
-        _EP_LAYERS.append(EPLayer(layer.path, info, form, experts))
+        _EP_LAYERS.append(EPLayer(layer.path, info, form, experts, dispatch))
         experts._capmoe_ep = info
         experts._capmoe_ep_key = key
         experts._capmoe_ep_params = tuple(n for n, _ in named)
@@ -567,6 +583,43 @@ def _ep_moe_fake(x, probs, ids, weights, layer, key, num_sequences, mask, params
 
 # ---------------------------------------------------------------------------------------------
 # hooks for the passes (capmoe_compile/passes/moe_layers.py)
+
+
+def rewrite_layer(graph, epn, probs, ids, weights, layer: int, num_seq, mask):
+    """Insert the EP layer into ``graph`` in place of its expert region; returns the new output
+    node. Static functional collectives where they apply (``functional.py``), else the opaque
+    ``capmoe::ep_moe`` op. Called by the passes while compiling: a collective (every rank
+    compiles the same graph at the same call)."""
+    from .. import ops
+    from . import functional
+
+    x, _, _, params, form_str, key = epn.args
+    ep = _EP_LAYERS[key]
+    opts = ops._LAYERS[layer].options()
+    xv = x.meta.get("example_value")
+    iv = ids.meta.get("example_value") if hasattr(ids, "meta") else None
+    why = "dispatch='opaque'" if ep.dispatch == "opaque" else ""
+    if not why:
+        mask_used = mask is not None and opts["exclude_padding"]
+        if xv is None or iv is None:
+            why = "no example shapes"
+        else:
+            why = functional.why_not_static(opts, mask_used, xv.dtype, ep.form)
+    plan = None
+    if not why:
+        got = functional.make_plan(layer, key, int(xv.shape[0]), int(iv.shape[1]), opts, form_str)
+        if isinstance(got, str):
+            why = got
+        else:
+            plan = len(functional._PLANS) - 1
+    if plan is not None:
+        ep.compiled_as = "static"
+        return graph.call_function(
+            functional.ep_moe_static, (x, probs, ids, weights, list(params), plan)
+        )
+    ep.compiled_as = f"opaque: {why}"
+    args = (x, probs, ids, weights, layer, key, num_seq, mask, list(params), form_str)
+    return graph.call_function(ep_moe_op._opoverload, args)
 
 
 def ep_node(expert_nodes) -> torch.fx.Node | None:

@@ -586,11 +586,10 @@ def _rewrite(
         # 0 sequences: the [B, S] structure is unknown (capacity_scope="sequence" refuses).
         num_seq = 0 if seq is None else graph.call_method("size", (seq, 0))
         if epn is not None:  # capmoe EP hook: group routing + all-to-all (distributed/ep.py)
-            from ..distributed.ep import ep_moe_op
+            from ..distributed.ep import rewrite_layer
 
-            x, _, _, params, form_str, key = epn.args
-            args = (x, probs, region.ids, region.weights, layer, key, num_seq, mask)
-            new_out = graph.call_function(ep_moe_op._opoverload, (*args, list(params), form_str))
+            args = (probs, region.ids, region.weights, layer, num_seq, mask)
+            new_out = rewrite_layer(graph, epn, *args)
             out.replace_all_uses_with(new_out)
             for n in reversed(region.removable):
                 if not n.users:
