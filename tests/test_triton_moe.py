@@ -136,7 +136,12 @@ def make_inputs(ids: torch.Tensor, E: int, H: int, dtype, gen, wdtype=None):
 
 
 def _tol(dtype):
-    return dict(rtol=1e-4, atol=1e-4) if dtype == F32 else dict(rtol=2e-2, atol=3e-2)
+    # bf16: the reference rounds every intermediate to bf16, the kernels round h and y once
+    if dtype == F32:
+        return dict(rtol=1e-4, atol=1e-4)
+    if dtype == torch.float16:
+        return dict(rtol=5e-3, atol=5e-3)
+    return dict(rtol=2e-2, atol=3e-2)
 
 
 def check(x, ids, w, params, form, what=""):
@@ -231,6 +236,17 @@ def test_all_dropped(form_name, dtype):
         assert (got == 0).all()
 
 
+def test_empty_batch_and_dtype_mismatch():
+    form = FORMS["swiglu_fused"]
+    params = make_params(form, 4, 32, 48, F32, _gen("empty"))
+    x = torch.empty(0, 32, device=DEV)
+    ids = torch.empty(0, 2, dtype=torch.long, device=DEV)
+    got = moe_experts_triton(x, ids, torch.empty(0, 2, device=DEV), params, form)
+    assert got.shape == (0, 32)
+    with pytest.raises(TypeError, match="dtype"):
+        moe_experts_triton(x.to(BF16), ids, torch.empty(0, 2, device=DEV), params, form)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_no_drops_and_duplicates(dtype):
     """No sentinel at all, and the same expert twice in one token (two separate pairs)."""
@@ -245,6 +261,15 @@ def test_no_drops_and_duplicates(dtype):
         dup = ids.clone()
         dup[:, -1] = dup[:, 0]
         check(x, dup, w, params, form, f"dup T={T}")
+
+
+def test_fp16():
+    form = FORMS["swiglu_fused"]
+    gen = _gen("fp16")
+    params = make_params(form, 8, 32, 48, torch.float16, gen)
+    ids = random_ids(40, 8, 2, gen)
+    x, w = make_inputs(ids, 8, 32, torch.float16, gen)
+    check(x, ids, w, params, form)
 
 
 def test_bf16_with_fp32_weights():

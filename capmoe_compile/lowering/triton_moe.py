@@ -56,7 +56,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # the target card (per dtype and shape class) before trusting the GPU numbers.
 #
 # The shape class depends only on static sizes (N = T * k' pairs over E experts), never on the
-# routing, so picking a config adds no host synchronisation.
+# routing, so picking a config adds no host synchronisation. Under dynamic shapes it guards on
+# the class: a compiled graph is reused within a class and recompiled across classes.
 # ---------------------------------------------------------------------------------------------
 
 CONFIGS: dict[str, dict[str, int]] = {
@@ -403,6 +404,8 @@ def _impl(
     k_slots = ids.shape[1]
     E = params[0].shape[0]
     N = T * k_slots
+    if N == 0:
+        return x.new_zeros(T, H)
     cfg = pick_config(N, E)
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -503,6 +506,9 @@ def moe_experts_triton(
     """
     if triton_moe_experts is None:
         raise RuntimeError("moe_experts_triton needs triton")
+    if any(p.dtype != x.dtype for p in params):
+        # tl.dot wants both operands of one dtype; casting the experts per call would copy them
+        raise TypeError(f"expert parameters must have the hidden states' dtype {x.dtype}")
     s = form if isinstance(form, str) else form.to_str()
     return triton_moe_experts(x, ids, weights, list(params), s)
 
