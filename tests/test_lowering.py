@@ -29,7 +29,7 @@ import torch
 import torch._dynamo.testing
 
 from capmoe_compile.experts import ExpertForm, moe_experts_reference
-from capmoe_compile.lowering import grouped
+from capmoe_compile.lowering import cpu_experts, grouped
 from capmoe_compile.lowering.grouped import moe_experts_grouped
 from capmoe_compile.routing import POLICIES, route_reference
 
@@ -186,29 +186,39 @@ def _hw(E):
 # eager fast path
 # ---------------------------------------------------------------------------------------------
 
+# Both implementations behind moe_experts_grouped: on CPU it calls capmoe::experts_cpu (the
+# per-expert loop, lowering/cpu_experts.py); the traced grouped-GEMM path (what other devices
+# get) is checked here on CPU too.
+IMPLS = {"cpu_op": moe_experts_grouped, "traced": grouped.moe_experts_traced}
+
+
+@pytest.fixture(params=list(IMPLS))
+def impl(request):
+    return IMPLS[request.param]
+
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("form_name", list(FORMS))
 @pytest.mark.parametrize("E,k", EK, ids=[f"E{E}k{k}" for E, k in EK])
-def test_eager_shapes(form_name, E, k, dtype):
+def test_eager_shapes(form_name, E, k, dtype, impl):
     form = FORMS[form_name]
     H, F = _hw(E)
     for T in TS:
         x, ids, w, params = make_case(form, T, E, k, dtype, H, F)
-        check(moe_experts_grouped, x, ids, w, params, form, E, f"T={T}")
+        check(impl, x, ids, w, params, form, E, f"T={T}")
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-def test_eager_large_T(dtype):
+def test_eager_large_T(dtype, impl):
     """T=4096 (the issue's upper end), kept cheap with a small layer."""
     form = FORMS["swiglu_fused"]
     x, ids, w, params = make_case(form, 4096, 64, 8, dtype, H=16, F=16)
-    check(moe_experts_grouped, x, ids, w, params, form, 64)
+    check(impl, x, ids, w, params, form, 64)
 
 
 @pytest.mark.parametrize("form_name", list(FORMS))
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-def test_eager_all_dropped(form_name, dtype):
+def test_eager_all_dropped(form_name, dtype, impl):
     """Every pair dropped (including T=1): the output is exactly zero, no GEMM row is read."""
     form = FORMS[form_name]
     for T, E, k in ((1, 4, 2), (5, 8, 1), (64, 16, 4)):
@@ -217,12 +227,12 @@ def test_eager_all_dropped(form_name, dtype):
         ids = torch.full((T, k), E)
         x = torch.full((T, 32), NAN, dtype=dtype)
         w = torch.full((T, k), NAN, dtype=dtype)
-        got = moe_experts_grouped(x, ids, w, params, form)
+        got = impl(x, ids, w, params, form)
         assert (got == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-def test_eager_no_drops_and_duplicates(dtype):
+def test_eager_no_drops_and_duplicates(dtype, impl):
     """No sentinel at all (every GEMM row written), and repeated experts within a token."""
     form = FORMS["swiglu_fused"]
     for T, E, k in ((1, 4, 4), (7, 4, 4), (64, 8, 8), (300, 16, 2)):
@@ -230,18 +240,18 @@ def test_eager_no_drops_and_duplicates(dtype):
         ids[T // 2] = torch.arange(k) % E  # make_case's all-dropped row, refilled
         w = w.nan_to_num(0.5)
         x = x.nan_to_num(1.0)
-        check(moe_experts_grouped, x, ids, w, params, form, E, f"T={T}")
+        check(impl, x, ids, w, params, form, E, f"T={T}")
         dup = ids.clone()
         dup[:, -1] = dup[:, 0]
-        check(moe_experts_grouped, x, dup, w, params, form, E, f"dup T={T}")
+        check(impl, x, dup, w, params, form, E, f"dup T={T}")
 
 
-def test_eager_bf16_with_fp32_weights():
+def test_eager_bf16_with_fp32_weights(impl):
     """Mixtral-style routers give fp32 gate weights next to bf16 hidden states and experts."""
     for form_name in FORMS:
         form = FORMS[form_name]
         x, ids, w, params = make_case(form, 64, 8, 2, BF16, wdtype=F32)
-        check(moe_experts_grouped, x, ids, w, params, form, 8, form_name)
+        check(impl, x, ids, w, params, form, 8, form_name)
 
 
 def test_form_given_as_string():
@@ -253,18 +263,18 @@ def test_form_given_as_string():
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-def test_eager_unaligned_sizes(dtype):
+def test_eager_unaligned_sizes(dtype, impl):
     """H and F that are not multiples of 16 bytes (torch._grouped_mm's stride rule)."""
     form = FORMS["swiglu_fused"]
     for H, F in ((12, 20), (6, 10), (100, 36)):
         x, ids, w, params = make_case(form, 7, 4, 2, dtype, H=H, F=F)
-        check(moe_experts_grouped, x, ids, w, params, form, 4, f"H={H} F={F}")
+        check(impl, x, ids, w, params, form, 4, f"H={H} F={F}")
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("gamma", [0.5, 1.0])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-def test_eager_policy_ids(policy, gamma, dtype):
+def test_eager_policy_ids(policy, gamma, dtype, impl):
     """ids/weights exactly as every capacity policy emits them (expanded_drop: k' columns)."""
     for T, E, k in ((2, 4, 2), (64, 8, 2), (300, 16, 4), (300, 64, 8), (7, 128, 1)):
         gen = _gen("policy", policy, gamma, T, E, k, str(dtype))
@@ -275,7 +285,7 @@ def test_eager_policy_ids(policy, gamma, dtype):
         params = make_params(form, E, H, F, dtype, gen)
         x = poison_dropped_tokens(torch.randn(T, H, generator=gen).to(dtype), ids, E)
         w = w.masked_fill(ids == E, NAN)
-        check(moe_experts_grouped, x, ids, w, params, form, E, f"T={T} E={E} k={k}")
+        check(impl, x, ids, w, params, form, E, f"T={T} E={E} k={k}")
 
 
 def test_policy_ids_do_drop():
@@ -295,6 +305,75 @@ def test_grouped_mm_op():
     torch.library.opcheck(grouped.grouped_mm, (a, b, offs))
     ref = torch.cat([a[:3] @ b[0], a[3:] @ b[2]])
     torch.testing.assert_close(grouped.grouped_mm(a, b, offs), ref)
+
+
+def test_experts_cpu_op():
+    """capmoe::experts_cpu: schema, fake kernel, with and without a batch-invariant tile."""
+    form = FORMS["swiglu_fused"]
+    x, ids, w, params = make_case(form, 7, 4, 2, F32, H=16, F=8, drop=0.0)
+    x, w = x.nan_to_num(1.0), w.nan_to_num(0.5)
+    args = (x, ids, w, params, form.to_str())
+    torch.library.opcheck(cpu_experts.experts_cpu, args)
+    torch.library.opcheck(cpu_experts.experts_cpu, (*args, torch.tensor(4)))
+
+
+# Group sizes around the op's switches: 1..6 rows (torch.mm as rows @ W), 7..256 (computed
+# transposed, W^T @ rows^T), > 256 (rows @ W again, cut into chunks), an empty expert.
+CPU_SIZES = (1, 6, 7, 0, 31, 256, 257, 700)
+
+
+def _sized_case(form, sizes, dtype, H, F, seed=0, drop=37):
+    """k=1 ids giving expert e exactly sizes[e] rows (shuffled), plus ``drop`` sentinel rows
+    whose hidden states and weights are NaN."""
+    E = len(sizes)
+    gen = _gen("sized", form, sizes, str(dtype), H, F, seed)
+    flat = torch.cat([torch.full((n,), e) for e, n in enumerate(sizes)] + [torch.full((drop,), E)])
+    ids = flat[torch.randperm(flat.numel(), generator=gen)][:, None]
+    params = make_params(form, E, H, F, dtype, gen)
+    x = poison_dropped_tokens(torch.randn(ids.shape[0], H, generator=gen).to(dtype), ids, E)
+    w = random_weights(ids, E, dtype, gen)
+    return x, ids, w, params
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form_name", list(FORMS))
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["chunks_default", "chunks_small"])
+def test_cpu_group_sizes_and_chunks(form_name, dtype, chunk_bytes, monkeypatch):
+    """Every code path of the CPU op by group size, and experts cut into many chunks (every
+    row of every chunk written, weighted and combined exactly once)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(cpu_experts, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(cpu_experts, "MIN_CHUNK_ROWS", 97)  # 700 -> 8 chunks of 87-88
+    form = FORMS[form_name]
+    x, ids, w, params = _sized_case(form, CPU_SIZES, dtype, H=32, F=24)
+    check(moe_experts_grouped, x, ids, w, params, form, len(CPU_SIZES))
+    n = ids.numel() // 8 * 8
+    for k_ids in (ids[:n].reshape(-1, 2), ids[:n].reshape(-1, 8)):
+        # the same pairs as k = 2 and k = 8 tokens (duplicates within a token included)
+        k_x = poison_dropped_tokens(torch.randn(k_ids.shape[0], 32).to(dtype), k_ids, 8)
+        k_w = random_weights(k_ids, 8, dtype, _gen("kw", k_ids.shape))
+        check(moe_experts_grouped, k_x, k_ids, k_w, params, form, 8, f"k={k_ids.shape[1]}")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_cpu_tiles_batch_invariant(form_name, dtype):
+    """tile > 0: the reference's tiled semantics, and every token's output bit-for-bit the same
+    whatever else is in the batch (each group's size changes; the tile does not)."""
+    form = FORMS[form_name]
+    E = len(CPU_SIZES)
+    x, ids, w, params = _sized_case(form, CPU_SIZES, dtype, H=32, F=24)
+    # Tiles of 1 or a multiple of 16 rows (TILE is 64): ATen's vectorised elementwise loops
+    # finish a contiguous tensor's last < 16 elements with scalar code, so with other tiles a
+    # row's activation bits would depend on its position in the tile (the reference's too).
+    for tile in (1, 16, 64):
+        t = torch.tensor(tile)
+        ref = moe_experts_reference(x, ids, w.nan_to_num(0.0), params, form, tile)
+        got = check(lambda *a, t=t: moe_experts_grouped(*a, t), x, ids, w, params, form, E)
+        torch.testing.assert_close(got.float(), ref.float(), **_tol(dtype))
+        for sub in (slice(0, 1), slice(5, 200), slice(100, None)):
+            part = moe_experts_grouped(x[sub], ids[sub], w[sub], params, form, t)
+            assert torch.equal(part, got[sub]), f"tile={tile} rows {sub}: batch-dependent bits"
 
 
 def test_supports():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..experts import ACTIVATIONS, ExpertForm
+from .cpu_experts import experts_cpu
 from .invariant import tiled_grouped_mm
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -62,6 +63,12 @@ def _gemm(h: torch.Tensor, w: torch.Tensor, transposed: bool, offs: torch.Tensor
     return grouped_mm(h, w if transposed else w.transpose(-2, -1), offs, tile)
 
 
+@torch.compiler.assume_constant_result
+def _form_str(form: ExpertForm) -> str:
+    # a frozen dataclass: Dynamo takes the string as a constant instead of tracing json.dumps
+    return form.to_str()
+
+
 def moe_experts_grouped(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -74,7 +81,27 @@ def moe_experts_grouped(
 
     ``form`` may be given as its string (how the backend passes it through an FX graph).
     ``tile``: see :func:`grouped_mm` (``None``: the fastest GEMM).
+
+    On CPU: ``capmoe::experts_cpu`` (``lowering/cpu_experts.py``), measured faster than the
+    traced path below at every benchmark shape. Elsewhere: :func:`moe_experts_traced`.
     """
+    if x.device.type == "cpu":
+        f_str = form if isinstance(form, str) else _form_str(form)
+        return experts_cpu(x, ids, weights, params, f_str, tile)
+    return moe_experts_traced(x, ids, weights, params, form, tile)
+
+
+def moe_experts_traced(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    params: list[torch.Tensor],
+    form: ExpertForm | str,
+    tile: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`moe_experts_grouped` as traced torch code: the sort, the gather into expert order,
+    ``capmoe::grouped_mm`` per projection, the activation and the gather combine, which
+    AOTAutograd traces into aten ops for Inductor to fuse (module docstring)."""
     f = ExpertForm.from_str(form) if isinstance(form, str) else form
     p = dict(zip(f.roles, params, strict=True))
     E = params[0].shape[0]

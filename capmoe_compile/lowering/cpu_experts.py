@@ -1,0 +1,194 @@
+"""The experts of an MoE layer on CPU: one opaque op, a loop of per-expert GEMMs on the host.
+
+``capmoe::experts_cpu(x, ids, weights, params, form, tile)`` computes SPEC.md's
+``out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` (sentinel id ``E`` and any id
+``>= E`` skipped) exactly as ``experts.moe_experts_reference`` structures it: experts in
+order ``0..E-1``, each one's rows gathered, run through the expert, weighted in fp32 and added
+into an fp32 ``[T, H]`` output. What makes it the fast CPU path (measured in
+``benchmarks/moe_layer.py``; the numbers are in the commit messages):
+
+- Only kept rows are touched: ``sum(counts[:E])`` rows are gathered, multiplied, activated and
+  combined; dropped pairs (and ``expanded_drop``'s ``T*E``-wide id matrix) cost one sort and a
+  count, nothing per hidden element.
+- Intermediates stay small: an expert's rows go through in chunks whose widest intermediate
+  (``[rows, 2F]``) is at most ``CHUNK_BYTES`` (30 MiB). glibc serves allocations above its mmap threshold
+  (at most 32 MiB) with fresh ``mmap``s that page-fault on every call: the traced grouped path's
+  ``[T*k, 2F]`` fp32 buffer is 64 MiB at the prefill shape and cost ~20% of the gate/up GEMM.
+- The activation is fused in place: ``act_(gate) *= up`` on the gate/up GEMM's output, and the
+  down GEMM reads that strided view directly (no ``[rows, F]`` copy).
+- One ``torch.mm`` per expert and projection on a contiguous slab of rows (the large-``M``
+  kernels, ~95% of the measured peak at ``M >= 1024``); ``torch._grouped_mm``'s CPU kernel is
+  the same loop of mm (measured equal), so nothing is lost by looping here.
+- Groups of 7..256 rows (decode, capacity-trimmed and cold experts) are computed transposed,
+  ``W^T @ rows^T``: MKL's fp32 GEMM with few rows against a large transposed weight packs the
+  weight on every call and runs at about half the weight bandwidth (12 rows of a 4096 x 1024
+  weight: 1.0 ms as ``rows @ W^T``, 0.66 ms as ``W @ rows^T``).
+
+The counts are read on the host (``.tolist()``): a synchronisation that is free on CPU and, inside
+an opaque custom op, invisible to the compiled graph (static shapes, no graph break). Inductor
+calls the op as an extern kernel; the router, the capacity selection and everything around the
+layer stay in Inductor's generated code.
+
+``tile > 0`` (batch-invariant arithmetic, ``lowering/invariant.py``): every expert's rows go
+through the whole expert in zero-filled tiles of exactly ``tile`` rows, as
+``experts.moe_experts_reference(..., tile)`` does, so a row's result does not depend on how
+many rows share its expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..experts import ACTIVATIONS, ExpertForm
+
+#: Upper bound on one chunk's widest intermediate ([rows, 2F] of the gate/up GEMM). Well under
+#: glibc's largest dynamic mmap threshold (32 MiB), so the buffers come from the heap.
+CHUNK_BYTES = 30 << 20
+#: Fewest rows per chunk (the GEMM's efficiency falls off below a few hundred rows).
+MIN_CHUNK_ROWS = 256
+
+
+def _act_(name: str, g: torch.Tensor) -> torch.Tensor:
+    """``ACTIVATIONS[name](g)``, in place where torch has an in-place kernel."""
+    if name == "silu":
+        return F.silu(g, inplace=True)
+    if name == "relu":
+        return g.relu_()
+    if name == "gelu":
+        return torch.ops.aten.gelu_(g)
+    if name == "gelu_tanh":
+        return torch.ops.aten.gelu_(g, approximate="tanh")
+    return ACTIVATIONS[name](g)
+
+
+def _w(p: dict[str, torch.Tensor], f: ExpertForm, role: str, e: int) -> torch.Tensor:
+    """Expert ``e``'s weight of ``role`` as ``[in, out]`` (a view)."""
+    w = p[role][e]
+    return w if role in f.transposed else w.t()
+
+
+def _lin(h: torch.Tensor, p, f: ExpertForm, role: str, e: int, out: torch.Tensor | None = None):
+    """``h @ W + b``: rows ``h`` [n, in] -> [n, out]."""
+    w = _w(p, f, role, e)
+    y = torch.mm(h, w) if out is None else torch.mm(h, w, out=out)
+    b = p.get("b_" + role)
+    return y if b is None else y.add_(b[e])
+
+
+def _lin_t(h_t: torch.Tensor, p, f: ExpertForm, role: str, e: int):
+    """The same product transposed, ``W^T @ h^T + b``: ``h_t`` [in, n] -> [out, n]."""
+    y = torch.mm(_w(p, f, role, e).t(), h_t)
+    b = p.get("b_" + role)
+    return y if b is None else y.add_(b[e][:, None])
+
+
+def _expert(h: torch.Tensor, p, f: ExpertForm, e: int, gu_buf: torch.Tensor | None):
+    """Expert ``e`` on rows ``h`` [n, H] -> [n, H] in ``h``'s dtype (the math of
+    ``ExpertForm.apply``, with the activation and the gating product in place)."""
+    n = h.shape[0]
+    if "gate_up" in f.roles:
+        gu = _lin(h, p, f, "gate_up", e, None if gu_buf is None else gu_buf[:n])
+        a, b = gu.chunk(2, dim=-1)
+        g, u = (a, b) if f.gate_first else (b, a)
+        inner = _act_(f.act, g).mul_(u)
+    elif "gate" in f.roles:
+        inner = _act_(f.act, _lin(h, p, f, "gate", e)).mul_(_lin(h, p, f, "up", e))
+    else:
+        inner = _act_(f.act, _lin(h, p, f, "up", e))
+    return _lin(inner, p, f, "down", e)
+
+
+def _expert_t(h: torch.Tensor, p, f: ExpertForm, e: int):
+    """:func:`_expert` computed transposed (``W^T @ h^T``, the weight as the GEMM's left
+    operand): MKL's fp32 GEMM with a few rows (``TRANSPOSED_ROWS``) and a large transposed
+    right operand is up to 2x slower than this form (benchmarks: 12 rows 1.0 ms vs 0.66 ms
+    for a 4096 x 1024 weight). The same arithmetic per element; returns a [n, H] view."""
+    h_t = h.t()
+    if "gate_up" in f.roles:
+        a, b = _lin_t(h_t, p, f, "gate_up", e).chunk(2, dim=0)
+        g, u = (a, b) if f.gate_first else (b, a)
+        inner = _act_(f.act, g).mul_(u)
+    elif "gate" in f.roles:
+        inner = _act_(f.act, _lin_t(h_t, p, f, "gate", e)).mul_(_lin_t(h_t, p, f, "up", e))
+    else:
+        inner = _act_(f.act, _lin_t(h_t, p, f, "up", e))
+    return _lin_t(inner, p, f, "down", e).t()
+
+
+#: Group sizes computed by :func:`_expert_t` (measured: faster from 7 rows, equal from ~512).
+TRANSPOSED_ROWS = range(7, 257)
+
+
+def _chunk_rows(f: ExpertForm, params: dict[str, torch.Tensor], elem: int) -> int:
+    role = "gate_up" if "gate_up" in f.roles else ("gate" if "gate" in f.roles else "up")
+    w = params[role]
+    width = w.shape[-1] if role in f.transposed else w.shape[-2]
+    if "gate" in f.roles:
+        width *= 2  # gate and up results live together
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(1, width * elem))
+
+
+@torch.library.custom_op("capmoe::experts_cpu", mutates_args=())
+def experts_cpu(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    params: list[torch.Tensor],
+    form: str,
+    tile: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` on CPU (module docstring)."""
+    f = ExpertForm.from_str(form)
+    p = dict(zip(f.roles, params, strict=True))
+    E = params[0].shape[0]
+    T, k = ids.shape
+    H = x.shape[-1]
+    t = 0 if tile is None else int(tile)
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    if T == 0 or k == 0:
+        return out.to(x.dtype)
+    flat = ids.reshape(-1)
+    # ids >= E (the sentinel) count in the last bin and sort after every kept pair.
+    counts = torch.bincount(flat.clamp(0, E), minlength=E + 1)[:E].tolist()
+    if sum(counts) == 0:
+        return out.to(x.dtype)
+    order = torch.argsort(flat, stable=True)
+    tok_all = torch.div(order, k, rounding_mode="floor")
+    w_all = weights.reshape(-1)
+    if t > 0:
+        rows_per = t
+    else:
+        rows_per = _chunk_rows(f, p, x.element_size())
+    gu_buf = None  # one [rows, 2F] buffer for every chunk of every expert
+    if "gate_up" in f.roles:
+        rows = t if t > 0 else min(rows_per, max(counts))
+        gu_buf = x.new_empty(rows, _w(p, f, "gate_up", 0).shape[-1])
+    pad = x.new_zeros(t, H) if t > 0 else None
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        n_chunks = -(-c // rows_per)
+        size = rows_per if t > 0 else -(-c // n_chunks)  # balanced chunks on the fast path
+        for s in range(start, start + c, size):
+            n = min(size, start + c - s)
+            tok = tok_all[s : s + n]
+            if t > 0:
+                # fixed [t, H] input, zero-filled past the group's rows (lowering/invariant.py)
+                pad.zero_()
+                torch.index_select(x, 0, tok, out=pad[:n])
+                y = _expert(pad, p, f, e, gu_buf)[:n]
+            elif n in TRANSPOSED_ROWS:
+                y = _expert_t(x.index_select(0, tok), p, f, e)
+            else:
+                y = _expert(x.index_select(0, tok), p, f, e, gu_buf)
+            wts = w_all[order[s : s + n]].to(torch.float32)[:, None]
+            out.index_add_(0, tok, y.to(torch.float32).mul_(wts))
+        start += c
+    return out.to(x.dtype)
+
+
+@experts_cpu.register_fake
+def _experts_cpu_fake(x, ids, weights, params, form, tile=None):
+    return torch.empty_like(x)
