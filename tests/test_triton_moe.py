@@ -136,7 +136,10 @@ def make_inputs(ids: torch.Tensor, E: int, H: int, dtype, gen, wdtype=None):
 
 
 def _tol(dtype):
-    # bf16: the reference rounds every intermediate to bf16, the kernels round h and y once
+    # bf16: the reference rounds every intermediate to bf16, the kernels round h and y once.
+    # Triton's interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest), so here
+    # the kernels' bf16 error is about twice the reference's; the worst case seen was 0.65 of
+    # this tolerance.
     if dtype == F32:
         return dict(rtol=1e-4, atol=1e-4)
     if dtype == torch.float16:
