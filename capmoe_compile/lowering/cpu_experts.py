@@ -84,8 +84,7 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     concurrent calls), grown on demand, at most ``SCRATCH_MAX_BYTES`` per slot;
     :func:`clear_scratch` frees them."""
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if nbytes > SCRATCH_MAX_BYTES:
+    if numel * dtype.itemsize > SCRATCH_MAX_BYTES:
         buf = torch.empty(shape, dtype=dtype)
     else:
         bufs = _tls.__dict__.setdefault("bufs", {})
@@ -94,11 +93,7 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
             flat = torch.empty(numel, dtype=dtype)
             bufs[(slot, dtype)] = flat
         buf = flat[:numel].view(shape)
-    if (
-        dtype.is_floating_point
-        and torch.are_deterministic_algorithms_enabled()
-        and torch.utils.deterministic.fill_uninitialized_memory
-    ):
+    if _tls.poison and dtype.is_floating_point:
         buf.fill_(float("nan"))
     return buf
 
@@ -193,6 +188,11 @@ def experts_cpu(
     T, k = ids.shape
     H = x.shape[-1]
     t = 0 if tile is None else int(tile)
+    # the tests' poison mode (torch.empty fills with NaN): scratch is NaN-filled the same way
+    _tls.poison = (
+        torch.are_deterministic_algorithms_enabled()
+        and torch.utils.deterministic.fill_uninitialized_memory
+    )
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     if T == 0 or k == 0:
         return out.to(x.dtype)
