@@ -186,10 +186,22 @@ def _hw(E):
 # eager fast path
 # ---------------------------------------------------------------------------------------------
 
-# Both implementations behind moe_experts_grouped: on CPU it calls capmoe::experts_cpu (the
-# per-expert loop, lowering/cpu_experts.py); the traced grouped-GEMM path (what other devices
-# get) is checked here on CPU too.
-IMPLS = {"cpu_op": moe_experts_grouped, "traced": grouped.moe_experts_traced}
+
+# Both implementations behind moe_experts_grouped, each checked on CPU: capmoe::experts_cpu
+# (the per-expert loop, lowering/cpu_experts.py: CPU layers of at least CPU_OP_MIN_WEIGHTS) and
+# the traced grouped-GEMM path (smaller CPU layers, other devices); and the dispatch itself.
+def cpu_op(x, ids, w, params, form, tile=None):
+    """capmoe::experts_cpu called directly (moe_experts_grouped only picks it for layers of at
+    least grouped.CPU_OP_MIN_WEIGHTS expert weights; the cases here are smaller)."""
+    f = form if isinstance(form, str) else form.to_str()
+    return cpu_experts.experts_cpu(x, ids, w, params, f, tile)
+
+
+IMPLS = {
+    "dispatch": moe_experts_grouped,
+    "cpu_op": cpu_op,
+    "traced": grouped.moe_experts_traced,
+}
 
 
 @pytest.fixture(params=list(IMPLS))
@@ -338,21 +350,24 @@ def _sized_case(form, sizes, dtype, H, F, seed=0, drop=37):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("form_name", list(FORMS))
 @pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["chunks_default", "chunks_small"])
-def test_cpu_group_sizes_and_chunks(form_name, dtype, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "rows"])
+def test_cpu_group_sizes_and_chunks(form_name, dtype, chunk_bytes, transposed, monkeypatch):
     """Every code path of the CPU op by group size, and experts cut into many chunks (every
     row of every chunk written, weighted and combined exactly once)."""
+    # the transposed form is used for 7..256-row groups of layers with H * F >= 2 Mi only
+    monkeypatch.setattr(cpu_experts, "TRANSPOSED_MIN_HF", 0 if transposed else 1 << 62)
     if chunk_bytes is not None:
         monkeypatch.setattr(cpu_experts, "CHUNK_BYTES", chunk_bytes)
         monkeypatch.setattr(cpu_experts, "MIN_CHUNK_ROWS", 97)  # 700 -> 8 chunks of 87-88
     form = FORMS[form_name]
     x, ids, w, params = _sized_case(form, CPU_SIZES, dtype, H=32, F=24)
-    check(moe_experts_grouped, x, ids, w, params, form, len(CPU_SIZES))
+    check(cpu_op, x, ids, w, params, form, len(CPU_SIZES))
     n = ids.numel() // 8 * 8
     for k_ids in (ids[:n].reshape(-1, 2), ids[:n].reshape(-1, 8)):
         # the same pairs as k = 2 and k = 8 tokens (duplicates within a token included)
         k_x = poison_dropped_tokens(torch.randn(k_ids.shape[0], 32).to(dtype), k_ids, 8)
         k_w = random_weights(k_ids, 8, dtype, _gen("kw", k_ids.shape))
-        check(moe_experts_grouped, k_x, k_ids, k_w, params, form, 8, f"k={k_ids.shape[1]}")
+        check(cpu_op, k_x, k_ids, k_w, params, form, 8, f"k={k_ids.shape[1]}")
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
@@ -369,10 +384,10 @@ def test_cpu_tiles_batch_invariant(form_name, dtype):
     for tile in (1, 16, 64):
         t = torch.tensor(tile)
         ref = moe_experts_reference(x, ids, w.nan_to_num(0.0), params, form, tile)
-        got = check(lambda *a, t=t: moe_experts_grouped(*a, t), x, ids, w, params, form, E)
+        got = check(lambda *a, t=t: cpu_op(*a, t), x, ids, w, params, form, E)
         torch.testing.assert_close(got.float(), ref.float(), **_tol(dtype))
         for sub in (slice(0, 1), slice(5, 200), slice(100, None)):
-            part = moe_experts_grouped(x[sub], ids[sub], w[sub], params, form, t)
+            part = cpu_op(x[sub], ids[sub], w[sub], params, form, t)
             assert torch.equal(part, got[sub]), f"tile={tile} rows {sub}: batch-dependent bits"
 
 
@@ -481,3 +496,35 @@ def test_compiled_bf16(form_name):
     params = make_params(form, 16, 32, 48, BF16, gen)
     x = poison_dropped_tokens(torch.randn(300, 32, generator=gen).to(BF16), ids, 16)
     check(fn, x, ids, w.masked_fill(ids == 16, NAN), params, form, 16, "score 0.5, fp32 w")
+
+
+def test_dispatch_by_layer_size():
+    """moe_experts_grouped picks capmoe::experts_cpu for large CPU layers, and the op path
+    compiles (fullgraph, dynamic T) into an extern call that matches the reference."""
+    form = FORMS["swiglu_fused"]
+    E, H, F = 8, 512, 512  # 8 * 3 * 512 * 512 = 6 Mi expert weights
+    gen = _gen("dispatch", E, H, F)
+    params = make_params(form, E, H, F, F32, gen)
+    assert sum(p.numel() for p in params) >= grouped.CPU_OP_MIN_WEIGHTS
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    def layer(x, ids, w, params):
+        return moe_experts_grouped(x, ids, w, params, form)
+
+    fn = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
+    for T, k in ((7, 2), (64, 2), (300, 4)):
+        ids = random_ids(T, E, k, gen)
+        x = poison_dropped_tokens(torch.randn(T, H, generator=gen), ids, E)
+        w = random_weights(ids, E, F32, gen)
+        check(lambda *a: fn(*a[:4]), x, ids, w, params, form, E, f"compiled T={T}")
+        check(moe_experts_grouped, x, ids, w, params, form, E, f"eager T={T}")
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes]
+    assert any("experts_cpu" in t for t in targets), targets
+    assert not any("grouped_mm" in t for t in targets), targets
+    assert len(graphs) <= 2  # T = 7 / 64 / 300 share one dynamic graph (k = 4 may add one)

@@ -19,7 +19,8 @@ into an fp32 ``[T, H]`` output. What makes it the fast CPU path (measured in
 - One ``torch.mm`` per expert and projection on a contiguous slab of rows (the large-``M``
   kernels, ~95% of the measured peak at ``M >= 1024``); ``torch._grouped_mm``'s CPU kernel is
   the same loop of mm (measured equal), so nothing is lost by looping here.
-- Groups of 7..256 rows (decode, capacity-trimmed and cold experts) are computed transposed,
+- Groups of 7..256 rows (decode, capacity-trimmed and cold experts) of layers with
+  ``H * F >= 2 Mi`` are computed transposed,
   ``W^T @ rows^T``: MKL's fp32 GEMM with few rows against a large transposed weight packs the
   weight on every call and runs at about half the weight bandwidth (12 rows of a 4096 x 1024
   weight: 1.0 ms as ``rows @ W^T``, 0.66 ms as ``W @ rows^T``).
@@ -159,8 +160,11 @@ def _expert_t(h: torch.Tensor, p, f: ExpertForm, e: int) -> torch.Tensor:
     return _lin_t(inner, p, f, "down", e).t()
 
 
-#: Group sizes computed by :func:`_expert_t` (measured: faster from 7 rows, equal from ~512).
+#: Group sizes computed by :func:`_expert_t` (measured: faster from 7 rows, equal from ~512),
+#: in layers with H * F >= TRANSPOSED_MIN_HF: with smaller weights MKL's packing is cheap and
+#: the transposed form is slower (H=512, F=1024, 64-row groups: 14.2 ms vs 10.8 ms a call).
 TRANSPOSED_ROWS = range(7, 257)
+TRANSPOSED_MIN_HF = 1 << 21
 
 
 def _chunk_rows(f: ExpertForm, params: dict[str, torch.Tensor], elem: int) -> int:
@@ -208,6 +212,7 @@ def experts_cpu(
         rows_per = t
     else:
         rows_per = _chunk_rows(f, p, x.element_size())
+    big = p["down"][0].numel() >= TRANSPOSED_MIN_HF
     start = 0
     for e, c in enumerate(counts):
         if c == 0:
@@ -224,7 +229,7 @@ def experts_cpu(
                 y = _expert(rows, p, f, e)[:n]
             else:
                 rows = torch.index_select(x, 0, tok, out=_scratch("x", (n, H), x.dtype))
-                y = (_expert_t if n in TRANSPOSED_ROWS else _expert)(rows, p, f, e)
+                y = (_expert_t if big and n in TRANSPOSED_ROWS else _expert)(rows, p, f, e)
             if y.dtype != torch.float32:
                 y = _scratch("y32", (n, H), torch.float32).copy_(y)
             wts = w_all[order[s : s + n]].to(torch.float32)[:, None]

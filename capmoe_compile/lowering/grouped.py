@@ -21,6 +21,9 @@ from .cpu_experts import experts_cpu
 from .invariant import tiled_grouped_mm
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+#: Expert weight elements (all experts, all projections) from which CPU layers use
+#: ``capmoe::experts_cpu`` (see :func:`moe_experts_grouped`): 4 Mi, e.g. E=8, H=512, F=512.
+CPU_OP_MIN_WEIGHTS = 1 << 22
 
 
 def supports(form: ExpertForm, dtype: torch.dtype) -> bool:
@@ -82,10 +85,14 @@ def moe_experts_grouped(
     ``form`` may be given as its string (how the backend passes it through an FX graph).
     ``tile``: see :func:`grouped_mm` (``None``: the fastest GEMM).
 
-    On CPU: ``capmoe::experts_cpu`` (``lowering/cpu_experts.py``), measured faster than the
-    traced path below at every benchmark shape. Elsewhere: :func:`moe_experts_traced`.
+    On CPU, layers with at least ``CPU_OP_MIN_WEIGHTS`` expert weight elements (a static
+    property of the parameters, decided at trace time) run ``capmoe::experts_cpu``
+    (``lowering/cpu_experts.py``): 1.1-1.4x faster than the traced path at the benchmark's
+    shapes. Smaller layers, and other devices, run :func:`moe_experts_traced`: there the op's
+    fixed cost per call and per expert (host loop, ~0.3-0.5 ms) outweighs the GEMMs (measured:
+    H=256, F=512, E=8, T=256: 3.1 ms traced vs 3.6 ms op; ``benchmarks.ci``'s timing block).
     """
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and sum(p.numel() for p in params) >= CPU_OP_MIN_WEIGHTS:
         f_str = form if isinstance(form, str) else _form_str(form)
         return experts_cpu(x, ids, weights, params, f_str, tile)
     return moe_experts_traced(x, ids, weights, params, form, tile)
