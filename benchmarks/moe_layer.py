@@ -26,6 +26,8 @@ Rows, per shape and dtype, measured in one run and interleaved round-robin, medi
 - ``capmoe_expanded``: compiled with ``capacity_factor=1.0, policy="expanded_drop"``;
 - ``capmoe_*@F16``: capmoe on a copy of the layer with the same router and F=16: its time is
   routing + capacity + dispatch + combine (the expert GEMMs are ~free), the overhead part;
+  compiled with the same lowering as the full layer (``capmoe::experts_cpu`` on CPU, forced:
+  the copy's weights are below ``grouped.CPU_OP_MIN_WEIGHTS``);
 - ``gemm_peak`` (a large ``torch.mm``) and ``copy_bw`` (a large copy): the measured peak and
   bandwidth the floors use.
 
@@ -41,6 +43,7 @@ best case).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import time
@@ -50,6 +53,7 @@ import torch
 
 import capmoe_compile
 from capmoe_compile import zoo
+from capmoe_compile.lowering import grouped
 
 from .common import (
     Floor,
@@ -159,6 +163,22 @@ def prefill_input(x: torch.Tensor, T: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _same_lowering(row: str):
+    """The overhead rows (``@F16``) must run the lowering the full layer runs: their weights are
+    below ``grouped.CPU_OP_MIN_WEIGHTS``, so the CPU op is forced while they compile (the
+    choice is made when AOTAutograd traces the graph, on the first call)."""
+    if "@F" not in row:
+        yield
+        return
+    saved = grouped.CPU_OP_MIN_WEIGHTS
+    grouped.CPU_OP_MIN_WEIGHTS = 0
+    try:
+        yield
+    finally:
+        grouped.CPU_OP_MIN_WEIGHTS = saved
+
+
 def _patched(fn, opts):
     def run(x):
         with capmoe_compile.config.patch(**opts):
@@ -224,7 +244,8 @@ def run_shape(name, cfg, T, dtype, rows, x, reps, gemm_n, copy_bytes, compile_s)
         # first calls: compile (static shape) and check against transformers' own output
         for r, fn in rows.items():
             t0 = time.perf_counter()
-            fn(x)
+            with _same_lowering(r):
+                fn(x)
             if r not in EAGER_ROWS:
                 compile_s.setdefault(name, {})[r] = time.perf_counter() - t0
         ref = rows["hf_grouped_mm"](x).float()
@@ -439,7 +460,7 @@ def print_bars(bs: list[dict], quick: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def profile_rows(block, x, n: int = 3, top: int = 20) -> dict[str, list[dict]]:
+def profile_rows(block, x, n: int = 3, top: int = 20, tiny: bool = False) -> dict[str, list[dict]]:
     """torch.profiler of capmoe off and score on ``x``: the top ops by self CPU time.
 
     A separate compile with Inductor's C++ kernel profiling on, so its fused kernels show up by
@@ -448,7 +469,10 @@ def profile_rows(block, x, n: int = 3, top: int = 20) -> dict[str, list[dict]]:
     from torch.profiler import ProfilerActivity, profile
 
     torch._dynamo.reset()
-    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+    with (
+        torch._inductor.config.patch({"cpp.enable_kernel_profile": True}),
+        _same_lowering("@F" if tiny else ""),
+    ):
         fn = torch.compile(block, backend="capmoe", dynamic=False)
         with torch.no_grad():
             fn(x)
@@ -572,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict:
                     profiles[f"{s} {dname}"] = profile_rows(block, x)
                     if not args.no_overhead:
                         print(f"\n(F={TINY_F} copy: routing + capacity + dispatch + combine)")
-                        profiles[f"{s} {dname} @F{TINY_F}"] = profile_rows(tiny, x)
+                        profiles[f"{s} {dname} @F{TINY_F}"] = profile_rows(tiny, x, tiny=True)
             del model, block, tiny_model, tiny, rows
             torch._dynamo.reset()
 
