@@ -1,11 +1,16 @@
-"""Dispatch + experts + combine as plain torch code that Inductor compiles and fuses.
+"""The expert half of a rewritten MoE layer: dispatch, expert GEMMs, activation, combine.
 
-The backend inserts :func:`moe_experts_grouped` into the graph as a ``call_function``, so
-AOTAutograd traces it into aten ops and Inductor sees the whole layer: the sort into expert
-order, the gather of token rows, ``torch._grouped_mm`` for the expert GEMMs (one call per
-projection, no host synchronisation: group offsets stay on the device), the activation, the
-routing-weight multiply and the combine (a gather back into token order), fused where
-Inductor can.
+:func:`moe_experts_grouped` is what the backend inserts into the graph. It picks, at trace
+time, from static properties (device, dtype, weight size):
+
+- CPU layers with large expert weights: ``capmoe::experts_cpu`` (``lowering/cpu_experts.py``),
+  an opaque op that loops ``torch.mm`` over the kept rows of each expert;
+- CUDA: ``capmoe::triton_moe_experts`` (``lowering/triton_moe.py``), hand-written Triton
+  kernels with the activation and the routing-weight multiply fused into the GEMM epilogues;
+- everything else: :func:`moe_experts_traced`, plain torch code that AOTAutograd traces into
+  aten ops for Inductor: the sort into expert order, the gather of token rows,
+  ``torch._grouped_mm`` per projection (group offsets stay on the device), the activation,
+  the routing-weight multiply and the combine (a gather back into token order).
 
 Dropped pairs (sentinel id ``E``) sort after every real pair and fall outside the last group
 offset, so they cost no GEMM time. ``_grouped_mm`` leaves those rows unwritten: they are
@@ -95,6 +100,14 @@ def moe_experts_grouped(
     if x.device.type == "cpu" and sum(p.numel() for p in params) >= CPU_OP_MIN_WEIGHTS:
         f_str = form if isinstance(form, str) else _form_str(form)
         return experts_cpu(x, ids, weights, params, f_str, tile)
+    if x.is_cuda:
+        from . import triton_moe  # imports triton: only where it can run
+
+        f = ExpertForm.from_str(form) if isinstance(form, str) else form
+        if triton_moe.supports(f, x.dtype, x.device) and all(p.dtype == x.dtype for p in params):
+            # The hand-written fused kernels (lowering/triton_moe.py). Never timed on a GPU
+            # here (none was lent), and ``tile`` is not read: no batch invariance on CUDA yet.
+            return triton_moe.moe_experts_triton(x, ids, weights, params, f)
     return moe_experts_traced(x, ids, weights, params, form, tile)
 
 

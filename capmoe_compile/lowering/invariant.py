@@ -11,7 +11,7 @@ into tiles of exactly ``tile`` rows (the last one zero-filled), every tile is co
 same buffer and multiplied by one ``torch.mm`` of one shape, ``[tile, K] @ [K, N]``. Every row
 then goes through the same kernel, with the same data layout, whatever its group's size, and
 its result depends only on itself and the weights. The cost is the padding of each group's
-last tile and losing the large-``M`` kernels: ``benchmarks/moe_layer.py`` has no row for it;
+last tile and losing the large-``M`` kernels (``python -m benchmarks.batch_invariance``);
 ``tests/test_serving.py`` shows the property end to end.
 
 The routing half of batch invariance is ``capacity_scope="sequence"`` (SPEC.md); this module
@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 
 # Rows per tile. One fixed value: a tile size chosen by shape would bring the shape dependence
-# back. 64 rows keep fp32 GEMMs on this CPU at ~0.7x of one large mm (tests/ measure nothing:
-# see the module docstring) while a decode step's groups of a few rows pad to one tile each.
+# back. A multiple of 16 (or 1): ATen's vectorised elementwise loops finish a tensor's tail in
+# scalar code, so with other tiles an activation's bits could depend on a row's position in
+# its tile. 64 measured fastest at prefill among 16/32/64 (python -m benchmarks.batch_invariance --tile N).
 TILE = 64
 
 
