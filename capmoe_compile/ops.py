@@ -6,6 +6,8 @@ needs the output width, so the op traces with symbolic ``T``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .routing import output_width, route_reference, route_with_options
@@ -181,7 +183,20 @@ def route_layer(
         )
     if telemetry.is_recording():
         telemetry.record(h.name, ids, out_ids, h.num_experts, opts, valid, max(num_sequences, 1))
-    return out_ids, out_w, torch.tensor(gemm_tile(opts), dtype=torch.int64)
+    tile = gemm_tile(opts)
+    if tile and probs.device.type != "cpu" and h.name not in _WARNED_TILES:
+        _WARNED_TILES.add(h.name)
+        warnings.warn(
+            f"capmoe: layer {h.name} asks for batch-invariant expert arithmetic "
+            f"(capacity_scope='sequence' or batch_invariant=True), which is CPU-only so far: on "
+            f"{probs.device.type} its routing is per sequence but its outputs can still differ "
+            "in the last bits between batchings",
+            stacklevel=2,
+        )
+    return out_ids, out_w, torch.tensor(tile, dtype=torch.int64)
+
+
+_WARNED_TILES: set[str] = set()
 
 
 def gemm_tile(opts: dict) -> int:
