@@ -27,6 +27,7 @@ class ExplainReport:
                 f"{r.name:<32} {r.num_experts:>4} {r.top_k:>3} {r.router:<26} {r.dispatch:<11} "
                 f"{r.experts:<16} {r.tokens if r.tokens is not None else '-':>6} {cap:>6}"
             )
+        lines += [f"  {r.name}: experts run by {r.lowering}" for r in self.layers if r.lowering]
         if self.unmatched:
             lines.append(f"left as written ({len(self.unmatched)}):")
             lines += [f"  {r.name}: {r.reason}" for r in self.unmatched]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import capmoe_compile as cc
@@ -38,3 +39,19 @@ def test_eager_experts_implementation_is_left_as_written():
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "hidden, ffn, dtype, lowering",
+    [
+        (64, 128, torch.float32, "traced grouped_mm"),  # small layer: the traced path
+        (512, 1024, torch.float32, "capmoe::experts_cpu"),  # >= CPU_OP_MIN_WEIGHTS
+        (64, 128, torch.float16, "reference (no fast path for torch.float16"),
+    ],
+)
+def test_explain_says_what_runs_the_experts(hidden, ffn, dtype, lowering):
+    model = zoo.build("mixtral", hidden=hidden, ffn=ffn, seed=0).to(dtype)
+    report = cc.explain(model, capacity_factor=1.0)(zoo.random_input_ids(model, 2, 8))
+    assert len(report.layers) == 2
+    assert all(r.lowering.startswith(lowering) for r in report.layers), report
+    assert f"experts run by {lowering}" in str(report)

@@ -585,6 +585,11 @@ def _ep_moe_fake(x, probs, ids, weights, layer, key, num_sequences, mask, params
 # hooks for the passes (capmoe_compile/passes/moe_layers.py)
 
 
+def compiled_as(epn) -> str:
+    """What :func:`rewrite_layer` chose for the layer of ``epn``: "static" or "opaque: <why>"."""
+    return _EP_LAYERS[epn.args[5]].compiled_as
+
+
 def rewrite_layer(graph, epn, probs, ids, weights, layer: int, num_seq, mask):
     """Insert the EP layer into ``graph`` in place of its expert region; returns the new output
     node. Static functional collectives where they apply (``functional.py``), else the opaque

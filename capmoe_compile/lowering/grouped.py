@@ -97,18 +97,35 @@ def moe_experts_grouped(
     fixed cost per call and per expert (host loop, ~0.3-0.5 ms) outweighs the GEMMs (measured:
     H=256, F=512, E=8, T=256: 3.1 ms traced vs 3.6 ms op; ``benchmarks.ci``'s timing block).
     """
-    if x.device.type == "cpu" and sum(p.numel() for p in params) >= CPU_OP_MIN_WEIGHTS:
+    f = ExpertForm.from_str(form) if isinstance(form, str) else form
+    path = describe(x, params, f)
+    if path == CPU_OP:
         f_str = form if isinstance(form, str) else _form_str(form)
         return experts_cpu(x, ids, weights, params, f_str, tile)
+    if path == TRITON_OP:
+        from . import triton_moe
+
+        # The hand-written fused kernels (lowering/triton_moe.py). Never timed on a GPU here
+        # (none was lent), and ``tile`` is not read: no batch invariance on CUDA yet.
+        return triton_moe.moe_experts_triton(x, ids, weights, params, f)
+    return moe_experts_traced(x, ids, weights, params, f, tile)
+
+
+CPU_OP, TRITON_OP, TRACED = "capmoe::experts_cpu", "capmoe::triton_moe_experts", "traced grouped_mm"
+
+
+def describe(x: torch.Tensor, params: list[torch.Tensor], form: ExpertForm) -> str:
+    """Which path :func:`moe_experts_grouped` takes for these (example) tensors: decided at
+    trace time from static properties (device, dtype, weight size); also what ``explain`` says."""
+    if x.device.type == "cpu" and sum(p.numel() for p in params) >= CPU_OP_MIN_WEIGHTS:
+        return CPU_OP
     if x.is_cuda:
         from . import triton_moe  # imports triton: only where it can run
 
-        f = ExpertForm.from_str(form) if isinstance(form, str) else form
-        if triton_moe.supports(f, x.dtype, x.device) and all(p.dtype == x.dtype for p in params):
-            # The hand-written fused kernels (lowering/triton_moe.py). Never timed on a GPU
-            # here (none was lent), and ``tile`` is not read: no batch invariance on CUDA yet.
-            return triton_moe.moe_experts_triton(x, ids, weights, params, f)
-    return moe_experts_traced(x, ids, weights, params, form, tile)
+        same_dtype = all(p.dtype == x.dtype for p in params)
+        if same_dtype and triton_moe.supports(form, x.dtype, x.device):
+            return TRITON_OP
+    return TRACED
 
 
 def moe_experts_traced(

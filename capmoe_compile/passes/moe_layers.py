@@ -49,6 +49,7 @@ class LayerReport:
     tokens: int | None = None
     capacity: int | None = None
     padding: str = ""  # how padding rows are treated, or why they cannot be excluded
+    lowering: str = ""  # what runs the experts (see _rewrite), or the EP form and why
     options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -511,7 +512,7 @@ def rewrite_moe_layers(
         touched.update(region.removable)
         touched.update(region.expert_nodes)
         layer = ops.register_layer(handle)
-        _rewrite(graph, region, form, layer, handle.width(opts), seq, mask)
+        rep.lowering = _rewrite(graph, region, form, layer, handle.width(opts), seq, mask)
         reports.append(rep)
     routers.strip_declared(graph)
     _erase_dead(graph, touched)
@@ -574,7 +575,8 @@ def _rewrite(
     width: int,
     seq: fx.Node | None,
     mask: fx.Node | None,
-):
+) -> str:
+    """Replace the layer's expert region; returns what now runs it, for ``explain``."""
     out = region.out
     epn = _ep_node(region.expert_nodes)  # capmoe EP hook
     with graph.inserting_before(out):
@@ -586,6 +588,7 @@ def _rewrite(
         # 0 sequences: the [B, S] structure is unknown (capacity_scope="sequence" refuses).
         num_seq = 0 if seq is None else graph.call_method("size", (seq, 0))
         if epn is not None:  # capmoe EP hook: group routing + all-to-all (distributed/ep.py)
+            from ..distributed.ep import compiled_as as ep_compiled_as
             from ..distributed.ep import rewrite_layer
 
             args = (probs, region.ids, region.weights, layer, num_seq, mask)
@@ -594,7 +597,7 @@ def _rewrite(
             for n in reversed(region.removable):
                 if not n.users:
                     graph.erase_node(n)
-            return
+            return "expert parallel, " + ep_compiled_as(epn)
         routed = graph.call_function(
             ops.route_layer._opoverload,
             (probs, region.ids, region.weights, layer, width, num_seq, mask, region.params[0]),
@@ -605,8 +608,10 @@ def _rewrite(
         dtype = _val(region.x).dtype
         if grouped.supports(form, dtype) and all(_val(p).dtype == dtype for p in region.params):
             fast = grouped.moe_experts_grouped  # traced by AOTAutograd: Inductor fuses it
+            lowering = grouped.describe(_val(region.x), [_val(p) for p in region.params], form)
         else:
             fast = experts_mod.moe_experts_op._opoverload  # the eager reference, opaque
+            lowering = f"reference (no fast path for {dtype} {'stacked' if form.stacked else 'per-expert'} experts)"
         args = (region.x, ids, w, list(region.params), form.to_str(), tile)
         new_out = graph.call_function(fast, args)
         if _val(out).dtype != _val(region.x).dtype:
@@ -615,3 +620,4 @@ def _rewrite(
     for n in reversed(region.removable):
         if not n.users:
             graph.erase_node(n)
+    return lowering
