@@ -21,12 +21,12 @@ whose pairs are all dropped must come out exactly 0.
 from __future__ import annotations
 
 import itertools
-import math
-import zlib
 
 import pytest
 import torch
 import torch._dynamo.testing
+from expert_cases import FORMS, NAN, make_params, random_ids
+from expert_cases import gen as _gen
 
 from capmoe_compile.experts import ExpertForm, moe_experts_reference
 from capmoe_compile.lowering import cpu_experts, grouped
@@ -34,20 +34,7 @@ from capmoe_compile.lowering.grouped import moe_experts_grouped
 from capmoe_compile.routing import POLICIES, route_reference
 
 F32, BF16 = torch.float32, torch.bfloat16
-NAN = float("nan")
 
-FORMS = {
-    # transformers' layout: gate_up [E, 2F, H] (gate half first), down [E, H, F]
-    "swiglu_fused": ExpertForm(("gate_up", "down"), "silu"),
-    # Mixtral v0 / DeepSeek style separate projections
-    "swiglu_separate": ExpertForm(("gate", "up", "down"), "silu"),
-    # Switch / GPT-2 style plain MLP with biases
-    "gelu_bias": ExpertForm(("up", "b_up", "down", "b_down"), "gelu"),
-    # [in, out] storage (GPT-OSS style), up half first
-    "transposed": ExpertForm(
-        ("gate_up", "down"), "silu", transposed=("gate_up", "down"), gate_first=False
-    ),
-}
 
 EK = [(E, k) for E in (4, 8, 16, 64, 128) for k in (1, 2, 4, 8) if k <= E]
 TS = (1, 2, 7, 64, 300)
@@ -85,41 +72,6 @@ def _poison_and_limits():
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
-
-
-def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def make_params(form: ExpertForm, E: int, H: int, F: int, dtype, gen) -> list[torch.Tensor]:
-    """Random expert parameters of ``form``, scaled so every activation is O(1)."""
-    shapes = {  # nn.Linear storage [out, in]
-        "gate_up": (2 * F, H),
-        "gate": (F, H),
-        "up": (F, H),
-        "down": (H, F),
-    }
-    params = []
-    for role in form.roles:
-        if role.startswith("b_"):
-            out = shapes[role[2:]][0]
-            params.append(0.1 * torch.randn(E, out, generator=gen))
-            continue
-        out, inp = shapes[role]
-        w = torch.randn(E, out, inp, generator=gen) / math.sqrt(inp)
-        params.append(w.transpose(1, 2).contiguous() if role in form.transposed else w)
-    return [p.to(dtype) for p in params]
-
-
-def random_ids(T: int, E: int, k: int, gen, drop: float = 0.3) -> torch.Tensor:
-    """Distinct experts per token (as a top-k gives), a fraction ``drop`` of the pairs
-    replaced by the sentinel ``E``, and (for T >= 2) one token with every pair dropped."""
-    ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices
-    dropped = torch.rand(T, k, generator=gen) < drop
-    ids = ids.masked_fill(dropped, E)
-    if T >= 2:
-        ids[T // 2] = E
-    return ids
 
 
 def random_weights(ids: torch.Tensor, E: int, dtype, gen) -> torch.Tensor:

@@ -29,13 +29,14 @@ the launch prep (the torch part of the op, which Inductor does trace on GPU) is 
 
 from __future__ import annotations
 
-import math
-import zlib
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+import expert_cases  # noqa: E402
+from expert_cases import NAN, random_ids  # noqa: E402
+from expert_cases import gen as _gen  # noqa: E402
 
 from capmoe_compile.experts import ExpertForm, moe_experts_reference  # noqa: E402
 from capmoe_compile.lowering import triton_moe  # noqa: E402
@@ -44,7 +45,6 @@ from capmoe_compile.routing import POLICIES, route_reference  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F32, BF16 = torch.float32, torch.bfloat16
-NAN = float("nan")
 
 if DEV.type == "cpu" and not triton_moe.interpreted():
     raise RuntimeError(
@@ -53,16 +53,7 @@ if DEV.type == "cpu" and not triton_moe.interpreted():
     )
 
 FORMS = {
-    # transformers' layout: gate_up [E, 2F, H] (gate half first), down [E, H, F]
-    "swiglu_fused": ExpertForm(("gate_up", "down"), "silu"),
-    # separate gate / up projections
-    "swiglu_separate": ExpertForm(("gate", "up", "down"), "silu"),
-    # plain MLP with biases (Switch / GPT-2 style)
-    "gelu_bias": ExpertForm(("up", "b_up", "down", "b_down"), "gelu"),
-    # [in, out] storage, up half first (GPT-OSS style)
-    "transposed": ExpertForm(
-        ("gate_up", "down"), "silu", transposed=("gate_up", "down"), gate_first=False
-    ),
+    **expert_cases.FORMS,
     # separate gated projections with biases, tanh GELU, one transposed weight
     "geglu_tanh_bias": ExpertForm(
         ("gate", "up", "b_gate", "b_up", "down", "b_down"), "gelu_tanh", transposed=("down",)
@@ -96,32 +87,8 @@ def _poison():
 # ---------------------------------------------------------------------------------------------
 
 
-def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
 def make_params(form: ExpertForm, E: int, H: int, F: int, dtype, gen) -> list[torch.Tensor]:
-    """Random expert parameters of ``form`` (activations O(1))."""
-    shapes = {"gate_up": (2 * F, H), "gate": (F, H), "up": (F, H), "down": (H, F)}
-    params = []
-    for role in form.roles:
-        if role.startswith("b_"):
-            params.append(0.1 * torch.randn(E, shapes[role[2:]][0], generator=gen))
-            continue
-        out, inp = shapes[role]
-        w = torch.randn(E, out, inp, generator=gen) / math.sqrt(inp)
-        params.append(w.transpose(1, 2).contiguous() if role in form.transposed else w)
-    return [p.to(dtype).to(DEV) for p in params]
-
-
-def random_ids(T: int, E: int, k: int, gen, drop: float = 0.3) -> torch.Tensor:
-    """Distinct experts per token, a fraction of the pairs dropped (sentinel ``E``), and (for
-    T >= 2) one token with every pair dropped."""
-    ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices
-    ids = ids.masked_fill(torch.rand(T, k, generator=gen) < drop, E)
-    if T >= 2:
-        ids[T // 2] = E
-    return ids
+    return [p.to(DEV) for p in expert_cases.make_params(form, E, H, F, dtype, gen)]
 
 
 def make_inputs(ids: torch.Tensor, E: int, H: int, dtype, gen, wdtype=None):
