@@ -13,16 +13,14 @@ that are bit-identical across batchings (tests/test_serving.py).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 
 import torch
 
 from capmoe_compile.experts import ExpertForm
 from capmoe_compile.lowering.grouped import moe_experts_grouped
 from capmoe_compile.lowering.invariant import TILE
+
+from .common import fmt_table, interleaved, json_line, machine, median, write_json
 
 SHAPES = {
     "prefill": dict(T=2048, H=1024, F=2048, E=8, k=2),
@@ -50,15 +48,7 @@ def measure(name: str, repeats: int, tile_rows: int = TILE) -> dict:
         "fastest": lambda: moe_experts_grouped(x, ids, w, params, SWIGLU),
         "invariant": lambda: moe_experts_grouped(x, ids, w, params, SWIGLU, tile),
     }
-    for f in runs.values():
-        f()  # warm-up
-    times = {k: [] for k in runs}
-    for _ in range(repeats):  # interleaved
-        for key, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            times[key].append(time.perf_counter() - t0)
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    ms = {key: 1e3 * median(v) for key, v in interleaved(runs, repeats).items()}
     return {
         "shape": name,
         **SHAPES[name],
@@ -93,22 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rows = [measure(name, args.repeats, args.tile) for name in SHAPES]
-    print(f"{'shape':8} {'fastest ms':>11} {'invariant ms':>13} {'ratio':>6}")
-    for r in rows:
-        print(f"{r['shape']:8} {r['fastest_ms']:11.2f} {r['invariant_ms']:13.2f} {r['ratio']:6.2f}")
+    table = [[r["shape"], r["fastest_ms"], r["invariant_ms"], r["ratio"]] for r in rows]
+    print(fmt_table(["shape", "fastest ms", f"tile={args.tile} ms", "ratio"], table))
     classes = row_classes()
     print(f"row-count classes of x[:M] @ W (W 1024x2048, same bits within a class): {classes}")
-    result = {
-        "row_classes_1024x2048": classes,
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "rows": rows,
-    }
+    result = {"machine": machine(), "row_classes_1024x2048": classes, "rows": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
+        write_json(args.out, result)
+    print(json_line(result))
     return result
 
 

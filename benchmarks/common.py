@@ -9,6 +9,7 @@ bandwidth that the floors use are rows of the same loop, so they see the same no
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -56,6 +57,13 @@ def machine() -> dict[str, Any]:
         info["loadavg_start"] = os.getloadavg()
     except OSError:
         pass
+    return info
+
+
+def loadavg_end(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` (from :func:`machine`) with the load average at the end of the run added."""
+    with contextlib.suppress(OSError):
+        info["loadavg_end"] = os.getloadavg()
     return info
 
 

@@ -33,7 +33,7 @@ import capmoe_compile
 import capmoe_compile.passes
 from capmoe_compile import zoo
 
-from .common import fmt_table, json_line, machine, median, write_json
+from .common import fmt_table, json_line, loadavg_end, machine, median, write_json
 
 BAR = 1.25
 CALL = {"use_cache": False}
@@ -178,10 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
             ],
         )
     )
-    with contextlib.suppress(OSError):
-        import os
-
-        info["loadavg_end"] = os.getloadavg()
+    loadavg_end(info)
     payload = {
         "benchmark": "compile_time",
         "args": vars(args),

@@ -62,6 +62,7 @@ from .common import (
     gemm_peak_row,
     interleaved,
     json_line,
+    loadavg_end,
     machine,
     median,
     write_json,
@@ -602,12 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     bs = bars(results)
     print_bars(bs, args.quick)
-    try:
-        import os
-
-        info["loadavg_end"] = os.getloadavg()
-    except OSError:
-        pass
+    loadavg_end(info)
     payload = {
         "benchmark": "moe_layer",
         "args": vars(args),
