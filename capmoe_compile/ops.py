@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from .lowering.invariant import TILE
 from .routing import output_width, route_reference, route_with_options
 
 
@@ -203,8 +204,6 @@ def gemm_tile(opts: dict) -> int:
     """The GEMM row tile resolved options ask for: batch-invariant arithmetic (a fixed tile) for
     ``capacity_scope="sequence"`` (SPEC.md promises a sequence's output independent of its
     batch) and for ``batch_invariant=True``; 0 (the fastest GEMM) otherwise."""
-    from .lowering.invariant import TILE
-
     return TILE if opts["batch_invariant"] or opts["capacity_scope"] == "sequence" else 0
 
 
