@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "BALANCED_MOE_DIR",
     "TINY_MOE_DIR",
     "Corpus",
     "decode",
     "encode",
+    "load_balanced_moe",
     "load_tiny_moe",
     "load_tokenizer",
     "stdlib_corpus",
@@ -42,6 +44,9 @@ __all__ = [
 
 #: Where the shipped model's files live (package data).
 TINY_MOE_DIR = Path(__file__).resolve().parent / "tiny_moe"
+#: The second shipped model: Qwen2-MoE family, 32 experts, top-4, a shared expert, trained with
+#: a load-balancing loss by ``benchmarks/train_balanced_moe.py`` (see its README.md).
+BALANCED_MOE_DIR = Path(__file__).resolve().parent / "balanced_moe"
 
 #: Byte-level vocabulary: ids 0, 1, 2 are pad, eos, unk; byte ``b`` is id ``b + 3``.
 BYTE_OFFSET = 3
@@ -83,6 +88,12 @@ def load_tiny_moe(
     )
     model.eval()
     return model, load_tokenizer(path)
+
+
+def load_balanced_moe(path: str | Path | None = None, **kwargs):
+    """The shipped balanced MoE LM (``balanced_moe``) and its tokenizer, loaded exactly as
+    :func:`load_tiny_moe` loads the tiny one (same keywords)."""
+    return load_tiny_moe(path or BALANCED_MOE_DIR, **kwargs)
 
 
 def encode(text: str | bytes, tokenizer=None) -> torch.Tensor:
