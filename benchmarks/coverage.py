@@ -1,0 +1,1116 @@
+"""Coverage of the capmoe passes: every MoE family of the installed transformers, and plain
+PyTorch MoE layers written the ways other libraries write them (``tests/moe_styles.py``).
+
+For every family (or style) and every experts implementation it supports it records:
+
+- ``build``: whether a tiny random-weight model builds offline (and the error if not);
+- ``eager_graphs`` / ``capmoe_graphs``: graphs Dynamo makes with ``backend="eager"`` and with the
+  capmoe passes (a graph break adds one);
+- ``explain``: ``capmoe_compile.explain(model)(**inputs)``: layers matched, layers left and why;
+- ``off``: capacity off, the model compiled with the capmoe passes against eager (allclose);
+- ``on``: capacity on (``capacity_factor=0.5``, ``policy="score"``) for the matched layers,
+  against an eager oracle that applies ``capmoe_compile.route`` to the model's own router
+  outputs (below).
+
+How the families are found (``moe_families``): every ``model_type`` of transformers'
+``CONFIG_MAPPING_NAMES`` whose default config has an expert-count attribute
+(``num_experts``, ``num_local_experts``, ``n_routed_experts``, ``moe_num_experts``) at its
+top level or in a plain dict attribute (DBRX's ``ffn_config``) is a family. A config that has
+one only inside a sub-config of another registered ``model_type`` (a multimodal wrapper's
+``text_config``) is that sub-config's family, listed as a wrapper and not built twice. Built
+through ``AutoModelForCausalLM`` where registered, else the seq2seq LM, else ``AutoModel``;
+a family with no text model in the registry is listed as not built. A family counts as MoE
+at the tiny config when a top-k (or ``max``/``argmax``) over a last dimension of ``E`` runs in
+its eager forward; the table says so where none does.
+
+The eager oracle (``--on``): a forward pre-hook on each transformers experts module (a class
+decorated with ``use_experts_implementation``: ``forward(hidden [T, H], top_k_index [T, k],
+top_k_weights [T, k])``) replaces the model's own selection ``S``/``W`` with
+``capmoe_compile.route(P, S, W, ...)``; dropped pairs keep a valid expert id with weight 0, so
+they contribute nothing. ``P`` comes from the top-k that produced ``S`` (recorded during the
+eager forward by a ``TorchFunctionMode``), by SPEC.md's rules, independently of the passes:
+the top-k's scores when they are a softmax or sigmoid output; that output when the scores are
+it plus a token-independent bias (masked entries aside: DeepSeek-V3's correction bias and
+group mask); ``softmax`` of the scores when they are a linear layer's raw logits; else the
+scores themselves (the generic rule). Families whose experts are not such a module
+(``nn.ModuleList`` experts, routers that scale the expert input) have no oracle here: the
+table says "no oracle". The styles of ``tests/moe_styles.py`` carry their own oracle.
+
+By default the rewritten graphs run as FX code (the passes' rewrite, no Inductor: cheap, and
+where a miscompile of the passes shows); ``--inductor`` compiles with ``backend="capmoe"``
+proper instead (slow on CPU: about a minute per model).
+
+    python -m benchmarks.coverage                       # everything, results/coverage.{json,md}
+    python -m benchmarks.coverage --families mixtral,olmoe --impl grouped_mm
+    python -m benchmarks.coverage --styles-only --jobs 2
+
+Each family runs in a subprocess with a timeout (``--timeout``); results are merged into the
+JSON file after each family, so an interrupted run resumes with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+IMPLS = ("grouped_mm", "batched_mm", "eager")
+EXPERT_COUNT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+GAMMA = 0.5
+POLICY = "score"
+BATCH, SEQ = 2, 16  # T = 32 rows per MoE layer
+NUM_EXPERTS, TOP_K = 8, 2
+
+
+# --------------------------------------------------------------------------------------------
+# which families
+# --------------------------------------------------------------------------------------------
+
+
+def _expert_keys(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Expert-count keys in a config dict, descending into plain dicts (not sub-configs)."""
+    hits = {}
+    for k, v in d.items():
+        if k in EXPERT_COUNT_NAMES:
+            hits[prefix + k] = v
+        elif isinstance(v, dict) and "model_type" not in v:
+            hits.update(_expert_keys(v, prefix + k + "."))
+    return hits
+
+
+def _builder(name: str) -> str | None:
+    from transformers.models.auto import modeling_auto
+
+    if name in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal_lm"
+    if name in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return "seq2seq_lm"
+    if name in modeling_auto.MODEL_MAPPING_NAMES:
+        return "base"
+    return "module" if _module_class(name) is not None else None
+
+
+def _module_class(name: str):
+    """A text model class for a config registered without a model (a multimodal model's text
+    part): the ``PreTrainedModel`` of the config's own modeling module whose ``config_class``
+    is this config, a ``...ForCausalLM`` first, then a ``...Model``."""
+    import importlib
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        cfg_cls = CONFIG_MAPPING[name]
+        mod = importlib.import_module(cfg_cls.__module__.replace(".configuration_", ".modeling_"))
+    except Exception:  # noqa: BLE001
+        return None
+    cands = [
+        c
+        for c in vars(mod).values()
+        if isinstance(c, type) and getattr(c, "config_class", None) is cfg_cls
+    ]
+    for suffix in ("ForCausalLM", "TextModel", "Model"):
+        for c in cands:
+            if c.__name__.endswith(suffix) and "Vision" not in c.__name__:
+                return c
+    return None
+
+
+def _mentions_experts(name: str) -> bool:
+    """Whether the config module of ``name`` mentions an expert-count attribute at all (read as
+    text, not imported: importing all ~400 config modules costs most of a minute). Only these
+    configs are instantiated and inspected."""
+    import importlib.util
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    try:
+        spec = importlib.util.find_spec(f"transformers.models.{model_type_to_module_name(name)}")
+        folder = Path(spec.origin).parent
+        text = "".join(p.read_text() for p in folder.glob("configuration_*.py"))
+    except Exception:  # noqa: BLE001 - unreadable: inspect it the slow way
+        return True
+    return any(n in text for n in EXPERT_COUNT_NAMES)
+
+
+def moe_families() -> dict[str, dict[str, Any]]:
+    """``{model_type: info}`` for every MoE family of the installed transformers.
+
+    ``info``: ``expert_keys`` (names and default values), ``builder`` (``causal_lm``,
+    ``seq2seq_lm``, ``base`` or ``None``), ``wrappers`` (registered configs that only hold
+    this family as a sub-config), and ``config_error`` where the default config fails.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+
+    families: dict[str, dict[str, Any]] = {}
+    wrappers: dict[str, list[str]] = {}
+    for name in CONFIG_MAPPING_NAMES:
+        if not _mentions_experts(name):
+            continue
+        try:
+            cfg = CONFIG_MAPPING[name]()
+        except Exception:  # noqa: BLE001 - a config that cannot be made is no family we can test
+            continue
+        top = _expert_keys(cfg.to_dict())
+        owners = []
+        for sub in getattr(cfg, "sub_configs", {}) or {}:
+            sc = getattr(cfg, sub, None)
+            if sc is None or not hasattr(sc, "to_dict") or not _expert_keys(sc.to_dict()):
+                continue
+            sub_type = getattr(sc, "model_type", "") or ""
+            if sub_type in CONFIG_MAPPING_NAMES and sub_type != name:
+                owners.append(sub_type)
+            else:  # a part of this model's own config (DBRX's ffn_config)
+                top.update({f"{sub}.{k}": v for k, v in _expert_keys(sc.to_dict()).items()})
+        if owners and not any("." not in k for k in top):
+            for o in owners:
+                wrappers.setdefault(o, []).append(name)
+        elif top:
+            families[name] = {"expert_keys": top}
+    for name, info in families.items():
+        info["builder"] = _builder(name)
+        info["wrappers"] = sorted(wrappers.get(name, []))
+    return dict(sorted(families.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# tiny configs
+# --------------------------------------------------------------------------------------------
+
+# Set where the default config has the attribute. Sizes: hidden 64, 4 heads, 8 experts, top-2.
+_TINY = {
+    "hidden_size": 64,
+    "d_model": 64,
+    "intermediate_size": 128,
+    "ffn_dim": 128,
+    "d_ff": 128,
+    "moe_intermediate_size": 64,
+    "expert_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64,
+    "moe_shared_expert_intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "num_attention_heads": 4,
+    "num_heads": 4,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "num_key_value_heads": 4,  # no GQA: MLA models want as many as query heads
+    "head_dim": 16,
+    "d_kv": 16,
+    "vocab_size": 256,
+    "max_position_embeddings": 256,
+    "num_experts_per_tok": TOP_K,
+    "moe_topk": TOP_K,
+    "moe_k": TOP_K,
+    "top_k": TOP_K,
+    "first_k_dense_replace": 0,
+    "first_k_dense": 0,
+    "decoder_sparse_step": 1,
+    "sparse_step": 1,
+    "moe_layer_freq": 1,
+    "mlp_only_layers": [],
+    "n_shared_experts": 1,
+    "num_shared_experts": 1,
+    "n_group": 4,
+    "topk_group": 2,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "use_cache": False,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 0,
+    "sliding_window": 16,
+    "router_jitter_noise": 0.0,
+    "router_aux_loss_coef": 0.0,
+    "output_router_logits": False,
+    "is_moe": True,
+}
+
+
+def _shrink_lists(cfg, n_default: int | None) -> None:
+    """Per-layer lists sized for the default depth: keep the last entries (dense layers and
+    other special layers come first in every config seen)."""
+    if not n_default:
+        return
+    n = getattr(cfg, "num_hidden_layers", None) or 2
+    for k, v in list(vars(cfg).items()):
+        if isinstance(v, list) and len(v) == n_default and n_default != n:
+            with contextlib.suppress(Exception):
+                setattr(cfg, k, v[-n:])
+
+
+def _apply(cfg, overrides: dict[str, Any]) -> None:
+    for k, v in overrides.items():
+        if hasattr(cfg, k) or k in getattr(cfg, "attribute_map", {}):
+            with contextlib.suppress(Exception):
+                setattr(cfg, k, v)
+
+
+def tiny_config(family: str):
+    """A tiny config of ``family``: the defaults with :data:`_TINY` applied where present,
+    ``E = 8`` under every expert-count name it has, per-layer lists cut to 2 layers."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(family)
+    n_default = getattr(cfg, "num_hidden_layers", None)
+    over = dict(_TINY)
+    for name in EXPERT_COUNT_NAMES:
+        over[name] = NUM_EXPERTS
+    _apply(cfg, over)
+    ffn = getattr(cfg, "ffn_config", None)  # dbrx
+    if ffn is not None:
+        if isinstance(ffn, dict):
+            ffn.update({"moe_num_experts": NUM_EXPERTS, "moe_top_k": TOP_K, "ffn_hidden_size": 64})
+        else:
+            _apply(ffn, {"moe_num_experts": NUM_EXPERTS, "moe_top_k": TOP_K, "ffn_hidden_size": 64})
+    attn = getattr(cfg, "attn_config", None)
+    if attn is not None and not isinstance(attn, dict):
+        _apply(attn, {"kv_n_heads": 2})
+    elif isinstance(attn, dict):
+        attn["kv_n_heads"] = 2
+    if getattr(cfg, "n_heads", None) is not None:
+        _apply(cfg, {"n_heads": 4, "d_model": 64, "n_layers": 2, "max_seq_len": 256})
+    if getattr(cfg, "qk_rope_head_dim", None):  # MLA: rotary dims are head_dim
+        _apply(cfg, {"head_dim": cfg.qk_rope_head_dim})
+    _shrink_lists(cfg, n_default)
+    # some configs keep the expert count in a per-layer list
+    for k in ("moe_num_experts",):
+        if isinstance(getattr(cfg, k, None), list):
+            setattr(cfg, k, [NUM_EXPERTS] * len(getattr(cfg, k)))
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# building and running one family
+# --------------------------------------------------------------------------------------------
+
+
+def supported_impls(model: torch.nn.Module) -> list[str]:
+    """Experts implementations the model can switch between: all three where one of its
+    modules is a transformers experts module (``use_experts_implementation``), else the model
+    as written (``eager``)."""
+    return list(IMPLS) if experts_modules(model) else ["eager"]
+
+
+def experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``{path: module}`` of the transformers experts modules (the decorator sets these)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if hasattr(m, "_is_expert_parallel") and hasattr(m, "has_gate") and hasattr(m, "config")
+    }
+
+
+def build_family(family: str, impl: str, builder: str = "causal_lm", seed: int = 0):
+    """A tiny random-weight model of ``family`` in eval mode, fp32, with ``impl`` experts."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cfg = tiny_config(family)
+    cls = {"causal_lm": AutoModelForCausalLM, "seq2seq_lm": AutoModelForSeq2SeqLM}.get(
+        builder, AutoModel
+    )
+    if builder == "module":
+        cls = _ModuleBuilder(_module_class(family))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = cls.from_config(cfg, dtype=torch.float32, experts_implementation=impl)
+        except (TypeError, ValueError) as e:
+            if "experts" not in str(e):
+                raise
+            # no switchable experts: the model as written (a fresh config: the failed
+            # attempt left its choice in the old one)
+            model = cls.from_config(
+                tiny_config(family), dtype=torch.float32, experts_implementation="eager"
+            )
+        _randomize_buffers_and_biases_(model, seed)
+    model.eval()
+    with contextlib.suppress(Exception):
+        model.set_experts_implementation(impl)
+    for m in experts_modules(model).values():  # a standalone experts module (FACTS.md)
+        if getattr(m.config, "_experts_implementation", None) != impl:
+            with contextlib.suppress(Exception):
+                m.config._experts_implementation = impl
+    return model
+
+
+class _ModuleBuilder:
+    """``from_config`` for a model class outside the auto registry (its ``_from_config``)."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def from_config(self, cfg, **kwargs):
+        return self.cls._from_config(cfg, **kwargs)
+
+
+@torch.no_grad()
+def _randomize_buffers_and_biases_(model: torch.nn.Module, seed: int) -> None:
+    """Zero-initialised router biases (DeepSeek-V3's ``e_score_correction_bias``) made random,
+    so bias-adjusted selections differ from top-k of the scores."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    for name, t in list(model.named_buffers()) + list(model.named_parameters()):
+        if "correction_bias" in name or name.endswith("expert_bias"):
+            t.copy_(0.3 * torch.randn(t.shape, generator=gen).to(t.dtype))
+
+
+def model_inputs(model: torch.nn.Module, builder: str, seed: int = 0) -> dict[str, Any]:
+    cfg = model.config
+    vocab = getattr(cfg, "vocab_size", None) or 256
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, min(vocab, 256), (BATCH, SEQ), generator=gen)
+    out: dict[str, Any] = {"input_ids": ids}
+    if builder == "seq2seq_lm":
+        out["decoder_input_ids"] = torch.randint(3, min(vocab, 256), (BATCH, SEQ), generator=gen)
+    if getattr(cfg, "use_cache", None) is not None:
+        out["use_cache"] = False
+    return out
+
+
+def first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        v = getattr(out, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, (tuple, list)):
+        return first_tensor(out[0])
+    raise TypeError(f"no tensor output in {type(out).__name__}")
+
+
+def close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-4) -> tuple[bool, float]:
+    """allclose at ``tol`` relative to the output's scale; returns (ok, max |diff|)."""
+    got, want = got.float(), want.float()
+    if got.shape != want.shape:
+        return False, float("inf")
+    diff = (got - want).abs().max().item() if got.numel() else 0.0
+    scale = max(1.0, want.abs().max().item())
+    ok = bool(torch.allclose(got, want, atol=tol * scale, rtol=tol)) and diff == diff
+    return ok, diff
+
+
+# --------------------------------------------------------------------------------------------
+# the eager oracle
+# --------------------------------------------------------------------------------------------
+
+_NAMES_TOPK = {"topk"}
+_NAMES_MAX = {"max", "argmax"}
+_NAMES_PROB = {"softmax", "sigmoid", "_softmax"}
+_NAMES_LINEAR = {"linear", "matmul", "__matmul__", "mm", "addmm"}
+
+
+class RouterProbe(TorchFunctionMode):
+    """Records, during an eager forward, every top-k/max over a last dimension of ``E`` (with
+    its scores), and the softmax/sigmoid/linear outputs whose last dimension is ``E``."""
+
+    def __init__(self, num_experts: set[int]):
+        super().__init__()
+        self.E = num_experts
+        self.topks: list[dict[str, Any]] = []
+        self.outputs: list[tuple[str, torch.Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        try:
+            if name in _NAMES_TOPK | _NAMES_MAX:
+                self._topk(name, args, kwargs, out)
+            elif name in _NAMES_PROB | _NAMES_LINEAR:
+                if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-1] in self.E:
+                    kind = "prob" if name in _NAMES_PROB else "linear"
+                    self.outputs.append((kind, out.detach().clone()))
+        except Exception:  # noqa: BLE001 - the probe never changes what the model computes
+            pass
+        return out
+
+    def _topk(self, name, args, kwargs, out) -> None:
+        s = args[0] if args else kwargs.get("input")
+        if not isinstance(s, torch.Tensor) or s.dim() < 1 or not s.is_floating_point():
+            return
+        if name == "topk":
+            k = args[1] if len(args) > 1 else kwargs.get("k")
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+        else:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            k = 1
+        if dim is None or dim not in (-1, s.dim() - 1) or s.shape[-1] not in self.E:
+            if dim is not None and s.shape[dim] in self.E and s.dim() >= 2:
+                self.topks.append({"scores": None, "over": "tokens", "k": k})
+            return
+        if name == "argmax":
+            idx = out
+        elif isinstance(out, tuple):
+            idx = out[1]
+        else:
+            idx = out.indices
+        self.topks.append(
+            {
+                "scores": s.detach().clone(),
+                "indices": idx.detach().clone(),
+                "k": k,
+                "outputs": len(self.outputs),
+                "over": "experts",
+            }
+        )
+
+
+def probs_for(scores: torch.Tensor, outputs: list[tuple[str, torch.Tensor]]):
+    """``P`` for a top-k over ``scores`` [T, E] (SPEC.md), and which rule gave it."""
+    E = scores.shape[-1]
+    s = scores.reshape(-1, E).float()
+    cands = [(k, o.reshape(-1, E).float()) for k, o in reversed(outputs) if o.numel() == s.numel()]
+    for kind, o in cands:
+        if kind == "prob" and torch.allclose(s, o, atol=1e-6, rtol=1e-5):
+            return o, "the scores (a softmax/sigmoid output)"
+    for kind, o in cands:
+        if kind != "prob":
+            continue
+        d = s - o
+        free = torch.isfinite(s) & (s != 0)  # masked entries (group limiting) aside
+        if free.sum() < s.shape[0]:
+            continue
+        big = torch.where(free, d, torch.full_like(d, float("nan")))
+        lo = torch.nan_to_num(big, nan=float("inf")).amin(0)
+        hi = torch.nan_to_num(big, nan=float("-inf")).amax(0)
+        spread = torch.where(torch.isfinite(hi - lo), hi - lo, torch.zeros_like(lo))
+        if bool((spread < 1e-5).all()) and bool(d[free].abs().max() > 0):
+            return o, "softmax/sigmoid output without a token-independent bias"
+    for kind, o in cands:
+        if kind == "linear" and torch.allclose(s, o, atol=1e-6, rtol=1e-5):
+            return torch.softmax(s, dim=-1), "softmax of raw logits"
+    return s, "the scores the top-k ranked by (generic)"
+
+
+class Oracle:
+    """Capacity applied to the model's own ``S``/``W`` at every hooked experts module."""
+
+    def __init__(self, model, layer_paths: list[str], capacity_factor, policy=POLICY):
+        self.model = model
+        self.capacity_factor = capacity_factor
+        self.policy = policy
+        self.mods = experts_modules(model)
+        self.hooked: dict[str, str] = {}  # experts path -> matched layer name
+        for path in self.mods:
+            for name in layer_paths:
+                if path == name or path.startswith(name + "."):
+                    self.hooked[path] = name
+        E = {getattr(m, "num_experts", NUM_EXPERTS) for m in self.mods.values()} | {NUM_EXPERTS}
+        self.probe = RouterProbe(E)
+        self.rules: dict[str, str] = {}
+        self.dropped: dict[str, int] = {}
+        self.errors: list[str] = []
+
+    def _hook(self, path):
+        def pre(module, args, kwargs):
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            vals = list(args) + [kwargs.get(n) for n in names[len(args) :]]
+            if len(vals) < 3 or any(v is None for v in vals[:3]):
+                self.errors.append(f"{path}: experts call is not (hidden, ids, weights)")
+                return None
+            x, ids, w = vals[:3]
+            E = module.num_experts
+            rec = None
+            for r in reversed(self.probe.topks):
+                if r["over"] != "experts" or r["scores"].shape[-1] != E:
+                    continue
+                if r["indices"].numel() == ids.numel() and torch.equal(
+                    r["indices"].reshape(ids.shape).long(), ids.long()
+                ):
+                    rec = r
+                    break
+            if rec is None:
+                self.errors.append(f"{path}: no top-k over E={E} produced the experts' ids")
+                return None
+            P, rule = probs_for(rec["scores"], self.probe.outputs[: rec["outputs"]])
+            self.rules[path] = rule
+            from capmoe_compile import config, route
+
+            ids2, w2 = route(
+                P,
+                ids,
+                w.float(),
+                capacity_factor=self.capacity_factor,
+                policy=self.policy,
+                min_tokens=config.min_tokens,
+            )
+            drop = ids2 >= E
+            self.dropped[path] = self.dropped.get(path, 0) + int(drop.sum())
+            ids_new = torch.where(drop, ids.long(), ids2.long()).to(ids.dtype)
+            w_new = torch.where(drop, torch.zeros_like(w2), w2).to(w.dtype)
+            args = list(args)
+            for i, (n, v) in enumerate(zip(names, (x, ids_new, w_new), strict=True)):
+                if i < len(args):
+                    args[i] = v
+                else:
+                    kwargs[n] = v
+            return tuple(args), kwargs
+
+        return pre
+
+    @torch.no_grad()
+    def __call__(self, inputs: dict[str, Any]) -> torch.Tensor:
+        handles = [
+            self.mods[p].register_forward_pre_hook(self._hook(p), with_kwargs=True)
+            for p in self.hooked
+        ]
+        try:
+            with self.probe:
+                return first_tensor(self.model(**inputs))
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# graphs, explain, compile
+# --------------------------------------------------------------------------------------------
+
+
+class PassesBackend:
+    """The capmoe passes on every graph, the rewritten graph run as FX code (no Inductor)."""
+
+    def __init__(self):
+        self.graphs = 0
+        self.reports: list = []
+
+    def __call__(self, gm, example_inputs):
+        from capmoe_compile.passes import run_passes
+
+        self.graphs += 1
+        self.reports.extend(run_passes(gm, example_inputs, None))
+        return gm.forward
+
+
+def eager_graph_count(model, inputs) -> int:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    cc = CompileCounter()
+    with torch.no_grad():
+        torch.compile(model, backend=cc)(**inputs)
+    torch._dynamo.reset()
+    return cc.frame_count
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    msg = f"{type(e).__name__}: {e}".strip().replace("\n", " ")
+    return msg[:limit]
+
+
+def _layer(r) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "E": r.num_experts,
+        "k": r.top_k,
+        "router": r.router,
+        "dispatch": r.dispatch,
+        "experts": r.experts,
+        "reason": r.reason,
+    }
+
+
+def check_model(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    *,
+    oracle: Callable[[list[str], float | None], Callable[[], torch.Tensor]] | None,
+    inductor: bool = False,
+    capacity_on: bool = True,
+) -> dict[str, Any]:
+    """Every measurement of one model (see the module docstring)."""
+    import capmoe_compile
+    from capmoe_compile import backend as capmoe_backend
+    from capmoe_compile import config
+
+    rec: dict[str, Any] = {}
+    with torch.no_grad():
+        want = first_tensor(model(**inputs))
+    t0 = time.perf_counter()
+    try:
+        rec["eager_graphs"] = eager_graph_count(model, inputs)
+    except Exception as e:  # noqa: BLE001
+        rec["eager_graphs"] = None
+        rec["eager_graphs_error"] = _short(e)
+    try:
+        rep = capmoe_compile.explain(model)(**inputs)
+        rec["explain"] = {
+            "graphs": rep.graphs,
+            "matched": [_layer(r) for r in rep.layers],
+            "left": [_layer(r) for r in rep.unmatched],
+        }
+    except Exception as e:  # noqa: BLE001
+        rec["explain"] = {"error": _short(e)}
+    torch._dynamo.reset()
+    try:
+        if inductor:
+            before = capmoe_backend.compile_count()
+            compiled = torch.compile(model, backend="capmoe")
+            with torch.no_grad():
+                got = first_tensor(compiled(**inputs))
+            rec["capmoe_graphs"] = capmoe_backend.compile_count() - before
+            matched = rec.get("explain", {}).get("matched", [])
+            names = [m["name"] for m in matched]
+        else:
+            be = PassesBackend()
+            compiled = torch.compile(model, backend=be)
+            with torch.no_grad():
+                got = first_tensor(compiled(**inputs))
+            rec["capmoe_graphs"] = be.graphs
+            names = [r.name for r in be.reports if r.matched]
+            rec["passes_matched"] = names
+            rec["passes_left"] = [[r.name, r.reason] for r in be.reports if not r.matched]
+        ok, diff = close(got, want)
+        rec["off"] = {"ok": ok, "max_diff": diff}
+    except Exception as e:  # noqa: BLE001
+        rec["off"] = {"ok": None, "error": _short(e), "trace": traceback.format_exc()[-1500:]}
+        torch._dynamo.reset()
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
+        return rec
+    if capacity_on and names:
+        if oracle is None:
+            rec["on"] = {"ok": None, "error": "no oracle for this model"}
+        else:
+            try:
+                ref = oracle(names, GAMMA)
+                want_on, info = ref()
+                with config.patch(capacity_factor=GAMMA, policy=POLICY), torch.no_grad():
+                    got_on = first_tensor(compiled(**inputs))
+                ok_on, diff_on = close(got_on, want_on)
+                rec["on"] = {
+                    "ok": ok_on,
+                    "max_diff": diff_on,
+                    "effect": (want_on.float() - want.float()).abs().max().item(),
+                    **info,
+                }
+                if info.get("unhooked"):
+                    rec["on"]["ok"] = None if ok_on else ok_on
+            except Exception as e:  # noqa: BLE001
+                rec["on"] = {"ok": None, "error": _short(e)}
+    torch._dynamo.reset()
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+def hf_oracle(model, inputs):
+    """The oracle factory for a transformers model (see :class:`Oracle`)."""
+
+    def make(names: list[str], gamma):
+        orc = Oracle(model, names, gamma)
+
+        def run():
+            out = orc(inputs)
+            hooked = set(orc.hooked.values())
+            info = {
+                "rules": sorted(set(orc.rules.values())),
+                "dropped": sum(orc.dropped.values()),
+                "unhooked": sorted(set(names) - hooked),
+                "oracle_errors": orc.errors[:4],
+            }
+            return out, info
+
+        return run
+
+    return make
+
+
+def run_family(family: str, builder: str, impls: list[str], inductor: bool) -> dict[str, Any]:
+    """All measurements of one family (one entry per experts implementation)."""
+    out: dict[str, Any] = {}
+    probe_impls = list(impls)
+    for impl in probe_impls:
+        entry: dict[str, Any] = {"family": family, "impl": impl, "kind": "transformers"}
+        t0 = time.perf_counter()
+        try:
+            model = build_family(family, impl, builder)
+            inputs = model_inputs(model, builder)
+            with torch.no_grad():
+                first_tensor(model(**inputs))
+        except Exception as e:  # noqa: BLE001
+            entry["build"] = {"ok": False, "error": _short(e)}
+            out[impl] = entry
+            if impl == probe_impls[0]:
+                break  # the other implementations fail the same way
+            continue
+        sup = supported_impls(model)
+        if impl not in sup:
+            entry["build"] = {"ok": True}
+            entry["unsupported"] = "no transformers experts module: the model as written only"
+            out[impl] = entry
+            continue
+        n_params = sum(p.numel() for p in model.parameters())
+        entry["build"] = {"ok": True, "params": n_params, "seconds": None}
+        probe = RouterProbe({NUM_EXPERTS})
+        with probe, torch.no_grad():
+            model(**inputs)
+        entry["router_topk"] = sum(1 for r in probe.topks if r["over"] == "experts")
+        entry["topk_over_tokens"] = sum(1 for r in probe.topks if r["over"] == "tokens")
+        entry["build"]["seconds"] = round(time.perf_counter() - t0, 1)
+        entry.update(check_model(model, inputs, oracle=hf_oracle(model, inputs), inductor=inductor))
+        out[impl] = entry
+        del model
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# plain-PyTorch styles
+# --------------------------------------------------------------------------------------------
+
+
+def _styles_module():
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import moe_styles
+
+    return moe_styles
+
+
+def run_style(style: str, inductor: bool) -> dict[str, Any]:
+    ms = _styles_module()
+    entry: dict[str, Any] = {"family": style, "impl": "as written", "kind": "style"}
+    try:
+        module = ms.build(style)
+        x = ms.hidden(module)
+        inputs = {"x": x}
+    except Exception as e:  # noqa: BLE001
+        entry["build"] = {"ok": False, "error": _short(e)}
+        return {"as written": entry}
+    entry["build"] = {"ok": True, "params": sum(p.numel() for p in module.parameters())}
+    entry["own_capacity"] = bool(getattr(module, "own_capacity", False))
+
+    def make(names, gamma):
+        def run():
+            out, dropped = ms.oracle(module, x, gamma, POLICY)
+            return out, {"rules": [module.p_rule], "dropped": dropped, "unhooked": []}
+
+        return run
+
+    oracle = None if entry["own_capacity"] else make
+    entry.update(check_model(module, inputs, oracle=oracle, inductor=inductor))
+    if entry["own_capacity"] and entry.get("passes_matched"):
+        entry["on"] = {"ok": False, "error": "a layer that enforces its own capacity was matched"}
+    return {"as written": entry}
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+
+
+def status(e: dict[str, Any]) -> str:
+    """One cell of the table."""
+    b = e.get("build", {})
+    if not b.get("ok"):
+        return "build failed"
+    if e.get("unsupported"):
+        return "n/a"
+    if e.get("kind") == "transformers" and not e.get("router_topk"):
+        if e.get("topk_over_tokens"):
+            return "no token-choice top-k (expert choice?)"
+        return "no router top-k at this config"
+    ex = e.get("explain", {})
+    if "error" in ex:
+        return "explain failed"
+    m = len(ex.get("matched", []))
+    left = len(ex.get("left", []))
+    return f"{m} matched" + (f", {left} left" if left else "")
+
+
+def verdict(e: dict[str, Any]) -> str:
+    off = e.get("off")
+    if not off:
+        return ""
+    if off.get("ok") is None:
+        return "compile failed"
+    s = "ok" if off["ok"] else f"WRONG ({off['max_diff']:.3g})"
+    on = e.get("on")
+    if on:
+        if on.get("ok") is None:
+            s += "; on: " + on.get("error", "partial oracle")[:40]
+        elif on["ok"]:
+            s += "; on ok"
+        else:
+            s += f"; on WRONG ({on.get('max_diff', float('nan')):.3g})"
+    return s
+
+
+def _reasons(e: dict[str, Any]) -> list[str]:
+    if not e.get("build", {}).get("ok"):
+        return [e.get("build", {}).get("error", "")[:120]]
+    out = []
+    for r in e.get("explain", {}).get("left", []):
+        out.append(f"{r['name']}: {r['reason']}")
+    if "error" in e.get("explain", {}):
+        out.append(e["explain"]["error"][:160])
+    if e.get("off", {}).get("error"):
+        out.append("compile: " + e["off"]["error"][:160])
+    return out
+
+
+def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# capmoe coverage",
+        "",
+        f"Generated by `python -m benchmarks.coverage` on {meta.get('date')} "
+        f"(transformers {meta.get('transformers')}, torch {meta.get('torch')}, "
+        f"mode: {meta.get('mode')}). Cell: matched / left layers per explain; "
+        "check: capacity off compiled == eager, capacity on (gamma 0.5, score) == eager oracle; "
+        "graphs: capmoe / backend=eager.",
+        "",
+        "| family / style | impl | explain | check | graphs | left / error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fam in sorted(results):
+        for impl, e in results[fam].items():
+            g = f"{e.get('capmoe_graphs', '-')}/{e.get('eager_graphs', '-')}"
+            reasons = "; ".join(_reasons(e))[:300].replace("|", "/")
+            lines.append(f"| {fam} | {impl} | {status(e)} | {verdict(e)} | {g} | {reasons} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    fams = {
+        f: r for f, r in results.items() if any(e.get("kind") == "transformers" for e in r.values())
+    }
+    built = [f for f, r in fams.items() if any(e.get("build", {}).get("ok") for e in r.values())]
+    moe = [f for f in built if any(e.get("router_topk") for e in fams[f].values())]
+
+    def matched(impl):
+        return sorted(
+            f for f in moe if impl in fams[f] and fams[f][impl].get("explain", {}).get("matched")
+        )
+
+    wrong = [
+        f"{f}/{i}"
+        for f, r in results.items()
+        for i, e in r.items()
+        if (e.get("off") or {}).get("ok") is False or (e.get("on") or {}).get("ok") is False
+    ]
+    return {
+        "families": len(fams),
+        "built": len(built),
+        "moe_at_tiny_config": len(moe),
+        "matched_grouped_mm": len(matched("grouped_mm")),
+        "matched_batched_mm": len(matched("batched_mm")),
+        "matched_eager": len(matched("eager")),
+        "wrong": wrong,
+    }
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if path.exists():
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _worker(args) -> None:
+    """Child process: one family or style, result JSON on the last stdout line."""
+    torch.set_num_threads(args.threads)
+    import logging
+
+    logging.getLogger("capmoe_compile").setLevel(logging.ERROR)
+    with contextlib.suppress(Exception):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    if args.worker.startswith("style:"):
+        res = run_style(args.worker[6:], args.inductor)
+    else:
+        fam = {"builder": _builder(args.worker)}
+        impls = args.impl.split(",") if args.impl else list(IMPLS)
+        if fam.get("builder") is None:
+            res = {
+                impls[0]: {
+                    "family": args.worker,
+                    "impl": impls[0],
+                    "kind": "transformers",
+                    "build": {
+                        "ok": False,
+                        "error": "no text model for this config in the registry",
+                    },
+                }
+            }
+        else:
+            res = run_family(args.worker, fam["builder"], impls, args.inductor)
+    print("\n@@RESULT@@" + json.dumps(res, default=str))
+
+
+def _snapshot(rev: str) -> Path:
+    """The repository at ``rev`` (``git archive``), with this file and ``tests/moe_styles.py``
+    from the working tree, in a temporary directory: workers run there, so the passes under
+    test are ``rev``'s, whatever else changes in the working tree during the run."""
+    import tempfile
+
+    dest = Path(tempfile.mkdtemp(prefix="capmoe_coverage_"))
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    for rel in ("benchmarks/coverage.py", "tests/moe_styles.py"):
+        (dest / rel).write_bytes((ROOT / rel).read_bytes())
+    return dest
+
+
+def _spawn(name: str, args) -> tuple[str, dict[str, Any]]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.coverage",
+        "--worker",
+        name,
+        "--threads",
+        str(args.threads),
+    ]
+    if args.impl:
+        cmd += ["--impl", args.impl]
+    if args.inductor:
+        cmd += ["--inductor"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".inductor_cache"))
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(
+            cmd, cwd=args.cwd, env=env, capture_output=True, text=True, timeout=args.timeout
+        )
+    except subprocess.TimeoutExpired:
+        err = f"timed out after {args.timeout} s"
+        return name, {"?": {"family": name, "impl": "?", "build": {"ok": False, "error": err}}}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("@@RESULT@@"):
+            res = json.loads(line[len("@@RESULT@@") :])
+            for e in res.values():
+                e["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            return name, res
+    tail = (p.stderr or p.stdout)[-400:].replace("\n", " ")
+    return name, {
+        "?": {
+            "family": name,
+            "impl": "?",
+            "build": {"ok": False, "error": f"worker died (rc {p.returncode}): {tail}"},
+        }
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--families", help="comma-separated model types (default: all)")
+    ap.add_argument("--styles", help="comma-separated styles of tests/moe_styles.py (default all)")
+    ap.add_argument("--no-styles", action="store_true")
+    ap.add_argument("--styles-only", action="store_true")
+    ap.add_argument("--impl", help="comma-separated experts implementations (default all three)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per family")
+    ap.add_argument("--inductor", action="store_true", help="compile with backend='capmoe'")
+    ap.add_argument("--resume", action="store_true", help="skip families already in the JSON")
+    ap.add_argument("--list", action="store_true", help="print the MoE families and exit")
+    ap.add_argument("--out", default=str(RESULTS / "coverage.json"))
+    ap.add_argument(
+        "--rev",
+        help="run the passes of this git revision (a snapshot; default: the working tree)",
+    )
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    fams = moe_families()
+    if args.list:
+        for name, info in fams.items():
+            print(name, info)
+        print(len(fams), "families")
+        return
+    names: list[str] = []
+    if not args.styles_only:
+        names += args.families.split(",") if args.families else list(fams)
+    if not args.no_styles and not args.families:
+        styles = _styles_module().STYLES
+        names += ["style:" + s for s in (args.styles.split(",") if args.styles else styles)]
+    out = Path(args.out)
+    payload = _load(out)
+    results = payload.get("results", {})
+    if args.resume:
+        names = [n for n in names if n.removeprefix("style:") not in results]
+    from benchmarks.common import loadavg_end, machine
+
+    meta = machine()
+    args.cwd = ROOT
+    if args.rev:
+        args.cwd = _snapshot(args.rev)
+        meta["rev"] = subprocess.run(
+            ["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    with contextlib.suppress(Exception):
+        meta["git"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "capmoe_compile"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        meta["capmoe_compile_uncommitted"] = dirty.splitlines()
+    meta["mode"] = (
+        "backend=capmoe (Inductor)" if args.inductor else "capmoe passes, graphs run as FX"
+    )
+    print(f"{len(names)} to run, {args.jobs} jobs, load {os.getloadavg()}", flush=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for name, res in pool.map(lambda n: _spawn(n, args), names):
+            key = name.removeprefix("style:")
+            results.setdefault(key, {})
+            results[key].update(res)
+            results[key].pop("?", None) if len(res) > 1 or "?" not in res else None
+            for impl, e in res.items():
+                print(
+                    f"{key:<28} {impl:<11} {status(e):<34} {verdict(e):<30} "
+                    f"graphs {e.get('capmoe_graphs', '-')}/{e.get('eager_graphs', '-')}  "
+                    f"{'; '.join(_reasons(e))[:140]}",
+                    flush=True,
+                )
+            payload = {
+                "meta": loadavg_end(meta),
+                "families": fams,
+                "results": results,
+            }
+            payload["summary"] = summary(results)
+            _save(out, payload)
+            out.with_suffix(".md").write_text(markdown(results, meta))
+    print(json.dumps(payload.get("summary", {}), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""Plain-PyTorch MoE layers written the ways other code bases write them, for the coverage
+benchmark (``benchmarks/coverage.py``) and ``tests/test_families.py``.
+
+Each style is an ``nn.Module`` taking hidden states ``[B, S, H]`` and returning ``[B, S, H]``.
+They are this project's own code, written after the published descriptions of each style (not
+copied). Every style also carries its SPEC.md oracle: the module routes through
+``self._route(P, ids, W)``, which is the identity unless :func:`oracle` sets ``route_fn``
+(Dynamo specialises on ``route_fn is None``: the compiled graph has no trace of it). With the
+oracle set, ``capmoe_compile.route`` turns the module's own selection ``S`` (ids) and gate
+weights ``W`` into SPEC's assignment; a dropped pair keeps its expert id with weight 0, so it
+contributes nothing (for ``llama4_sigmoid`` the weight scales the expert's input, and the
+experts have no bias, so a zero input gives a zero output). ``P`` is stated per style
+(``p_rule``) by SPEC.md's rules. Layers that enforce their own capacity (``own_capacity``) have
+no capacity-on oracle: SPEC.md says they are left as written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HIDDEN, FFN, NUM_EXPERTS, TOP_K = 32, 64, 8, 2
+BATCH, SEQ = 2, 16
+
+
+class _Style(nn.Module):
+    own_capacity = False
+    p_rule = "softmax over experts"
+
+    def __init__(self):
+        super().__init__()
+        self.route_fn: Callable | None = None
+
+    def _route(self, probs, ids, weights):
+        if self.route_fn is None:
+            return ids, weights
+        return self.route_fn(probs, ids, weights)
+
+
+def _stacked(E, a, b, std):
+    return nn.Parameter(torch.randn(E, a, b) * std)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class _Expert(nn.Module):
+    def __init__(self, h, f):
+        super().__init__()
+        self.w1 = nn.Linear(h, f, bias=False)
+        self.w3 = nn.Linear(h, f, bias=False)
+        self.w2 = nn.Linear(f, h, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ModuleListWhere(_Style):
+    """transformers-4 Mixtral: a Python loop over ``nn.ModuleList`` experts, ``torch.where``
+    on a one-hot expert mask, ``index_add_`` back into token order."""
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
+        super().__init__()
+        self.E, self.k = E, k
+        self.gate = nn.Linear(h, E, bias=False)
+        self.experts = nn.ModuleList(_Expert(h, f) for _ in range(E))
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.view(-1, H)
+        logits = self.gate(x)
+        probs = F.softmax(logits, dim=1, dtype=torch.float)
+        w, sel = torch.topk(probs, self.k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        sel, w = self._route(probs, sel, w)
+        w = w.to(x.dtype)
+        out = torch.zeros((B * S, H), dtype=x.dtype, device=x.device)
+        mask = F.one_hot(sel, num_classes=self.E).permute(2, 1, 0)  # [E, k, T]
+        for e in range(self.E):
+            slot, tok = torch.where(mask[e])
+            cur = x[None, tok].reshape(-1, H)
+            y = self.experts[e](cur) * w[tok, slot, None]
+            out.index_add_(0, tok, y.to(x.dtype))
+        return out.reshape(B, S, H)
+
+
+class GShardTop2(_Style):
+    """GShard / DeepSpeed top-2: two ``argmax`` picks, position in expert by ``cumsum``,
+    its own capacity (tokens past it dropped), dispatch/combine tensors ``[T, E, C]``,
+    stacked GELU experts by ``einsum``."""
+
+    own_capacity = True
+    p_rule = "- (the layer enforces its own capacity)"
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=2, capacity_factor=1.0):
+        super().__init__()
+        self.E, self.k, self.cf = E, 2, capacity_factor
+        self.wg = nn.Linear(h, E, bias=False)
+        self.w_in = _stacked(E, h, f, h**-0.5)
+        self.w_out = _stacked(E, f, h, f**-0.5)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        T = x.shape[0]
+        logits = self.wg(x)
+        gates = F.softmax(logits, dim=1)
+        cap = max(4, math.ceil(T * self.k / self.E * self.cf))
+        i1 = torch.argmax(gates, dim=1)
+        m1 = F.one_hot(i1, self.E)
+        i2 = torch.argmax(logits.masked_fill(m1.bool(), float("-inf")), dim=1)
+        m2 = F.one_hot(i2, self.E)
+        loc1 = torch.cumsum(m1, dim=0) - 1
+        loc2 = torch.cumsum(m2, dim=0) - 1 + m1.sum(dim=0, keepdim=True)
+        m1 = m1 * (loc1 < cap)
+        m2 = m2 * (loc2 < cap)
+        loc1 = (loc1 * m1).sum(dim=1)
+        loc2 = (loc2 * m2).sum(dim=1)
+        g1 = (gates * m1).sum(dim=1)
+        g2 = (gates * m2).sum(dim=1)
+        denom = (g1 + g2).clamp(min=torch.finfo(gates.dtype).eps)
+        g1, g2 = g1 / denom, g2 / denom
+        c1 = g1[:, None, None] * m1[:, :, None] * F.one_hot(loc1, cap)[:, None, :]
+        c2 = g2[:, None, None] * m2[:, :, None] * F.one_hot(loc2, cap)[:, None, :]
+        combine = c1 + c2  # [T, E, C]
+        dispatch = combine.bool().to(x.dtype)
+        xe = torch.einsum("tec,th->ech", dispatch, x)
+        ye = torch.einsum(
+            "ecf,efh->ech", F.gelu(torch.einsum("ech,ehf->ecf", xe, self.w_in)), self.w_out
+        )
+        out = torch.einsum("tec,ech->th", combine.to(x.dtype), ye)
+        return out.reshape(B, S, H)
+
+
+class BSEGroupedMM(_Style):
+    """A token-choice router on ``[B, S, E]`` scores (top-k over the last dim of a 3-D tensor),
+    stacked SwiGLU weights, tokens sorted by expert and ``torch._grouped_mm`` with offsets."""
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
+        super().__init__()
+        self.E, self.k = E, k
+        self.router = nn.Linear(h, E, bias=False)
+        self.w13 = _stacked(E, h, 2 * f, h**-0.5)
+        self.w2 = _stacked(E, f, h, f**-0.5)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        scores = self.router(x).softmax(dim=-1)  # [B, S, E]
+        w, ids = scores.topk(self.k, dim=-1)  # [B, S, k]
+        w = w / w.sum(-1, keepdim=True)
+        ids2, w2 = self._route(
+            scores.reshape(-1, self.E), ids.reshape(-1, self.k), w.reshape(-1, self.k)
+        )
+        flat_ids = ids2.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        tok = order // self.k
+        xs = x.reshape(-1, H)[tok]
+        counts = torch.bincount(flat_ids, minlength=self.E)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h13 = torch._grouped_mm(xs, self.w13, offs=offs)
+        g, u = h13.chunk(2, dim=-1)
+        ys = torch._grouped_mm(F.silu(g) * u, self.w2, offs=offs)
+        ys = ys * w2.reshape(-1)[order, None]
+        out = torch.zeros(B * S, H, dtype=x.dtype).index_add(0, tok, ys)
+        return out.reshape(B, S, H)
+
+
+class Lucidrains3D(_Style):
+    """lucidrains-style gating on ``[b, n, e]``: top-1 then top-2 over 3-D gates, normalised
+    pair weights, per-batch position by ``cumsum`` over ``n``, its own capacity from
+    ``int(...)``, dispatch/combine ``[b, n, e, c]``, experts by ``einsum`` on stacked weights."""
+
+    own_capacity = True
+    p_rule = "- (the layer enforces its own capacity)"
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=2, capacity_factor=1.0):
+        super().__init__()
+        self.E, self.k, self.cf = E, 2, capacity_factor
+        self.w_gating = nn.Parameter(torch.randn(h, E) * h**-0.5)
+        self.w1 = _stacked(E, h, f, h**-0.5)
+        self.w2 = _stacked(E, f, h, f**-0.5)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        raw = torch.einsum("bnd,de->bne", x, self.w_gating).softmax(dim=-1)
+        g1, i1 = raw.topk(1, dim=-1)
+        g1, i1 = g1.squeeze(-1), i1.squeeze(-1)
+        m1 = F.one_hot(i1, self.E).float()
+        g2, i2 = (raw * (1.0 - m1)).topk(1, dim=-1)
+        g2, i2 = g2.squeeze(-1), i2.squeeze(-1)
+        m2 = F.one_hot(i2, self.E).float()
+        denom = g1 + g2 + 1e-9
+        g1, g2 = g1 / denom, g2 / denom
+        cap = max(min(n, int(n * self.cf * self.k / self.E)), 4)
+        pos1 = (torch.cumsum(m1, dim=-2) - 1.0) * m1
+        m1 = m1 * (pos1 < cap).float()
+        count1 = m1.sum(dim=-2, keepdim=True)
+        pos1 = (pos1 * m1).sum(dim=-1)
+        pos2 = (torch.cumsum(m2, dim=-2) - 1.0 + count1) * m2
+        m2 = m2 * (pos2 < cap).float()
+        pos2 = (pos2 * m2).sum(dim=-1)
+        kept1, kept2 = m1.sum(-1), m2.sum(-1)
+        oh1 = F.one_hot(pos1.long(), cap).float()
+        oh2 = F.one_hot(pos2.long(), cap).float()
+        combine = (g1 * kept1)[..., None, None] * m1[..., None] * oh1[..., None, :] + (g2 * kept2)[
+            ..., None, None
+        ] * m2[..., None] * oh2[..., None, :]  # [b, n, e, c]
+        dispatch = (combine != 0).to(x.dtype)
+        xe = torch.einsum("bnd,bnec->ebcd", x, dispatch)
+        he = F.relu(torch.einsum("ebcd,edf->ebcf", xe, self.w1))
+        ye = torch.einsum("ebcf,efd->ebcd", he, self.w2)
+        return torch.einsum("ebcd,bnec->bnd", ye, combine.to(x.dtype))
+
+
+class ExpertChoice(_Style):
+    """Expert choice: every expert takes its top-``C`` tokens by score (a top-k over the
+    token dimension of ``[E, T]``), gathers them, runs, and adds back weighted."""
+
+    own_capacity = True
+    p_rule = "- (expert choice: the layer enforces its own capacity)"
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, capacity_factor=2.0):
+        super().__init__()
+        self.E, self.cf = E, capacity_factor
+        self.router = nn.Linear(h, E, bias=False)
+        self.w_in = _stacked(E, h, f, h**-0.5)
+        self.w_out = _stacked(E, f, h, f**-0.5)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        T = x.shape[0]
+        C = int(T * self.cf / self.E)
+        s = self.router(x).softmax(dim=-1)  # [T, E]
+        g, tok = torch.topk(s.t(), C, dim=-1)  # [E, C]
+        xe = x[tok]  # [E, C, H]
+        ye = torch.bmm(F.gelu(torch.bmm(xe, self.w_in)), self.w_out) * g[..., None]
+        out = torch.zeros_like(x).index_add(0, tok.reshape(-1), ye.reshape(-1, H))
+        return out.reshape(B, S, H)
+
+
+class Llama4Sigmoid(_Style):
+    """Llama-4: top-1 over raw logits, scattered into a ``-inf`` row and passed through a
+    sigmoid; the score scales each expert's *input*; every expert runs on every row
+    (``[E, T, H]`` bmm, SwiGLU, no biases); a shared expert is added."""
+
+    p_rule = "softmax of the raw logits (top-k ran on logits)"
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=1):
+        super().__init__()
+        self.E, self.k = E, 1
+        self.router = nn.Linear(h, E, bias=False)
+        self.gate_up = _stacked(E, h, 2 * f, h**-0.5)
+        self.down = _stacked(E, f, h, f**-0.5)
+        self.shared = _Expert(h, f)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        T = x.shape[0]
+        logits = self.router(x)
+        top_val, top_idx = torch.topk(logits, self.k, dim=1)
+        if self.route_fn is None:
+            scores = torch.full_like(logits, float("-inf")).scatter_(1, top_idx, top_val)
+            scores = torch.sigmoid(scores.float()).to(x.dtype)
+        else:  # the oracle: the same scores from (ids, W) after capacity
+            ids, w = self._route(
+                torch.softmax(logits.float(), -1), top_idx, torch.sigmoid(top_val.float())
+            )
+            scores = torch.zeros_like(logits).scatter(1, ids, w.to(x.dtype))
+        routed_in = x.repeat(self.E, 1) * scores.t().reshape(-1, 1)
+        h = torch.bmm(routed_in.view(self.E, T, H), self.gate_up)
+        g, u = h.chunk(2, dim=-1)
+        y = torch.bmm(u * F.silu(g), self.down).view(self.E, T, H)
+        out = y.sum(dim=0) + self.shared(x)
+        return out.reshape(B, S, H)
+
+
+class SquaredReLU(_Style):
+    """Squared-ReLU experts (Primer / Nemotron style), softmax top-k without renormalisation,
+    a weight copy gathered per (token, slot) and ``bmm``."""
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
+        super().__init__()
+        self.E, self.k = E, k
+        self.gate = nn.Linear(h, E, bias=False)
+        self.up = _stacked(E, h, f, h**-0.5)
+        self.down = _stacked(E, f, h, f**-0.5)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        T = x.shape[0]
+        p = torch.softmax(self.gate(x), dim=-1)
+        w, ids = torch.topk(p, self.k, dim=-1)
+        ids, w = self._route(p, ids, w)
+        flat = ids.reshape(-1)
+        xr = x.repeat_interleave(self.k, dim=0)
+        h = torch.bmm(xr.unsqueeze(1), self.up[flat]).squeeze(1)
+        h = torch.square(F.relu(h))
+        y = torch.bmm(h.unsqueeze(1), self.down[flat]).squeeze(1)
+        y = y * w.reshape(-1, 1)
+        return y.view(T, self.k, H).sum(dim=1).reshape(B, S, H)
+
+
+class GptOssClamped(_Style):
+    """GPT-OSS: router with a bias, top-k over raw logits, softmax over the selected; experts
+    with interleaved gate/up columns and biases, gate clamped above, up clamped both ways,
+    ``gate * sigmoid(alpha * gate) * (up + 1)``; dispatch by a loop over experts hit."""
+
+    p_rule = "softmax of the raw logits (top-k ran on logits)"
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K, limit=7.0, alpha=1.702):
+        super().__init__()
+        self.E, self.k, self.limit, self.alpha = E, k, limit, alpha
+        self.router = nn.Linear(h, E, bias=True)
+        self.gate_up = _stacked(E, h, 2 * f, 2.0 * h**-0.5)
+        self.gate_up_bias = nn.Parameter(torch.randn(E, 2 * f) * 0.1)
+        self.down = _stacked(E, f, h, f**-0.5)
+        self.down_bias = nn.Parameter(torch.randn(E, h) * 0.1)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        T = x.shape[0]
+        logits = self.router(x)
+        val, ids = torch.topk(logits, self.k, dim=-1)
+        w = torch.softmax(val, dim=1, dtype=val.dtype)
+        ids, w = self._route(torch.softmax(logits, -1), ids, w)
+        flat = ids.reshape(-1)
+        xr = x.repeat_interleave(self.k, dim=0)
+        gu = torch.bmm(xr.unsqueeze(1), self.gate_up[flat]).squeeze(1) + self.gate_up_bias[flat]
+        gate, up = gu[..., ::2], gu[..., 1::2]
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        h = (up + 1) * glu
+        y = torch.bmm(h.unsqueeze(1), self.down[flat]).squeeze(1) + self.down_bias[flat]
+        y = y * w.reshape(-1, 1)
+        return y.view(T, self.k, H).sum(dim=1).reshape(B, S, H)
+
+
+_STYLES: dict[str, type[_Style]] = {
+    "modulelist_where": ModuleListWhere,
+    "gshard_top2_own_capacity": GShardTop2,
+    "bse_grouped_mm": BSEGroupedMM,
+    "lucidrains_3d_gating": Lucidrains3D,
+    "expert_choice": ExpertChoice,
+    "llama4_sigmoid_top1": Llama4Sigmoid,
+    "squared_relu": SquaredReLU,
+    "gptoss_clamped_swiglu": GptOssClamped,
+}
+STYLES: tuple[str, ...] = tuple(_STYLES)
+
+
+def build(style: str, seed: int = 0) -> _Style:
+    """The style's module with random weights from ``seed``, in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = _STYLES[style]()
+    return m.eval()
+
+
+def hidden(module: nn.Module, batch: int = BATCH, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + 11)
+    return torch.randn(batch, seq, HIDDEN, generator=gen)
+
+
+@torch.no_grad()
+def oracle(module: _Style, x: torch.Tensor, gamma, policy: str = "score", **opts):
+    """The module's eager output with SPEC.md's capacity applied to its own selection, and
+    the number of pairs dropped. ``gamma=None`` must give the module's own output."""
+    import capmoe_compile
+    from capmoe_compile import config
+
+    dropped = 0
+
+    def fn(probs, ids, w):
+        nonlocal dropped
+        E = probs.shape[-1]
+        shape = ids.shape
+        k = shape[-1]
+        P = probs.reshape(-1, E).float()
+        i2, w2 = capmoe_compile.route(
+            P,
+            ids.reshape(-1, k),
+            w.reshape(-1, k).float(),
+            capacity_factor=gamma,
+            policy=policy,
+            min_tokens=config.min_tokens,
+            **opts,
+        )
+        drop = i2 >= E
+        dropped += int(drop.sum())
+        i2 = torch.where(drop, ids.reshape(-1, k).long(), i2.long())
+        w2 = torch.where(drop, torch.zeros_like(w2), w2)
+        return i2.reshape(shape).to(ids.dtype), w2.reshape(shape).to(w.dtype)
+
+    module.route_fn = fn
+    try:
+        out = module(x)
+    finally:
+        module.route_fn = None
+    return out, dropped
