@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from . import config
+from .calibrate import Calibration, calibrate
 from .declare import router
 from .explain import ExplainReport, explain
 from .module_config import configure, exempt
@@ -20,9 +21,11 @@ from .telemetry import LayerStats, Stats, record_stats
 
 __all__ = [
     "POLICIES",
+    "Calibration",
     "ExplainReport",
     "LayerStats",
     "Stats",
+    "calibrate",
     "capacity",
     "config",
     "configure",

@@ -37,6 +37,7 @@ __all__ = [
     "load_balanced_moe",
     "load_tiny_moe",
     "load_tokenizer",
+    "split_validation",
     "stdlib_corpus",
     "tiny_moe_card",
     "validation_windows",
@@ -184,3 +185,20 @@ def validation_windows(corpus: Corpus, seq: int, count: int) -> torch.Tensor:
         raise ValueError(f"validation text holds {n} windows of {seq}, asked for {count}")
     starts = torch.linspace(0, n - 1, count).long() * seq
     return torch.stack([corpus.val[s : s + seq] for s in starts.tolist()])
+
+
+def split_validation(corpus: Corpus, share: float = 0.3) -> tuple[Corpus, Corpus]:
+    """The validation files split in two at a file boundary: the files making up the first
+    ``share`` of the validation bytes, and the rest. Each part is a :class:`Corpus` whose
+    ``val`` is that part (so :func:`validation_windows` applies): calibrate capacity on the
+    first (``capmoe calibrate``), measure on the second, which neither the model nor the
+    calibration saw."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    ends = (corpus.val == EOS_ID).nonzero().flatten()
+    cut = int(ends[ends >= int(share * corpus.val.numel())][0]) + 1
+    first, rest = corpus.val[:cut], corpus.val[cut:]
+    return (
+        Corpus(train=corpus.train, val=first, version={**corpus.version, "val_part": "first"}),
+        Corpus(train=corpus.train, val=rest, version={**corpus.version, "val_part": "rest"}),
+    )

@@ -1,0 +1,673 @@
+"""Per-layer capacity calibration: which gamma (and policy) for which MoE layer.
+
+    cal = capmoe_compile.calibrate(model, batches, target=1.3)   # or max_ppl_increase=0.01
+    cal.save("calibration.json")
+    ...
+    cal = capmoe_compile.Calibration.load("calibration.json")
+    cal.apply(model)                       # capmoe_compile.configure, one call per named layer
+    compiled = torch.compile(model, backend="capmoe")
+
+What it optimises
+-----------------
+The **modeled expert-parallel speedup of the model** is SPEC.md's per-layer figure combined
+over layers and calls as a ratio of sums::
+
+    speedup = sum_{layer, call} max_load_before / sum_{layer, call} max_load_after
+
+i.e. every MoE layer call is assumed to cost time proportional to its most loaded expert (the
+straggler), at equal per-token expert cost in every layer, and the model's MoE time is the sum
+of its layers' times (layers run one after another). A layer's own speedup ``s_l`` enters with
+weight ``max_load_before_l``: the model-level figure is the harmonic mean of the ``s_l``
+weighted by each layer's share of the MoE time before capacity. Attention and everything else
+outside the MoE layers are excluded (as in ``benchmarks/quality.py``).
+
+The **loss** is next-token cross-entropy (nats per token) on the calibration batches.
+
+The search
+----------
+1. *Baseline* (1 forward pass over the calibration batches, capacity off): the loss, and every
+   layer's per-call expert loads from :func:`capmoe_compile.record_stats`.
+2. *Per-layer sensitivity* (one pass per layer x policy x gamma that changes anything): only
+   that layer is capped (``configure``), every other layer is off; record the loss increase
+   ``d_l(p, g)`` and the layer's summed max load after capacity ``M_l(p, g)``. A gamma whose
+   capacity is at least every call's largest load leaves the layer exactly as written (SPEC.md
+   invariant 2), so it costs no pass; a layer's descent stops once its loss increase passes
+   ``stop_loss`` nats. The increases are regularised against noise: clamped at 0 and made
+   monotone (a smaller gamma never looks better than a larger one of the same policy).
+3. *Combination* (no passes): assume the increases add up and pick one choice per layer
+   (off, or a policy and gamma) minimising ``sum_l d_l`` subject to
+   ``sum_l M_l <= sum_l B_l / target`` (a multiple-choice knapsack, solved exactly by dynamic
+   programming over the MoE-time budget quantised to ``1/2000`` of the baseline, costs rounded
+   up). With ``max_ppl_increase`` instead of ``target``: the fastest choice whose predicted
+   perplexity increase is within the budget.
+4. *Check* (1 pass, up to ``repair_rounds`` more): apply the choice to every layer at once and
+   measure loss and speedup on the calibration batches. Capping one layer changes the hidden
+   states, hence the loads, of the layers after it; if the measured speedup falls short of the
+   target, the budget is tightened by the shortfall and step 3 rerun.
+
+Cost: one compile (the capacity options are read at run time, so no per-candidate recompile),
+and ``2 + sum_l (passes of layer l) + repairs`` forward passes over the calibration batches,
+at most ``2 + L * P * G + repair_rounds`` for L layers, P policies and G gammas, with no
+backward pass; the combination step is ``O(L * P * G * 2000)`` arithmetic. For a 32-layer
+model, one policy and the 11 default gammas that is at most ~360 passes, typically much fewer
+(balanced layers overflow only at the lower gammas; sensitive layers stop early). Calibrate
+with batches of the shape you serve: gamma is relative to the mean load ``T * k / E``, and how
+far the largest load exceeds it depends on ``T``.
+
+``expanded_drop`` is not searched: it changes a layer's output width, which is fixed when the
+graph is compiled, so it cannot be mixed per layer with the other policies in one graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import config, module_config
+from .routing import POLICIES
+from .telemetry import record_stats
+
+__all__ = ["DEFAULT_GAMMAS", "SEARCH_POLICIES", "Calibration", "calibrate", "model_speedup"]
+
+#: Gammas tried per layer (largest first).
+DEFAULT_GAMMAS: tuple[float, ...] = (3.0, 2.5, 2.0, 1.75, 1.5, 1.375, 1.25, 1.125, 1.0, 0.875, 0.75)
+#: Policies that keep a layer's output width (all but ``expanded_drop``), so any mix of them
+#: runs in one compiled graph.
+SEARCH_POLICIES: tuple[str, ...] = tuple(p for p in POLICIES if p != "expanded_drop")
+
+FORMAT = "capmoe-calibration"
+FORMAT_VERSION = 1
+_LAYER_KEYS = ("capacity_factor", "policy")
+_BUCKETS = 2000
+
+
+def model_speedup(max_before: Mapping[str, float], max_after: Mapping[str, float]) -> float:
+    """The model-level modeled EP speedup: ``sum(max_before) / sum(max_after)`` over layers
+    (each value already summed over the layer's calls). See the module docstring."""
+    after = sum(max_after.values())
+    return sum(max_before.values()) / after if after else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# the configuration object
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Per-layer capacity options, and how they were found.
+
+    ``layers`` maps a module path (the names :func:`capmoe_compile.record_stats` reports, e.g.
+    ``"model.layers.3.mlp"``) to ``{"capacity_factor": gamma or None, "policy": name}``.
+    ``None`` leaves that layer as written even when the global configuration sets a gamma.
+    Layers not named keep whatever the global configuration says.
+
+    The remaining fields are a record (not applied): the target, the tokens per call the
+    calibration saw, the predicted and measured loss and speedup on the calibration batches,
+    and the search's cost and per-layer sensitivities.
+    """
+
+    layers: dict[str, dict[str, Any]]
+    target: float | None = None
+    max_ppl_increase: float | None = None
+    tokens_per_call: int | None = None
+    predicted: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers = _check_layers(self.layers)
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """``configure`` every named layer of ``model`` (its ``capacity_factor`` and
+        ``policy``); returns ``model``. ``ValueError`` if a name is not a submodule of
+        ``model`` holding parameters (per-module options follow a layer's weights). Nothing is
+        configured unless every name resolves."""
+        modules = {name: _submodule(model, name) for name in self.layers}
+        for name, opts in self.layers.items():
+            module_config.configure(modules[name], **opts)
+        return model
+
+    def clear(self, model: nn.Module) -> nn.Module:
+        """Remove every per-module override of the named layers (not only this calibration's)."""
+        for name in self.layers:
+            module_config.clear(_submodule(model, name))
+        return model
+
+    # -- JSON -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "layers": {name: dict(opts) for name, opts in self.layers.items()},
+            "target": self.target,
+            "max_ppl_increase": self.max_ppl_increase,
+            "tokens_per_call": self.tokens_per_call,
+            "predicted": self.predicted,
+            "measured": self.measured,
+            "search": self.search,
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: object) -> Calibration:
+        if not isinstance(data, dict):
+            raise ValueError(f"a capmoe calibration is a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a capmoe calibration (format={data.get('format')!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported calibration version {data.get('version')!r}")
+        known = {"format", "version", *cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown calibration field(s): {', '.join(unknown)}")
+        if "layers" not in data:
+            raise ValueError("calibration has no 'layers'")
+        fields = {k: v for k, v in data.items() if k not in ("format", "version")}
+        for name in ("predicted", "measured", "search"):
+            if not isinstance(fields.get(name, {}), dict):
+                raise ValueError(f"calibration field {name!r} must be an object")
+        for name in ("target", "max_ppl_increase"):
+            value = fields.get(name)
+            if value is not None and not _positive(value):
+                raise ValueError(f"calibration field {name!r} must be a positive number")
+        tokens = fields.get("tokens_per_call")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
+            raise ValueError("calibration field 'tokens_per_call' must be an integer")
+        return cls(**fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:  # already a ValueError; say what it was
+            raise ValueError(f"calibration is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        return cls.from_json(Path(path).read_text())
+
+    def __str__(self) -> str:
+        lines = []
+        for name, opts in self.layers.items():
+            g = opts["capacity_factor"]
+            lines.append(f"  {name:<32} {'off' if g is None else g:>6} {opts['policy']}")
+        head = "capmoe calibration"
+        if self.target is not None:
+            head += f", target {self.target:g}x"
+        if self.max_ppl_increase is not None:
+            head += f", max perplexity increase {self.max_ppl_increase:.2%}"
+        m = self.measured
+        if m:
+            head += (
+                f": calibration set speedup {m['speedup']:.3f}x, perplexity {m['ppl_change']:+.2%}"
+            )
+        return head + "\n" + "\n".join(lines)
+
+
+def _positive(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _check_layers(layers: object) -> dict[str, dict[str, Any]]:
+    if not isinstance(layers, Mapping):
+        raise ValueError("calibration 'layers' must map layer names to options")
+    out: dict[str, dict[str, Any]] = {}
+    for name, opts in layers.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"calibration layer name must be a non-empty string, got {name!r}")
+        if not isinstance(opts, Mapping):
+            raise ValueError(f"calibration layer {name!r}: options must be an object")
+        unknown = sorted(set(opts) - set(_LAYER_KEYS))
+        if unknown:
+            raise ValueError(f"calibration layer {name!r}: unknown option(s) {unknown}")
+        if set(opts) != set(_LAYER_KEYS):
+            raise ValueError(f"calibration layer {name!r}: needs both of {list(_LAYER_KEYS)}")
+        out[name] = {key: config.validate(key, opts[key]) for key in _LAYER_KEYS}
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    root = _unwrap(model)
+    try:
+        module = root.get_submodule(name)
+    except AttributeError:
+        module = None
+    if module is None or next(module.parameters(), None) is None:
+        layers = sorted(
+            n for n, m in root.named_modules() if n.endswith(("mlp", "moe", "block_sparse_moe"))
+        )
+        hint = f" (candidates: {', '.join(layers[:8])})" if layers else ""
+        raise ValueError(f"calibration names layer {name!r}, not a module of the model{hint}")
+    return module
+
+
+@contextlib.contextmanager
+def _own_overrides(model: nn.Module):
+    """Clear the per-instance overrides of ``model``'s submodules for the block, restore them
+    after (the search configures layers one at a time)."""
+    saved = {}
+    for _, mod in _unwrap(model).named_modules():
+        opts = module_config._by_instance.get(mod)
+        if opts:
+            saved[mod] = dict(opts)
+            module_config.clear(mod)
+    try:
+        yield
+    finally:
+        for _, mod in _unwrap(model).named_modules():
+            module_config.clear(mod)
+        for mod, opts in saved.items():
+            module_config.configure(mod, **opts)
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pass:
+    loss: float  # nats per scored token
+    tokens: int
+    max_after: dict[str, int]  # per layer, summed over calls
+    max_before: dict[str, int]
+    calls: dict[str, list[list[int]]]  # per layer, per call: loads before (baseline only)
+    tokens_per_call: int
+
+
+def _as_inputs(batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch}, batch, None
+    if isinstance(batch, Mapping) and "input_ids" in batch:
+        mask = batch.get("attention_mask")
+        return dict(batch), batch["input_ids"], mask
+    raise ValueError("calibration batches are input-id tensors [B, S] or dicts with 'input_ids'")
+
+
+@torch.no_grad()
+def _run(compiled, batches: Sequence[Any], keep_calls: bool = False) -> _Pass:
+    nll, count = 0.0, 0
+    max_before: dict[str, int] = {}
+    max_after: dict[str, int] = {}
+    calls: dict[str, list[list[int]]] = {}
+    tokens_per_call = 0
+    for batch in batches:
+        inputs, ids, mask = _as_inputs(batch)
+        with record_stats() as st:
+            logits = compiled(**inputs).logits
+        logits = logits[:, :-1].float()
+        target = ids[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        )
+        if mask is not None:
+            keep = (mask[:, 1:] * mask[:, :-1]).reshape(-1).bool()
+            losses = losses[keep]
+        nll += float(losses.double().sum())
+        count += losses.numel()
+        for s in st.layers:
+            max_before[s.name] = max_before.get(s.name, 0) + int(s.loads_before.max())
+            max_after[s.name] = max_after.get(s.name, 0) + int(s.loads_after.max())
+            tokens_per_call = max(tokens_per_call, s.tokens)
+            if keep_calls:
+                calls.setdefault(s.name, []).append([s.tokens, *s.loads_before.tolist()])
+    if not count:
+        raise ValueError("calibration batches hold no scored tokens")
+    return _Pass(nll / count, count, max_after, max_before, calls, tokens_per_call)
+
+
+def _changes_nothing(calls: list[list[int]], gamma: float, top_k: int) -> bool:
+    """Whether capacity ``gamma`` leaves every recorded call of a layer as written: its
+    capacity is at least the call's largest load (SPEC.md invariant 2; the global
+    ``min_capacity`` / ``capacity_align`` only raise C)."""
+    for row in calls:
+        tokens, loads = row[0], row[1:]
+        cap = max(1, math.ceil(gamma * tokens * top_k / len(loads)))
+        if max(loads) > cap:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# the search
+# --------------------------------------------------------------------------------------------
+
+
+def _solve(
+    choices: dict[str, list[tuple[float, int, Any]]], total_before: int
+) -> tuple[list[float], list[list[int]]]:
+    """Multiple-choice knapsack by dynamic programming over the quantised MoE-time budget.
+
+    ``choices[layer]`` is a list of ``(loss_increase, max_after, label)``. Returns ``best``,
+    ``best[b]`` = the least summed loss increase whose quantised summed max load is at most
+    ``b`` buckets (non-increasing in ``b``), and per layer the choice made at each bucket.
+    """
+    inf = float("inf")
+    best = torch.zeros(_BUCKETS + 1, dtype=torch.float64)  # no layer yet: every budget is free
+    picks: list[list[int]] = []
+    for layer_choices in choices.values():
+        new = torch.full((_BUCKETS + 1,), inf, dtype=torch.float64)
+        arg = torch.full((_BUCKETS + 1,), -1, dtype=torch.long)
+        for i, (delta, max_after, _) in enumerate(layer_choices):
+            cost = _cost(max_after, total_before)
+            if cost > _BUCKETS:
+                continue
+            cand = torch.full((_BUCKETS + 1,), inf, dtype=torch.float64)
+            cand[cost:] = best[: _BUCKETS + 1 - cost] + delta
+            better = cand < new  # strict: ties keep the earlier choice
+            new = torch.where(better, cand, new)
+            arg = torch.where(better, torch.tensor(i), arg)
+        picks.append(arg.tolist())
+        best = new
+    return best.tolist(), picks
+
+
+def _cost(max_after: float, total_before: int) -> int:
+    """Buckets of ``_BUCKETS`` per baseline MoE time, rounded up (never optimistic)."""
+    return math.ceil(max_after * _BUCKETS / total_before - 1e-9)
+
+
+def _backtrack(choices, picks, bucket: int, total_before: int) -> dict[str, int]:
+    names = list(choices)
+    out: dict[str, int] = {}
+    b = bucket
+    for li in range(len(names) - 1, -1, -1):
+        idx = picks[li][b]
+        if idx < 0:
+            raise RuntimeError("calibration: no feasible choice (internal error)")
+        out[names[li]] = idx
+        b -= _cost(choices[names[li]][idx][1], total_before)
+    return {n: out[n] for n in names}
+
+
+def _measure(compiled, root, batches, policies, gammas, stop_loss, say):
+    """Steps 1 and 2 of the search: the baseline pass and the per-layer sensitivity passes."""
+    base = _run(compiled, batches, keep_calls=True)
+    passes = 1
+    if not base.max_before:
+        raise ValueError("calibrate: no MoE layer of the model was matched by the capmoe passes")
+    names = list(base.max_before)
+    top_k = {}
+    for name in names:
+        calls = base.calls[name]
+        top_k[name] = round(sum(calls[0][1:]) / calls[0][0]) if calls[0][0] else 1
+    say(f"baseline loss {base.loss:.4f}, {len(names)} layers, T={base.tokens_per_call}")
+
+    # per layer: (policy, gamma) -> (loss increase, summed max load after)
+    table: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        module = _submodule(root, name)
+        rows: list[dict[str, Any]] = []
+        for policy in policies:
+            worst = 0.0
+            for gamma in gammas:
+                if _changes_nothing(base.calls[name], gamma, top_k[name]):
+                    continue
+                module_config.configure(module, capacity_factor=gamma, policy=policy)
+                res = _run(compiled, batches)
+                passes += 1
+                raw = res.loss - base.loss
+                worst = max(worst, raw, 0.0)  # monotone, clamped at 0
+                rows.append(
+                    {
+                        "policy": policy,
+                        "capacity_factor": gamma,
+                        "loss_increase": worst,
+                        "loss_increase_raw": raw,
+                        "max_after": res.max_after[name],
+                    }
+                )
+                say(
+                    f"{name} {policy} gamma={gamma}: d loss {raw:+.4f}, "
+                    f"layer speedup {base.max_before[name] / res.max_after[name]:.3f}x"
+                )
+                if worst > stop_loss:
+                    break
+        module_config.clear(module)
+        table[name] = rows
+
+    return base, table, passes
+
+
+def _reused(reuse: Calibration, policies, gammas, batches) -> tuple[_Pass, dict]:
+    """The baseline and sensitivities recorded by an earlier calibration of the same model on
+    the same batches (checked: policies, gammas and scored tokens must match)."""
+    rec = reuse.search
+    if "baseline" not in rec or "sensitivity" not in rec:
+        raise ValueError("reuse= needs a calibration that recorded its baseline and sensitivity")
+    if rec.get("policies") != list(policies) or rec.get("gammas") != list(gammas):
+        raise ValueError("reuse= was searched over other policies or gammas")
+    scored = sum(_as_inputs(b)[1][:, 1:].numel() for b in batches)
+    if rec["baseline"]["tokens_scored"] != scored and not any(
+        _as_inputs(b)[2] is not None for b in batches
+    ):
+        raise ValueError("reuse= was measured on other batches")
+    b = rec["baseline"]
+    base = _Pass(b["loss"], b["tokens_scored"], {}, dict(b["max_before"]), {}, b["tokens_per_call"])
+    return base, rec["sensitivity"]
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    target: float | None = None,
+    max_ppl_increase: float | None = None,
+    policies: Sequence[str] = ("score",),
+    gammas: Sequence[float] = DEFAULT_GAMMAS,
+    seed: int = 0,
+    stop_loss: float = 0.25,
+    repair_rounds: int = 3,
+    compiled: Any = None,
+    reuse: Calibration | None = None,
+    progress: bool = False,
+) -> Calibration:
+    """Search per-layer capacity factors (and, with several ``policies``, per-layer policies)
+    that reach a modeled expert-parallel speedup of ``target`` at the least loss on
+    ``batches``, or (``max_ppl_increase``, e.g. ``0.01``) the largest speedup whose predicted
+    perplexity increase stays within the budget. Exactly one of the two must be given.
+
+    ``batches``: input-id tensors ``[B, S]`` (or dicts with ``input_ids`` and optionally
+    ``attention_mask``), all of the shape you will serve, since gamma is relative to ``T``.
+    ``model`` is a causal LM returning ``.logits``; ``compiled`` may pass an already compiled
+    ``torch.compile(model, backend="capmoe")`` to reuse. ``seed`` is the ``random`` policy's
+    seed. ``reuse``: a calibration of the same model on the same batches, policies and gammas,
+    whose baseline and per-layer measurements are reused (only steps 3 and 4 run: another
+    target costs one or a few passes). Per-module overrides already on ``model`` are set aside
+    during the search and restored after; nothing is applied: call :meth:`Calibration.apply`.
+
+    How the search works, what it costs, and how per-layer speedups combine into the model's:
+    see the module docstring. Deterministic for fixed inputs and ``seed`` (one compile, no
+    timing; the loss is reduced in float64 in a fixed order).
+    """
+    if (target is None) == (max_ppl_increase is None):
+        raise ValueError("calibrate needs exactly one of target= or max_ppl_increase=")
+    if target is not None and not (_positive(target) and target >= 1):
+        raise ValueError(f"target speedup must be a number >= 1, got {target!r}")
+    if max_ppl_increase is not None and not _positive(max_ppl_increase):
+        raise ValueError(f"max_ppl_increase must be a positive number, got {max_ppl_increase!r}")
+    policies = tuple(config.validate("policy", p) for p in policies)
+    if not policies:
+        raise ValueError("calibrate needs at least one policy")
+    if "expanded_drop" in policies:
+        raise ValueError(
+            "calibrate does not search expanded_drop: it changes a layer's output width, fixed "
+            "when the graph is compiled, so it cannot be mixed per layer with other policies"
+        )
+    gammas = sorted({float(config.validate("capacity_factor", g)) for g in gammas}, reverse=True)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate needs at least one batch")
+    t0 = time.perf_counter()
+    root = _unwrap(model)
+    if compiled is None:
+        compiled = torch.compile(root, backend="capmoe", dynamic=False)
+    passes = 0
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"[calibrate {time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
+
+    with _own_overrides(root), config.patch(capacity_factor=None, seed=seed):
+        if reuse is not None:
+            base, table = _reused(reuse, policies, gammas, batches)
+        else:
+            base, table, n = _measure(compiled, root, batches, policies, gammas, stop_loss, say)
+            passes += n
+        names = list(base.max_before)
+
+        total_before = sum(base.max_before.values())
+        choices = {
+            name: [(0.0, base.max_before[name], None)]
+            + [
+                (r["loss_increase"] + 1e-12 * r["max_after"] / total_before, r["max_after"], r)
+                for r in table[name]
+            ]
+            for name in names
+        }
+        best, picks = _solve(choices, total_before)
+        fastest = next(i for i, v in enumerate(best) if v < float("inf"))
+        reachable = _BUCKETS / fastest if fastest else float("inf")
+
+        loss_budget = None if max_ppl_increase is None else math.log1p(max_ppl_increase)
+
+        def pick(goal_buckets: int | None) -> tuple[dict[str, int], int]:
+            if goal_buckets is None:  # quality budget: the fewest buckets within it
+                b = next(i for i, v in enumerate(best) if v <= loss_budget)
+            else:
+                b = goal_buckets
+            return _backtrack(choices, picks, b, total_before), b
+
+        def layers_of(sel: dict[str, int]) -> dict[str, dict[str, Any]]:
+            out = {}
+            for name, idx in sel.items():
+                row = choices[name][idx][2]
+                out[name] = (
+                    {"capacity_factor": None, "policy": policies[0]}
+                    if row is None
+                    else {"capacity_factor": row["capacity_factor"], "policy": row["policy"]}
+                )
+            return out
+
+        goal = None
+        if target is not None:
+            goal = math.floor(_BUCKETS / target + 1e-9)
+            if goal < fastest:
+                raise ValueError(
+                    f"calibrate: target {target}x is out of reach with gammas >= {gammas[-1]} "
+                    f"and policies {list(policies)}: at most {reachable:.3f}x predicted"
+                )
+        rounds = []
+        while True:
+            sel, bucket = pick(goal)
+            layers = layers_of(sel)
+            predicted_loss = sum(choices[n][i][0] for n, i in sel.items())
+            predicted_after = {n: choices[n][i][1] for n, i in sel.items()}
+            for name, opts in layers.items():
+                module_config.configure(_submodule(root, name), **opts)
+            res = _run(compiled, batches)
+            passes += 1
+            for name in layers:
+                module_config.clear(_submodule(root, name))
+            speedup = model_speedup(base.max_before, res.max_after)
+            rounds.append(
+                {
+                    "layers": layers,
+                    "predicted_speedup": model_speedup(base.max_before, predicted_after),
+                    "measured_speedup": speedup,
+                    "measured_loss_increase": res.loss - base.loss,
+                }
+            )
+            say(f"check: speedup {speedup:.3f}x, d loss {res.loss - base.loss:+.4f}")
+            if len(rounds) > repair_rounds:
+                break
+            if target is None:
+                # quality budget: if the layers together cost more than their sum, shrink the
+                # predicted budget by the overshoot
+                measured = res.loss - base.loss
+                full = math.log1p(max_ppl_increase)
+                if measured <= full or predicted_loss <= 0:
+                    break
+                loss_budget = min(loss_budget * 0.999, predicted_loss * full / measured)
+                continue
+            if speedup >= target - 1e-9:
+                break
+            # tighten by the shortfall (the layers after a capped one saw other loads)
+            new_goal = math.floor(bucket * speedup / target)
+            if new_goal >= bucket:
+                new_goal = bucket - 1
+            if new_goal < fastest:
+                break
+            goal = new_goal
+
+    cal_tokens = base.tokens
+    return Calibration(
+        layers=layers,
+        target=target,
+        max_ppl_increase=max_ppl_increase,
+        tokens_per_call=base.tokens_per_call,
+        predicted={
+            "speedup": rounds[-1]["predicted_speedup"],
+            "loss_increase": predicted_loss,
+            "ppl_change": math.expm1(predicted_loss),
+            "max_after": predicted_after,
+        },
+        measured={
+            "loss_off": base.loss,
+            "loss": base.loss + rounds[-1]["measured_loss_increase"],
+            "ppl_change": math.expm1(rounds[-1]["measured_loss_increase"]),
+            "speedup": rounds[-1]["measured_speedup"],
+            "max_before": base.max_before,
+            "max_after": res.max_after,
+            "tokens_scored": cal_tokens,
+        },
+        search={
+            "policies": list(policies),
+            "gammas": gammas,
+            "seed": seed,
+            "stop_loss": stop_loss,
+            "forward_passes": passes,
+            "batches": len(batches),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "max_predicted_speedup": reachable,
+            "reused": reuse is not None,
+            "baseline": {
+                "loss": base.loss,
+                "tokens_scored": base.tokens,
+                "tokens_per_call": base.tokens_per_call,
+                "max_before": base.max_before,
+            },
+            "rounds": rounds,
+            "sensitivity": table,
+        },
+    )
