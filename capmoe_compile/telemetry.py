@@ -3,12 +3,22 @@
 Every rewritten layer's ``capmoe::route_layer`` op checks one Python list when it runs; only
 inside ``record_stats`` does it count loads (which synchronises with the device). Outside, it
 costs that list check: no extra outputs, no host synchronisation, no recompile.
+
+Prefill and decode. Every record says which kind of call it was (``LayerStats.phase``), from
+the call's own shapes and nothing else, so it is the same whichever graph ran it: ``"decode"``
+when each sequence of the call contributes exactly one row (``rows == B``: the one-new-token
+step of generation with a KV cache), ``"prefill"`` otherwise (a prompt; a prefill chunk; or,
+without a KV cache, the whole sequence recomputed at every step). ``B`` is the number of
+sequences of the ``[B, S]`` the rows were flattened from; where the graph does not show that
+structure (``explain`` says so) ``B`` counts as 1, so only a one-row call is ``"decode"``. A
+prompt of a single token is ``"decode"`` too: it is the same call, with the same ``T``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +39,8 @@ class LayerStats:
     loads_after: torch.Tensor
     dropped: int
     added: int
+    sequences: int = 1  # B of the [B, S] the rows came from (1 where that is unknown)
+    phase: str = "prefill"  # "decode": one row per sequence (see the module docstring)
 
     @property
     def imbalance_before(self) -> float:
@@ -56,6 +68,16 @@ def _imbalance(loads: torch.Tensor) -> float:
 class Stats:
     layers: list[LayerStats] = dataclasses.field(default_factory=list)
 
+    @property
+    def prefill(self) -> list[LayerStats]:
+        """The records of prefill calls (more than one row per sequence)."""
+        return [s for s in self.layers if s.phase == "prefill"]
+
+    @property
+    def decode(self) -> list[LayerStats]:
+        """The records of decode calls (one row per sequence)."""
+        return [s for s in self.layers if s.phase == "decode"]
+
 
 def is_recording() -> bool:
     return bool(_active)
@@ -70,6 +92,23 @@ def record_stats() -> Iterator[Stats]:
         yield stats
     finally:
         _active.remove(stats)
+    if not stats.layers and not _inside_explain():
+        warnings.warn(
+            "capmoe: record_stats saw no capmoe MoE layer run. Either no layer was rewritten "
+            "(capmoe_compile.explain says why), or the model ran uncompiled: "
+            "torch.compile(model).generate(...) calls the original model's generate, which "
+            "never enters the compiled code; compile in place with "
+            "model.compile(backend='capmoe', options=...) and call model.generate(...)",
+            stacklevel=3,
+        )
+
+
+def _inside_explain() -> bool:
+    # explain runs the model inside its own record_stats; a model without MoE layers is a
+    # normal answer there, not a mistake to warn about
+    from . import explain
+
+    return bool(getattr(explain, "_collecting", None))
 
 
 def _dense(ids: torch.Tensor, E: int) -> torch.Tensor:
@@ -87,6 +126,7 @@ def record(
     sum of the sequences' ``C_s`` for the sequence scope.
     """
     T, k = ids_before.shape
+    phase = "decode" if T == num_sequences else "prefill"
     rows = torch.ones(T, dtype=torch.bool) if valid is None else valid.cpu()
     cap = None
     if opts["capacity_factor"] is not None and int(rows.sum()) >= opts["min_tokens"]:
@@ -113,6 +153,8 @@ def record(
         loads_after=after.sum(0).cpu(),
         dropped=int((before & ~after).sum()),
         added=int((after & ~before).sum()),
+        sequences=num_sequences,
+        phase=phase,
     )
     for s in _active:
         s.layers.append(rec)
