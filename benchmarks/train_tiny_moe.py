@@ -214,6 +214,9 @@ def save(model, record: dict, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(torch.float16)
+    # trained without a KV cache; the shipped files are for inference, where generate needs it
+    model.config.use_cache = True
+    model.generation_config.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
     tok = ByT5Tokenizer(extra_ids=0)
     tok.model_max_length = MODEL_KWARGS["max_position_embeddings"]
