@@ -302,12 +302,20 @@ def _sized_case(form, sizes, dtype, H, F, seed=0, drop=37):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("form_name", list(FORMS))
 @pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["chunks_default", "chunks_small"])
-@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "rows"])
+@pytest.mark.parametrize("transposed", ["one_thread", "many_rows", "off"])
 def test_cpu_group_sizes_and_chunks(form_name, dtype, chunk_bytes, transposed, monkeypatch):
     """Every code path of the CPU op by group size, and experts cut into many chunks (every
     row of every chunk written, weighted and combined exactly once)."""
-    # the transposed form is used for 7..256-row groups of layers with H * F >= 2 Mi only
-    monkeypatch.setattr(cpu_experts, "TRANSPOSED_MIN_HF", 0 if transposed else 1 << 62)
+    # Groups computed transposed: 2..6 rows with one intra-op thread (these tests run with
+    # one: the module's defaults); with more threads 7..256 rows of layers with H * F >= 2 Mi
+    # (forced here with TRANSPOSED_MIN_THREADS=1 and TRANSPOSED_MIN_HF=0); or none.
+    if transposed != "one_thread":
+        monkeypatch.setattr(cpu_experts, "TRANSPOSED_MIN_THREADS", 1)
+        monkeypatch.setattr(
+            cpu_experts, "TRANSPOSED_MIN_HF", 0 if transposed == "many_rows" else 1 << 62
+        )
+    expect = {"one_thread": range(2, 7), "many_rows": range(7, 257), "off": range(0)}
+    assert cpu_experts._transposed_rows(big=transposed != "off") == expect[transposed]
     if chunk_bytes is not None:
         monkeypatch.setattr(cpu_experts, "CHUNK_BYTES", chunk_bytes)
         monkeypatch.setattr(cpu_experts, "MIN_CHUNK_ROWS", 97)  # 700 -> 8 chunks of 87-88

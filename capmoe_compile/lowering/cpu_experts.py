@@ -38,6 +38,7 @@ many rows share its expert.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -104,67 +105,96 @@ def clear_scratch() -> None:
     _tls.__dict__.pop("bufs", None)
 
 
-def _w(p: dict[str, torch.Tensor], f: ExpertForm, role: str, e: int) -> torch.Tensor:
-    """Expert ``e``'s weight of ``role`` as ``[in, out]`` (a view)."""
-    w = p[role][e]
+def _w(p: dict[str, torch.Tensor], f: ExpertForm, role: str, e: int, ws=None) -> torch.Tensor:
+    """Expert ``e``'s weight of ``role`` as ``[in, out]`` (a view). ``ws``: the weights
+    already unbound per expert (``{role: p[role].unbind(0)}``, one call per layer call)."""
+    w = p[role][e] if ws is None else ws[role][e]
     return w if role in f.transposed else w.t()
 
 
 _SLOT = {"gate_up": "gu", "gate": "g", "up": "u", "down": "y"}
 
 
-def _lin(h: torch.Tensor, p, f: ExpertForm, role: str, e: int) -> torch.Tensor:
-    """``h @ W + b``: rows ``h`` [n, in] -> [n, out], into scratch."""
-    w = _w(p, f, role, e)
-    y = torch.mm(h, w, out=_scratch(_SLOT[role], (h.shape[0], w.shape[1]), h.dtype))
+def _lin(h: torch.Tensor, p, f: ExpertForm, role: str, e: int, ws=None, out=None):
+    """``h @ W + b``: rows ``h`` [n, in] -> [n, out], into ``out`` or scratch."""
+    w = _w(p, f, role, e, ws)
+    if out is None:
+        out = _scratch(_SLOT[role], (h.shape[0], w.shape[1]), h.dtype)
+    y = torch.mm(h, w, out=out)
     b = p.get("b_" + role)
     return y if b is None else y.add_(b[e])
 
 
-def _lin_t(h_t: torch.Tensor, p, f: ExpertForm, role: str, e: int) -> torch.Tensor:
+def _lin_t(h_t: torch.Tensor, p, f: ExpertForm, role: str, e: int, ws=None) -> torch.Tensor:
     """The same product transposed, ``W^T @ h^T + b``: ``h_t`` [in, n] -> [out, n]."""
-    w_t = _w(p, f, role, e).t()
+    w_t = _w(p, f, role, e, ws).t()
     y = torch.mm(w_t, h_t, out=_scratch(_SLOT[role], (w_t.shape[0], h_t.shape[1]), h_t.dtype))
     b = p.get("b_" + role)
     return y if b is None else y.add_(b[e][:, None])
 
 
-def _expert(h: torch.Tensor, p, f: ExpertForm, e: int) -> torch.Tensor:
+def _expert(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None, out=None) -> torch.Tensor:
     """Expert ``e`` on rows ``h`` [n, H] -> [n, H] in ``h``'s dtype (the math of
-    ``ExpertForm.apply``, with the activation and the gating product in place)."""
+    ``ExpertForm.apply``, with the activation and the gating product in place); the result
+    goes into ``out`` (a contiguous [n, H]) when given."""
     if "gate_up" in f.roles:
-        a, b = _lin(h, p, f, "gate_up", e).chunk(2, dim=-1)
+        a, b = _lin(h, p, f, "gate_up", e, ws).chunk(2, dim=-1)
         g, u = (a, b) if f.gate_first else (b, a)
         inner = _act_(f.act, g).mul_(u)
     elif "gate" in f.roles:
-        inner = _act_(f.act, _lin(h, p, f, "gate", e)).mul_(_lin(h, p, f, "up", e))
+        inner = _act_(f.act, _lin(h, p, f, "gate", e, ws)).mul_(_lin(h, p, f, "up", e, ws))
     else:
-        inner = _act_(f.act, _lin(h, p, f, "up", e))
-    return _lin(inner, p, f, "down", e)
+        inner = _act_(f.act, _lin(h, p, f, "up", e, ws))
+    return _lin(inner, p, f, "down", e, ws, out)
 
 
-def _expert_t(h: torch.Tensor, p, f: ExpertForm, e: int) -> torch.Tensor:
+def _expert_t(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None) -> torch.Tensor:
     """:func:`_expert` computed transposed (``W^T @ h^T``, the weight as the GEMM's left
-    operand): MKL's fp32 GEMM with a few rows (``TRANSPOSED_ROWS``) and a large transposed
-    right operand is up to 2x slower than this form (benchmarks: 12 rows 1.0 ms vs 0.66 ms
-    for a 4096 x 1024 weight). The same arithmetic per element; returns a [n, H] view."""
+    operand): MKL's fp32 GEMM with a few rows and a large transposed right operand packs the
+    weight on every call (12 rows of a 4096 x 1024 weight, two threads: 1.0 ms as
+    ``rows @ W^T``, 0.66 ms as ``W @ rows^T``). Both GEMMs get their row operand as the
+    transpose of a row-major ``[n, in]`` block: given a contiguous ``[in, n]`` instead, MKL
+    was 1.3-3x slower for 2..8 rows (one thread; ``benchmarks/moe_layer.py`` notes), so the
+    activation's ``[F, n]`` result is copied to ``[n, F]`` (a few KiB) before the down GEMM.
+    The same arithmetic per element; returns a [n, H] view."""
     h_t = h.t()
     if "gate_up" in f.roles:
-        a, b = _lin_t(h_t, p, f, "gate_up", e).chunk(2, dim=0)
+        a, b = _lin_t(h_t, p, f, "gate_up", e, ws).chunk(2, dim=0)
         g, u = (a, b) if f.gate_first else (b, a)
         inner = _act_(f.act, g).mul_(u)
     elif "gate" in f.roles:
-        inner = _act_(f.act, _lin_t(h_t, p, f, "gate", e)).mul_(_lin_t(h_t, p, f, "up", e))
+        inner = _act_(f.act, _lin_t(h_t, p, f, "gate", e, ws)).mul_(_lin_t(h_t, p, f, "up", e, ws))
     else:
-        inner = _act_(f.act, _lin_t(h_t, p, f, "up", e))
-    return _lin_t(inner, p, f, "down", e).t()
+        inner = _act_(f.act, _lin_t(h_t, p, f, "up", e, ws))
+    rows = _scratch("it", (inner.shape[1], inner.shape[0]), inner.dtype).copy_(inner.t())
+    return _lin_t(rows.t(), p, f, "down", e, ws).t()
 
 
-#: Group sizes computed by :func:`_expert_t` (measured: faster from 7 rows, equal from ~512),
-#: in layers with H * F >= TRANSPOSED_MIN_HF: with smaller weights MKL's packing is cheap and
-#: the transposed form is slower (H=512, F=1024, 64-row groups: 14.2 ms vs 10.8 ms a call).
+#: Group sizes computed by :func:`_expert_t` with two or more intra-op threads (measured
+#: then: faster from 7 rows, equal from ~512), in layers with H * F >= TRANSPOSED_MIN_HF: with
+#: smaller weights MKL's packing is cheap and the transposed form is slower (H=512, F=1024,
+#: 64-row groups: 14.2 ms vs 10.8 ms a call).
 TRANSPOSED_ROWS = range(7, 257)
 TRANSPOSED_MIN_HF = 1 << 21
+#: Fewer intra-op threads than this: only groups of ``ONE_THREAD_ROWS`` rows (any layer size)
+#: are computed transposed (:func:`_transposed_rows`).
+TRANSPOSED_MIN_THREADS = 2
+ONE_THREAD_ROWS = range(2, 7)
+
+
+def _transposed_rows(big: bool) -> range:
+    """The group sizes :func:`_expert_t` computes in this call.
+
+    With one intra-op thread (what a loaded, shared CPU should run: with two, OpenMP's
+    barriers made every GEMM path 5-10x slower under a load average of 6 on 2 cores), the
+    7..256-row rule was slower at the decode shape (T=16, H=1024, F=2048, E=8: op 48.8 vs 38.1,
+    57.9 vs 45.3, 65.2 vs 50.0 ms, medians of three interleaved runs); per expert, 2..6 rows
+    ran 1.3-1.5x faster transposed at F=768 and F=2048, 1 and >= 8 rows the same or slower
+    (``benchmarks/moe_layer.py``'s notes). With two or more threads: the rule measured when
+    it was introduced."""
+    if torch.get_num_threads() < TRANSPOSED_MIN_THREADS:
+        return ONE_THREAD_ROWS
+    return TRANSPOSED_ROWS if big else range(0)
 
 
 def _chunk_rows(f: ExpertForm, params: dict[str, torch.Tensor], elem: int) -> int:
@@ -174,6 +204,31 @@ def _chunk_rows(f: ExpertForm, params: dict[str, torch.Tensor], elem: int) -> in
     if "gate" in f.roles:
         width *= 2  # gate and up results live together
     return max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(1, width * elem))
+
+
+#: Most gathered rows one segment of consecutive experts holds (see :func:`_segments`): the
+#: ``[rows, H]`` input and output slabs stay under ``CHUNK_BYTES`` each.
+def _segment_rows(H: int, elem: int) -> int:
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(1, H * max(elem, 4)))
+
+
+def _segments(counts: list[int], cap: int):
+    """Runs of consecutive experts ``(first, last + 1, rows)`` of at most ``cap`` rows (an
+    expert with more rows than ``cap`` is a run of its own and is chunked inside it)."""
+    out, first, rows = [], 0, 0
+    for e, c in enumerate(counts):
+        if rows and rows + c > cap:
+            out.append((first, e, rows))
+            first, rows = e, 0
+        rows += c
+    if rows:
+        out.append((first, len(counts), rows))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _form(form: str) -> ExpertForm:
+    return ExpertForm.from_str(form)
 
 
 @torch.library.custom_op("capmoe::experts_cpu", mutates_args=())
@@ -186,7 +241,7 @@ def experts_cpu(
     tile: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` on CPU (module docstring)."""
-    f = ExpertForm.from_str(form)
+    f = _form(form)
     p = dict(zip(f.roles, params, strict=True))
     E = params[0].shape[0]
     T, k = ids.shape
@@ -203,39 +258,72 @@ def experts_cpu(
     flat = ids.reshape(-1)
     # ids >= E (the sentinel) count in the last bin and sort after every kept pair.
     counts = torch.bincount(flat.clamp(0, E), minlength=E + 1)[:E].tolist()
-    if sum(counts) == 0:
+    kept = sum(counts)
+    if kept == 0:
         return out.to(x.dtype)
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(flat, stable=True)[:kept]
     tok_all = torch.div(order, k, rounding_mode="floor")
-    w_all = weights.reshape(-1)
     if t > 0:
-        rows_per = t
-    else:
-        rows_per = _chunk_rows(f, p, x.element_size())
-    big = p["down"][0].numel() >= TRANSPOSED_MIN_HF
+        _tiled(x, tok_all, order, weights.reshape(-1), counts, p, f, t, out)
+        return out.to(x.dtype)
+    # Kept pairs' routing weights in expert order, fp32, gathered once.
+    w_all = weights.reshape(-1).index_select(0, order).to(torch.float32)
+    rows_per = _chunk_rows(f, p, x.element_size())
+    t_rows = _transposed_rows(p["down"][0].numel() >= TRANSPOSED_MIN_HF)
+    w_roles = {r: p[r].unbind(0) for r in f.roles if not r.startswith("b_")}
+    # Segments of consecutive experts: one gather of their rows, the experts' outputs written
+    # side by side into one slab, one weighting and one combine per segment (not per expert:
+    # with E = 64..256 small experts, or at decode, the per-op cost dominates).
+    start = 0
+    for first, last, n_seg in _segments(counts, _segment_rows(H, x.element_size())):
+        tok = tok_all[start : start + n_seg]
+        xs = torch.index_select(x, 0, tok, out=_scratch("x", (n_seg, H), x.dtype))
+        ys = _scratch("ys", (n_seg, H), x.dtype)
+        s = 0
+        for e in range(first, last):
+            c = counts[e]
+            if c == 0:
+                continue
+            n_chunks = -(-c // rows_per)
+            size = -(-c // n_chunks)  # balanced chunks
+            for a in range(s, s + c, size):
+                n = min(size, s + c - a)
+                rows = xs[a : a + n]
+                if n in t_rows:
+                    ys[a : a + n].copy_(_expert_t(rows, p, f, e, w_roles))
+                else:
+                    _expert(rows, p, f, e, w_roles, out=ys[a : a + n])
+            s += c
+        y = (
+            ys
+            if ys.dtype == torch.float32
+            else _scratch("y32", (n_seg, H), torch.float32).copy_(ys)
+        )
+        out.index_add_(0, tok, y.mul_(w_all[start : start + n_seg, None]))
+        start += n_seg
+    return out.to(x.dtype)
+
+
+def _tiled(x, tok_all, order, w_flat, counts, p, f: ExpertForm, t: int, out) -> None:
+    """The batch-invariant path (``tile > 0``): every expert's rows in zero-filled tiles of
+    exactly ``t`` rows, one expert and one tile at a time (lowering/invariant.py)."""
+    H = x.shape[-1]
     start = 0
     for e, c in enumerate(counts):
         if c == 0:
             continue
-        n_chunks = -(-c // rows_per)
-        size = rows_per if t > 0 else -(-c // n_chunks)  # balanced chunks on the fast path
-        for s in range(start, start + c, size):
-            n = min(size, start + c - s)
+        for s in range(start, start + c, t):
+            n = min(t, start + c - s)
             tok = tok_all[s : s + n]
-            if t > 0:
-                # fixed [t, H] input, zero-filled past the group's rows (lowering/invariant.py)
-                rows = _scratch("x", (t, H), x.dtype).zero_()
-                torch.index_select(x, 0, tok, out=rows[:n])
-                y = _expert(rows, p, f, e)[:n]
-            else:
-                rows = torch.index_select(x, 0, tok, out=_scratch("x", (n, H), x.dtype))
-                y = (_expert_t if big and n in TRANSPOSED_ROWS else _expert)(rows, p, f, e)
+            # fixed [t, H] input, zero-filled past the group's rows (lowering/invariant.py)
+            rows = _scratch("x", (t, H), x.dtype).zero_()
+            torch.index_select(x, 0, tok, out=rows[:n])
+            y = _expert(rows, p, f, e)[:n]
             if y.dtype != torch.float32:
                 y = _scratch("y32", (n, H), torch.float32).copy_(y)
-            wts = w_all[order[s : s + n]].to(torch.float32)[:, None]
+            wts = w_flat[order[s : s + n]].to(torch.float32)[:, None]
             out.index_add_(0, tok, y.mul_(wts))
         start += c
-    return out.to(x.dtype)
 
 
 @experts_cpu.register_fake
