@@ -47,10 +47,10 @@ The search
 
 Cost: one compile (the capacity options are read at run time, so no per-candidate recompile),
 and ``2 + sum_l (passes of layer l) + repairs`` forward passes over the calibration batches,
-at most ``2 + L * P * G + repair_rounds`` for L layers, P policies and G gammas, with no
-backward pass; the combination step is ``O(L * P * G * 2000)`` arithmetic. For a 32-layer
-model, one policy and the 11 default gammas that is at most ~360 passes, typically much fewer
-(balanced layers overflow only at the lower gammas; sensitive layers stop early). Calibrate
+at most ``2 + L * P * G + repair_rounds`` for L layers, P policies and G gammas per layer,
+with no backward pass; the combination step is ``O(L * P * G * 2000)`` arithmetic. For a
+32-layer model, one policy and the 15 automatic gammas that is at most ~480 passes, fewer
+when sensitive layers stop early (a 4-layer model: at most 62). Calibrate
 with batches of the shape you serve: gamma is relative to the mean load ``T * k / E``, and how
 far the largest load exceeds it depends on ``T``.
 
@@ -78,8 +78,14 @@ from .telemetry import record_stats
 
 __all__ = ["DEFAULT_GAMMAS", "SEARCH_POLICIES", "Calibration", "calibrate", "model_speedup"]
 
-#: Gammas tried per layer (largest first).
+#: Fixed gammas, for ``gammas=DEFAULT_GAMMAS`` (largest first).
 DEFAULT_GAMMAS: tuple[float, ...] = (3.0, 2.5, 2.0, 1.75, 1.5, 1.375, 1.25, 1.125, 1.0, 0.875, 0.75)
+#: ``gammas="auto"`` (the default): per layer, the gammas that would cut the layer's mean
+#: per-call max/mean load ``r`` by these factors, ``gamma = r / s`` (3 decimals, >= 0.5): every
+#: candidate changes something, whatever the layer's skew.
+AUTO_SPEEDUPS: tuple[float, ...] = (
+    1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0
+)  # fmt: skip
 #: Policies that keep a layer's output width (all but ``expanded_drop``), so any mix of them
 #: runs in one compiled graph.
 SEARCH_POLICIES: tuple[str, ...] = tuple(p for p in POLICIES if p != "expanded_drop")
@@ -324,7 +330,11 @@ def _run(compiled, batches: Sequence[Any], keep_calls: bool = False) -> _Pass:
     for batch in batches:
         inputs, ids, mask = _as_inputs(batch)
         with record_stats() as st:
-            logits = compiled(**inputs).logits
+            # positional for plain ids: the same call signature as ``compiled(ids)`` elsewhere,
+            # so Dynamo does not compile a second graph for keyword input
+            logits = (
+                compiled(ids) if isinstance(batch, torch.Tensor) else compiled(**inputs)
+            ).logits
         logits = logits[:, :-1].float()
         target = ids[:, 1:]
         losses = torch.nn.functional.cross_entropy(
@@ -430,7 +440,7 @@ def _measure(compiled, root, batches, policies, gammas, stop_loss, say):
         rows: list[dict[str, Any]] = []
         for policy in policies:
             worst = 0.0
-            for gamma in gammas:
+            for gamma in _layer_gammas(gammas, base.calls[name], top_k[name]):
                 if _changes_nothing(base.calls[name], gamma, top_k[name]):
                     continue
                 module_config.configure(module, capacity_factor=gamma, policy=policy)
@@ -459,13 +469,21 @@ def _measure(compiled, root, batches, policies, gammas, stop_loss, say):
     return base, table, passes
 
 
+def _layer_gammas(gammas, calls: list[list[int]], top_k: int) -> list[float]:
+    if gammas != "auto":
+        return list(gammas)
+    ratios = [max(row[1:]) / (row[0] * top_k / (len(row) - 1)) for row in calls if row[0]]
+    r = sum(ratios) / len(ratios) if ratios else 1.0
+    return sorted({round(r / s, 3) for s in AUTO_SPEEDUPS if r / s >= 0.5}, reverse=True)
+
+
 def _reused(reuse: Calibration, policies, gammas, batches) -> tuple[_Pass, dict]:
     """The baseline and sensitivities recorded by an earlier calibration of the same model on
     the same batches (checked: policies, gammas and scored tokens must match)."""
     rec = reuse.search
     if "baseline" not in rec or "sensitivity" not in rec:
         raise ValueError("reuse= needs a calibration that recorded its baseline and sensitivity")
-    if rec.get("policies") != list(policies) or rec.get("gammas") != list(gammas):
+    if rec.get("policies") != list(policies) or rec.get("gammas") != gammas:
         raise ValueError("reuse= was searched over other policies or gammas")
     scored = sum(_as_inputs(b)[1][:, 1:].numel() for b in batches)
     if rec["baseline"]["tokens_scored"] != scored and not any(
@@ -484,9 +502,9 @@ def calibrate(
     target: float | None = None,
     max_ppl_increase: float | None = None,
     policies: Sequence[str] = ("score",),
-    gammas: Sequence[float] = DEFAULT_GAMMAS,
+    gammas: Sequence[float] | str = "auto",
     seed: int = 0,
-    stop_loss: float = 0.25,
+    stop_loss: float = 0.1,
     repair_rounds: int = 3,
     compiled: Any = None,
     reuse: Calibration | None = None,
@@ -524,7 +542,10 @@ def calibrate(
             "calibrate does not search expanded_drop: it changes a layer's output width, fixed "
             "when the graph is compiled, so it cannot be mixed per layer with other policies"
         )
-    gammas = sorted({float(config.validate("capacity_factor", g)) for g in gammas}, reverse=True)
+    if gammas != "auto":
+        if isinstance(gammas, str) or not gammas:
+            raise ValueError(f"gammas must be 'auto' or a sequence of numbers, got {gammas!r}")
+        gammas = sorted({float(config.validate("capacity_factor", g)) for g in gammas})[::-1]
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate needs at least one batch")
@@ -584,8 +605,8 @@ def calibrate(
             goal = math.floor(_BUCKETS / target + 1e-9)
             if goal < fastest:
                 raise ValueError(
-                    f"calibrate: target {target}x is out of reach with gammas >= {gammas[-1]} "
-                    f"and policies {list(policies)}: at most {reachable:.3f}x predicted"
+                    f"calibrate: target {target}x is out of reach with the gammas tried and "
+                    f"policies {list(policies)}: at most {reachable:.3f}x predicted"
                 )
         rounds = []
         while True:
