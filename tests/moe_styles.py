@@ -138,18 +138,22 @@ class GShardTop2(_Style):
 
 class BSEGroupedMM(_Style):
     """A token-choice router on ``[B, S, E]`` scores (top-k over the last dim of a 3-D tensor),
-    stacked SwiGLU weights, tokens sorted by expert and ``torch._grouped_mm`` with offsets."""
+    stacked SwiGLU weights, tokens sorted by expert and ``torch._grouped_mm`` with offsets.
+    bf16 (``dtype``): Dynamo's fake kernel of ``torch._grouped_mm`` accepts bf16 only, though
+    the CPU kernel also runs fp32."""
+
+    dtype = torch.bfloat16
 
     def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
         super().__init__()
         self.E, self.k = E, k
-        self.router = nn.Linear(h, E, bias=False)
-        self.w13 = _stacked(E, h, 2 * f, h**-0.5)
-        self.w2 = _stacked(E, f, h, f**-0.5)
+        self.router = nn.Linear(h, E, bias=False, dtype=self.dtype)
+        self.w13 = nn.Parameter((torch.randn(E, h, 2 * f) * h**-0.5).to(self.dtype))
+        self.w2 = nn.Parameter((torch.randn(E, f, h) * f**-0.5).to(self.dtype))
 
     def forward(self, x):
         B, S, H = x.shape
-        scores = self.router(x).softmax(dim=-1)  # [B, S, E]
+        scores = self.router(x).float().softmax(dim=-1)  # [B, S, E]
         w, ids = scores.topk(self.k, dim=-1)  # [B, S, k]
         w = w / w.sum(-1, keepdim=True)
         ids2, w2 = self._route(
@@ -164,7 +168,7 @@ class BSEGroupedMM(_Style):
         h13 = torch._grouped_mm(xs, self.w13, offs=offs)
         g, u = h13.chunk(2, dim=-1)
         ys = torch._grouped_mm(F.silu(g) * u, self.w2, offs=offs)
-        ys = ys * w2.reshape(-1)[order, None]
+        ys = ys * w2.reshape(-1)[order, None].to(ys.dtype)
         out = torch.zeros(B * S, H, dtype=x.dtype).index_add(0, tok, ys)
         return out.reshape(B, S, H)
 
@@ -234,7 +238,7 @@ class ExpertChoice(_Style):
         B, S, H = x.shape
         x = x.reshape(-1, H)
         T = x.shape[0]
-        C = int(T * self.cf / self.E)
+        C = min(T, int(T * self.cf / self.E))
         s = self.router(x).softmax(dim=-1)  # [T, E]
         g, tok = torch.topk(s.t(), C, dim=-1)  # [E, C]
         xe = x[tok]  # [E, C, H]
@@ -367,7 +371,8 @@ def build(style: str, seed: int = 0) -> _Style:
 
 def hidden(module: nn.Module, batch: int = BATCH, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed + 11)
-    return torch.randn(batch, seq, HIDDEN, generator=gen)
+    x = torch.randn(batch, seq, HIDDEN, generator=gen)
+    return x.to(getattr(module, "dtype", torch.float32))
 
 
 @torch.no_grad()
