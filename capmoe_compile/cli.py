@@ -72,6 +72,53 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    import capmoe_compile as cc
+    from capmoe_compile.models import (
+        load_balanced_moe,
+        load_tiny_moe,
+        split_validation,
+        stdlib_corpus,
+        validation_windows,
+    )
+
+    torch.set_num_threads(args.threads)
+    loaders = {"tiny": load_tiny_moe, "balanced": load_balanced_moe}
+    model = loaders[args.model]()[0] if args.model in loaders else load_tiny_moe(args.model)[0]
+    cal_part, held_part = split_validation(stdlib_corpus())
+
+    def batches(part, n):
+        w = validation_windows(part, args.seq, n - n % args.batch)
+        return [w[i : i + args.batch] for i in range(0, w.shape[0], args.batch)]
+
+    compiled = torch.compile(model, backend="capmoe", dynamic=False)
+    cal = cc.calibrate(
+        model,
+        batches(cal_part, args.windows),
+        target=args.target,
+        max_ppl_increase=args.max_ppl_increase,
+        policies=tuple(args.policies.split(",")),
+        compiled=compiled,
+        progress=args.verbose,
+    )
+    print(cal)
+    print(
+        f"search: {cal.search['forward_passes']} forward passes of {len(cal.search['rounds'])} "
+        f"check round(s), {cal.search['seconds']:.1f} s"
+    )
+    if args.held_out:
+        res = cal.evaluate(model, batches(held_part, args.held_out), compiled=compiled)
+        print(
+            f"held out ({args.held_out} windows of other files): perplexity "
+            f"{res['ppl_change']:+.2%}, modeled EP speedup {res['speedup']:.3f}x"
+        )
+    if args.out:
+        print(f"wrote {cal.save(args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="capmoe",
@@ -100,6 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--out-dir", default="benchmarks/results")
     report.add_argument("--gamma", type=float, default=1.0, help="gamma of the load profiles")
     report.set_defaults(func=_report)
+    cal = sub.add_parser(
+        "calibrate",
+        help="per-layer capacity factors for a target modeled EP speedup (capmoe_compile.calibrate)",
+    )
+    cal.add_argument("--model", default="balanced", help="tiny, balanced, or a model directory")
+    goal = cal.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target", type=float, help="modeled EP speedup to reach, e.g. 1.3")
+    goal.add_argument("--max-ppl-increase", type=float, help="perplexity budget, e.g. 0.01")
+    cal.add_argument("--policies", default="score", help="comma-separated policies to search")
+    cal.add_argument("--windows", type=int, default=32, help="calibration windows")
+    cal.add_argument("--held-out", type=int, default=256, help="held-out windows (0: none)")
+    cal.add_argument("--batch", type=int, default=8)
+    cal.add_argument("--seq", type=int, default=256)
+    cal.add_argument("--threads", type=int, default=1)
+    cal.add_argument("--out", help="save the calibration JSON here")
+    cal.add_argument("-v", "--verbose", action="store_true", help="print every search pass")
+    cal.set_defaults(func=_calibrate)
     args = parser.parse_args(argv)
     return args.func(args)
 
