@@ -153,11 +153,19 @@ def run(
 ) -> dict:
     import capmoe_compile as cc
     from capmoe_compile import backend
-    from capmoe_compile.models import load_tiny_moe, stdlib_corpus, validation_windows
+    from capmoe_compile.models import (
+        BALANCED_MOE_DIR,
+        TINY_MOE_DIR,
+        load_tiny_moe,
+        stdlib_corpus,
+        validation_windows,
+    )
 
     t0 = time.perf_counter()
     policies = tuple(policies or cc.POLICIES)
-    model, _ = load_tiny_moe(model_path)
+    shipped = {"tiny": TINY_MOE_DIR, "balanced": BALANCED_MOE_DIR}
+    model_dir = shipped.get(model_path or "tiny", model_path)
+    model, _ = load_tiny_moe(model_dir)
     corpus = stdlib_corpus()
     data = validation_windows(corpus, seq, windows)
     windows = data.shape[0] - data.shape[0] % batch
@@ -204,12 +212,18 @@ def run(
         r["perplexity_change"] = r["perplexity"] / base["perplexity"] - 1
         r["accuracy_change"] = r["accuracy"] - base["accuracy"]
     compiles = backend.compile_count() - compiles_before
-    from capmoe_compile.models import tiny_moe_card
-
-    card = tiny_moe_card() if model_path is None else {}
+    card_file = os.path.join(str(model_dir), "training.json")
+    card = json.load(open(card_file)) if os.path.exists(card_file) else {}
+    cfg = model.config
     return {
         "benchmark": "quality",
         "model": model_path or "capmoe_compile.models.tiny_moe",
+        "architecture": (
+            f"{cfg.architectures[0] if cfg.architectures else type(model).__name__}: "
+            f"E={getattr(cfg, 'num_local_experts', None) or cfg.num_experts}, "
+            f"k={cfg.num_experts_per_tok}, {cfg.num_hidden_layers} layers"
+            + (", shared expert" if getattr(cfg, "shared_expert_intermediate_size", 0) else "")
+        ),
         "model_val_loss_at_training": card.get("final_val_loss"),
         "corpus": {k: v for k, v in corpus.version.items() if k != "val_files"},
         "corpus_matches_training": card.get("corpus", {}).get("sha256") == corpus.version["sha256"],
@@ -228,8 +242,9 @@ def run(
 
 def describe(result: dict) -> str:
     b = result["rows"][0]
+    arch = result.get("architecture", "tiny MoE LM (E=8, k=2, 4 layers)")
     return (
-        f"tiny MoE LM (E=8, k=2, 4 layers), {result['windows']} held-out windows of "
+        f"{result['model']} ({arch}), {result['windows']} held-out windows of "
         f"{result['seq']} bytes, {result['tokens_per_call']} tokens per call; "
         f"off: ppl {b['perplexity']:.3f}, acc {b['accuracy']:.1%}, "
         f"max/mean load {b['imbalance_before']:.2f}; "
@@ -265,7 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         "--windows", type=int, default=512, help="held-out windows of --seq bytes (<= 2027)"
     )
     p.add_argument("--gammas", help="comma-separated gammas (default: off,2,1.5,1.25,1,0.75,0.5)")
-    p.add_argument("--model", help="a model directory (default: the shipped tiny_moe)")
+    p.add_argument(
+        "--model", help="tiny (default), balanced (the shipped models), or a model directory"
+    )
     p.add_argument("--policies", help="comma-separated subset of policies")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
