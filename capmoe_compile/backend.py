@@ -4,7 +4,9 @@ It receives Dynamo's FX graph, runs the passes (``capmoe_compile.passes``: find 
 layer, verify it, rewrite it into capacity-aware dispatch) and hands the result to Inductor's
 ``compile_fx``. Graphs without MoE layers compile exactly as with ``backend="inductor"``.
 
-Options are validated at compile time: a bad one raises ``ValueError`` naming it. They are not
+Options are validated when the first call compiles (torch.compile gives a backend no earlier
+hook): a bad one raises :class:`OptionError`, a ``ValueError`` naming it, itself and not wrapped
+in Dynamo's ``BackendCompilerFailed``. They are not
 baked into the compiled code: each rewritten layer resolves its options when it runs (global
 config < ``options=`` < per-module overrides; see ``capmoe_compile.ops.route_layer``), so
 ``config.patch``, ``configure`` and ``record_stats`` take effect on the next call with no
@@ -13,6 +15,8 @@ recompile, and a compiled graph can never act on stale options.
 
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,12 +48,26 @@ def capmoe_backend(
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    from .explain import installed
     from .passes import run_passes
 
     options = dict(options or {})
-    config.resolve(options)  # validate before any work
-    run_passes(gm, example_inputs, options)
+    try:
+        config.resolve(options)  # validate before any work
+    except ValueError as e:
+        raise OptionError(str(e), inspect.currentframe()) from None
+    reports = run_passes(gm, example_inputs, options)
     with torch._inductor.config.patch(list_mode_options(mode) if mode else {}):
         compiled = compile_fx(gm, list(example_inputs))
     _compile_count += 1
-    return compiled
+    return installed(compiled, reports)
+
+
+class OptionError(ValueError, torch._dynamo.exc.ShortenTraceback):
+    """A bad ``options=`` value. A ``ValueError`` that Dynamo lets through unwrapped (it
+    re-raises ``ShortenTraceback`` as is), so the user sees the message first and not a
+    ``BackendCompilerFailed`` around it."""
+
+    def __init__(self, message: str, frame: types.FrameType | None = None) -> None:
+        ValueError.__init__(self, message)
+        self.first_useful_frame = frame  # Dynamo cuts the traceback's frames before this one

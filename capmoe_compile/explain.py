@@ -1,69 +1,164 @@
-"""``capmoe_compile.explain``: which MoE layers the passes found, and why others were left."""
+"""``capmoe_compile.explain``: which MoE layers the passes found, and why others were left.
+
+Two ways in, one report:
+
+- ``explain(compiled)(*args)``, where ``compiled`` is what the user runs (``torch.compile(model,
+  backend="capmoe")``, a model after ``model.compile(backend="capmoe")``, or a model whose
+  ``forward`` was compiled): it calls ``compiled`` once and reports the graphs that actually
+  ran, as the backend recorded them when it compiled them. Nothing is traced again, nothing is
+  reset, no cache entry is added: the user's compiled model computes and costs exactly what it
+  did before.
+- ``explain(model, **options)(*args)`` on a plain model: traces it with Dynamo through a
+  backend that runs the passes and then the rewritten graphs eagerly (no Inductor). It does not
+  reset Dynamo either: its graphs are one more cache entry on the model's frames, guarded on
+  that backend (one per distinct ``options``), so the user's own compiled callables keep theirs.
+
+Either way the table's ``T`` and ``C`` are those ``record_stats`` sees for the same call: the
+rows that count (after padding), and the capacity they get.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from . import config
+from . import config, telemetry
 from .passes.moe_layers import LayerReport
+
+# Lists receiving the reports of every capmoe graph that runs (explain's collection); empty
+# outside explain, so a compiled graph pays one list check per call.
+_collecting: list[list[list[LayerReport]]] = []
+
+
+def installed(compiled: Callable, reports: list[LayerReport]) -> Callable:
+    """Wrap a graph the capmoe backend compiled so that ``explain`` can see it run.
+
+    The wrapper keeps the calling convention of ``compiled`` (Inductor's boxed calls)."""
+
+    def run(*args: Any) -> Any:
+        if _collecting:
+            for sink in _collecting:
+                sink.append(reports)
+        return compiled(*args)
+
+    run.__dict__.update(getattr(compiled, "__dict__", {}))
+    run.__dict__.pop("_torchdynamo_orig_callable", None)
+    return run
 
 
 @dataclasses.dataclass
 class ExplainReport:
     layers: list[LayerReport]  # matched MoE layers
     unmatched: list[LayerReport]  # router-like sites left as written, with the reason
-    graphs: int  # graphs Dynamo produced (graph breaks + 1 when > 0)
+    graphs: int  # capmoe graphs that ran for the call (graph breaks + 1 when > 0)
+    stats: list[telemetry.LayerStats] = dataclasses.field(default_factory=list)
+    graph_breaks: list[str] = dataclasses.field(default_factory=list)  # Dynamo's reasons
+
+    def call_stats(self, layer: LayerReport) -> telemetry.LayerStats | None:
+        """The ``record_stats`` figures of ``layer`` in the explained call (first call)."""
+        return next((s for s in self.stats if s.name == layer.name), None)
 
     def __str__(self) -> str:
-        head = f"{'layer':<32} {'E':>4} {'k':>3} {'router':<26} {'dispatch':<11} {'experts':<16} {'T':>6} {'C':>6}"
+        head = (
+            f"{'layer':<32} {'E':>4} {'k':>3} {'router':<26} {'dispatch':<11} {'experts':<16} "
+            f"{'T':>6} {'C':>6}  padding"
+        )
         lines = [f"capmoe: {len(self.layers)} MoE layer(s) matched in {self.graphs} graph(s)", head]
         for r in self.layers:
-            cap = "-" if r.capacity is None else str(r.capacity)
+            s = self.call_stats(r)
+            tokens = "-" if s is None else str(s.tokens)
+            cap = "-" if s is None or s.capacity is None else str(s.capacity)
+            pad = r.padding if s is None or s.padding_excluded else f"all rows count ({r.padding})"
             lines.append(
                 f"{r.name:<32} {r.num_experts:>4} {r.top_k:>3} {r.router:<26} {r.dispatch:<11} "
-                f"{r.experts:<16} {r.tokens if r.tokens is not None else '-':>6} {cap:>6}"
+                f"{r.experts:<16} {tokens:>6} {cap:>6}  {pad}"
             )
         lines += [f"  {r.name}: experts run by {r.lowering}" for r in self.layers if r.lowering]
         if self.unmatched:
             lines.append(f"left as written ({len(self.unmatched)}):")
             lines += [f"  {r.name}: {r.reason}" for r in self.unmatched]
+        if self.graph_breaks:
+            lines.append("graph breaks (a router and its experts in different graphs are left):")
+            lines += [f"  {b}" for b in self.graph_breaks]
         return "\n".join(lines)
 
 
+def is_compiled(model: Any) -> bool:
+    """Whether calling ``model`` runs code torch.compile installed (any backend)."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return True
+    if hasattr(model, "_torchdynamo_orig_callable"):  # a compiled function
+        return True
+    if getattr(model, "_compiled_call_impl", None) is not None:  # model.compile(...)
+        return True
+    return hasattr(getattr(model, "forward", None), "_torchdynamo_orig_callable")
+
+
+_EXPLAIN_BACKENDS: dict[str, Callable] = {}
+
+
+def _explain_backend(options: dict[str, Any]) -> Callable:
+    """The tracing backend for one set of options: the passes, then the rewritten graph runs
+    eagerly. One function per options, kept, so that Dynamo's guard on the backend matches on
+    the next explain with the same options and no frame collects new cache entries."""
+    key = json.dumps(options, sort_keys=True, default=str)
+    if key not in _EXPLAIN_BACKENDS:
+        from .passes import run_passes
+
+        def capmoe_explain(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+            return installed(gm.forward, run_passes(gm, example_inputs, options))
+
+        _EXPLAIN_BACKENDS[key] = capmoe_explain
+    return _EXPLAIN_BACKENDS[key]
+
+
 def explain(model: torch.nn.Module | Callable, **options: Any) -> Callable[..., ExplainReport]:
-    """``explain(model, **options)(*args, **kwargs)``: trace ``model`` with Dynamo, run the
-    capmoe passes on every graph (nothing is compiled by Inductor), and report.
+    """``explain(model, **options)(*args, **kwargs)``: report the MoE layers of one call.
 
-    The model runs once, eagerly on the rewritten graphs, so the report's capacities are those
-    of these inputs.
+    ``model`` compiled with ``backend="capmoe"`` (in any of torch's ways): the graphs that ran,
+    as compiled; ``options`` must then be empty (the compiled model's are those given to
+    ``torch.compile``). A plain model: traced with the capmoe passes and ``options`` (nothing is
+    compiled by Inductor; the model runs once, eagerly, on the rewritten graphs).
     """
-    from .passes import run_passes
-
-    cfg_options: Mapping[str, Any] = options
+    config.resolve(options)  # bad options fail here, as ValueError
+    compiled = is_compiled(model)
+    if compiled and options:
+        raise ValueError(
+            "capmoe: explain(compiled_model) reports what the compiled model runs, with the "
+            f"options given to torch.compile; got options {sorted(options)}: pass them to "
+            "torch.compile, or explain the uncompiled model"
+        )
 
     def run(*args: Any, **kwargs: Any) -> ExplainReport:
-        config.resolve(cfg_options)  # validate early
-        reports: list[LayerReport] = []
-        graphs = 0
-
-        def backend(gm, example_inputs):
-            nonlocal graphs
-            graphs += 1
-            reports.extend(run_passes(gm, example_inputs, cfg_options))
-            return gm.forward
-
-        torch._dynamo.reset()
+        ran: list[list[LayerReport]] = []
+        breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
+        target = model if compiled else torch.compile(model, backend=_explain_backend(options))
+        _collecting.append(ran)
         try:
-            with torch.no_grad():
-                torch.compile(model, backend=backend)(*args, **kwargs)
+            with torch.no_grad(), telemetry.record_stats() as stats:
+                target(*args, **kwargs)
         finally:
-            torch._dynamo.reset()
+            _collecting.remove(ran)
+        graphs: list[list[LayerReport]] = []
+        for reports in ran:
+            if not any(g is reports for g in graphs):
+                graphs.append(reports)
+        reports = [r for g in graphs for r in g]
+        breaks = [
+            f"{reason} (x{n - breaks_before.get(reason, 0)})"
+            for reason, n in torch._dynamo.utils.counters["graph_break"].items()
+            if n > breaks_before.get(reason, 0)
+        ]
         return ExplainReport(
-            [r for r in reports if r.matched], [r for r in reports if not r.matched], graphs
+            [r for r in reports if r.matched],
+            [r for r in reports if not r.matched],
+            len(graphs),
+            stats.layers,
+            breaks,
         )
 
     return run

@@ -160,9 +160,7 @@ def route_layer(
         )
     T, k = topk_ids.shape
     ids = topk_ids.long()
-    valid = None
-    if attention_mask is not None and opts["exclude_padding"]:
-        valid = attention_mask.reshape(-1).bool()
+    valid = padding_rows(attention_mask, T, num_sequences) if opts["exclude_padding"] else None
     scope = opts["capacity_scope"]
     if scope == "sequence" and num_sequences < 1:
         raise RuntimeError(
@@ -198,6 +196,22 @@ def route_layer(
 
 
 _WARNED_TILES: set[str] = set()
+
+
+def padding_rows(mask: torch.Tensor | None, rows: int, num_sequences: int) -> torch.Tensor | None:
+    """The rows that count (``[T]`` bool), or None when all do.
+
+    The passes tie a layer's rows (flattened from [B, S, H]) to the model's attention mask.
+    Whether the tie holds is decided here, on every call, from the shapes of that call: the
+    mask must be exactly [B, S]. A decode step with a KV cache (mask [B, past + S]) or a call
+    whose mask belongs to other rows counts all rows, whatever graph runs it, so the result
+    never depends on which sizes Dynamo made symbolic.
+    """
+    if mask is None or num_sequences < 1 or mask.dim() != 2:
+        return None
+    if mask.shape[0] != num_sequences or mask.shape[0] * mask.shape[1] != rows:
+        return None
+    return mask.reshape(-1).bool()
 
 
 def gemm_tile(opts: dict) -> int:

@@ -41,6 +41,7 @@ class LayerStats:
     added: int
     sequences: int = 1  # B of the [B, S] the rows came from (1 where that is unknown)
     phase: str = "prefill"  # "decode": one row per sequence (see the module docstring)
+    padding_excluded: bool = False  # padding rows were tied to the mask and left out
 
     @property
     def imbalance_before(self) -> float:
@@ -155,6 +156,7 @@ def record(
         added=int((after & ~before).sum()),
         sequences=num_sequences,
         phase=phase,
+        padding_excluded=valid is not None,
     )
     for s in _active:
         s.layers.append(rec)

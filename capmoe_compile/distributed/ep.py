@@ -520,8 +520,8 @@ def ep_moe_op(
     clock = _Clock(h.name)
     T = x.shape[0]
     valid = None
-    if attention_mask is not None and opts["exclude_padding"] and opts["capacity_factor"]:
-        valid = attention_mask.reshape(-1).bool()
+    if opts["exclude_padding"] and opts["capacity_factor"]:
+        valid = ops.padding_rows(attention_mask, T, num_sequences)
     if opts["capacity_scope"] == "sequence" and num_sequences < 1:
         raise RuntimeError(
             f"capmoe: capacity_scope='sequence' needs the [B, S] structure of layer {h.name}'s "

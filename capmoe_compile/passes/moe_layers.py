@@ -30,6 +30,7 @@ from ..experts import ACTIVATIONS, ExpertForm, moe_experts_reference
 from ..lowering import grouped
 from ..routing import capacity
 from . import routers
+from .routers import known_equal, same_shape
 
 _INPLACE_FUNCS = {operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv}
 
@@ -90,7 +91,22 @@ def _layer_name(site_node: fx.Node, out_node: fx.Node) -> str:
     for node in (site_node, out_node):
         for _, cls in (node.meta.get("nn_module_stack") or {}).values():
             return getattr(cls, "__name__", str(cls))
-    return site_node.name
+    return _source_location(site_node)
+
+
+def _site_name(node: fx.Node) -> str:
+    """Where a router-like site is, for reports: its module path, else its source line."""
+    return _module_path(node) or _source_location(node)
+
+
+def _source_location(node: fx.Node) -> str:
+    """``forward (model.py:32)`` for a node of the compiled function or root module itself,
+    which has no module path (its source line, from Dynamo's stack trace)."""
+    found = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', node.meta.get("stack_trace") or "")
+    if not found:
+        return node.name
+    file, line, func = found[-1]
+    return f"{func} ({file.rsplit('/', 1)[-1]}:{line})"
 
 
 def _descendants(start: list[fx.Node], stop: fx.Node | None = None) -> set[fx.Node]:
@@ -159,7 +175,7 @@ class Region:
 
 def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node, str]) -> Region:
     site = match.site
-    T = _shape(site.scores)[0]
+    T = site.rows
     order = {n: i for i, n in enumerate(graph.nodes)}
     down = _descendants([site.node])
     out = None
@@ -168,7 +184,7 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
             continue
         sh = _shape(c)
         v = _val(c)
-        if sh is None or len(sh) != 2 or sh[0] != T or not v.is_floating_point():
+        if sh is None or len(sh) != 2 or not known_equal(sh[0], T) or not v.is_floating_point():
             continue
         reach = _descendants([site.node], stop=c)
         if not any(u.op == "output" for n in reach for u in n.users) and all(
@@ -189,13 +205,17 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
     weights = None
     for n in sorted(region, key=order.__getitem__):
         v = _val(n)
-        if isinstance(v, torch.Tensor) and tuple(v.shape) == tk:
+        if isinstance(v, torch.Tensor) and same_shape(tuple(v.shape), tk):
             if v.is_floating_point():
                 weights = n
-            elif n in _descendants([site.indices]) and weights is None:
+            elif n in _descendants([site.indices]) and (
+                weights is None or not same_shape(_shape(ids), tk)  # [B, S, k] flattened later
+            ):
                 ids = n
     if weights is None:
         raise Unmatched("no [T, k] gate weights found between the router and the experts")
+    if not same_shape(_shape(ids), tk):
+        raise Unmatched(f"the top-k's indices never take the shape [T, k] = {tk}")
 
     router_side = _ancestors([ids, weights])
     # The experts are what the selection feeds, minus the router's tail that computes W from
@@ -220,7 +240,7 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
         else:
             expert_set.add(a)
             todo.extend(a.all_input_nodes)
-    if len(x_nodes) == 1 and _shape(next(iter(x_nodes))) != _shape(out):
+    if len(x_nodes) == 1 and not same_shape(_shape(next(iter(x_nodes))), _shape(out)):
         # The experts flatten the block's [B, S, H] input themselves: that view is x.
         (src,) = x_nodes
         views = [
@@ -229,7 +249,7 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
             if n.op == "call_method"
             and n.target in ("view", "reshape")
             and n.args[0] is src
-            and _shape(n) == _shape(out)
+            and same_shape(_shape(n), _shape(out))
         ]
         if len(views) == 1:
             expert_set.discard(views[0])
@@ -240,7 +260,7 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
         names = ", ".join(sorted(a.name for a in x_nodes))
         raise Unmatched(f"the experts read activations other than one [T, H] input: {names}")
     x = hidden[0]
-    if _shape(x) != _shape(out) or _shape(x)[0] != T:
+    if not same_shape(_shape(x), _shape(out)) or not known_equal(_shape(x)[0], T):
         raise Unmatched(f"token input {_shape(x)} and output {_shape(out)} disagree")
     for n in expert_set:
         if n.op == "call_method" and str(n.target).endswith("_") or n.target in _INPLACE_FUNCS:
@@ -256,40 +276,66 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
 _VIEWS = {"view", "reshape", "contiguous", "to", "float", "type_as"}
 
 
-def _known_equal(a, b) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
+def _hint(size) -> int:
+    """The value a (possibly symbolic) size has in the call being compiled."""
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-    return bool(statically_known_true(a == b)) if not isinstance(a == b, bool) else a == b
+    return optimization_hint(size)
 
 
-def _sequence_tie(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node | None, fx.Node | None, str]:
+def _sequence_tie(
+    graph: fx.Graph, x: fx.Node, layer_path: str
+) -> tuple[fx.Node | None, fx.Node | None, str]:
     """The [B, S, H] tensor the layer's rows were flattened from, and the model's 2-D attention
-    mask of shape [B, S] if the graph has one. Returns (seq_node, mask_node, explanation)."""
+    mask to tie them to. Returns (seq_node, mask_node, explanation).
+
+    The tie is a relation checked on every call, not a fact proven at compile time:
+    ``capmoe::route_layer`` excludes padding rows only when the mask's shape equals the rows'
+    [B, S] on that call (:func:`capmoe_compile.ops.padding_rows`). So every graph Dynamo builds
+    for a model treats padding the same way, whether its sizes are static, duck-sized or
+    separate symbols after an automatic-dynamic recompile (where ``attention_mask`` and the
+    hidden states get different batch symbols that no compile-time proof can equate).
+    Here the mask is only chosen: the 2-D ``*attention_mask*`` input whose shape equals [B, S]
+    in the call being compiled. In an encoder-decoder graph, layers under a ``decoder`` module
+    only take ``decoder_attention_mask`` and the others only a mask without ``decoder_``.
+    """
     T = _val(x).shape[0]
     node = x
     seq = None
     for _ in range(8):
         v = _val(node)
-        if (
-            isinstance(v, torch.Tensor)
-            and v.dim() == 3
-            and _known_equal(v.shape[0] * v.shape[1], T)
-        ):
+        if isinstance(v, torch.Tensor) and v.dim() == 3 and known_equal(v.shape[0] * v.shape[1], T):
             seq = node
             break
         if node.op == "call_method" and node.target in _VIEWS and node.args:
             node = node.args[0]
         else:
             break
+    masks = [
+        ph
+        for ph in graph.find_nodes(op="placeholder")
+        if "attention_mask" in ph.name
+        and isinstance(_val(ph), torch.Tensor)
+        and _val(ph).dim() == 2
+        and not any(w in ph.name for w in ("encoder", "cross", "head"))
+    ]
+    if any("decoder_" in ph.name for ph in graph.find_nodes(op="placeholder")):
+        in_decoder = "decoder" in layer_path.split(".")[0:3] or ".decoder" in layer_path
+        masks = [m for m in masks if ("decoder_" in m.name) == in_decoder]
     if seq is None:
-        return None, None, "rows are not a reshape of a [B, S, H] tensor: all rows count"
-    B, S = _val(seq).shape[:2]
-    for ph in graph.find_nodes(op="placeholder"):
-        v = _val(ph)
-        if "attention_mask" not in ph.name or not isinstance(v, torch.Tensor) or v.dim() != 2:
-            continue
-        if _known_equal(v.shape[0], B) and _known_equal(v.shape[1], S):
-            return seq, ph, f"padding excluded (tied to {ph.name})"
+        why = "rows are not a reshape of a [B, S, H] tensor: all rows count"
+        return (
+            None,
+            None,
+            why + (f" (the graph has {masks[0].name}, but it cannot be tied)" if masks else ""),
+        )
+    B, S = (_hint(d) for d in _val(seq).shape[:2])
+    fits = [m for m in masks if tuple(_hint(d) for d in _val(m).shape) == (B, S)]
+    if len(fits) > 1:
+        names = ", ".join(m.name for m in fits)
+        return seq, None, f"several attention masks fit the rows ({names}): all rows count"
+    if fits:
+        return seq, fits[0], f"padding excluded where {fits[0].name} is [B, S] (checked per call)"
     return seq, None, "no 2-D attention_mask input of shape [B, S]: all rows count"
 
 
@@ -355,41 +401,134 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a - b).abs() <= tol * (b.abs() + 0.05 * scale)).all())
 
 
-def _random_selection(T: int, E: int, k: int, like_w: torch.Tensor, gen: torch.Generator):
-    ids = torch.rand(T, E, generator=gen).argsort(-1)[:, :k]
-    w = torch.rand(T, k, generator=gen).to(like_w.dtype)
-    return ids.to(like_w.device), w.to(like_w.device)
+@dataclasses.dataclass
+class _Trial:
+    """One run of the expert region: inputs chosen by the verifier and what the region gave."""
+
+    what: str
+    x: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    out: torch.Tensor | None = None
+    perm: torch.Tensor | None = None  # row i of this trial is row perm[i] of the real call
+
+
+def _trials(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, E: int) -> list[_Trial]:
+    """The selections a rewrite must reproduce, every row of each compared.
+
+    Besides the call's real selection: a uniform random one; skewed ones that send every token
+    to the same k experts (first and last), which is where a layer's own capacity, position-
+    based dropping or expert-choice routing shows; the real selection in reversed and shuffled
+    token order (an order-dependent layer shows there); and a half-overloaded selection whose
+    first and last halves trade places.
+    """
+    T, k = ids.shape
+    gen = torch.Generator().manual_seed(0)
+    dev = ids.device
+
+    def rand_w() -> torch.Tensor:
+        return torch.rand(T, k, generator=gen).to(w.dtype).to(w.device) + 0.1
+
+    def sel(rows: torch.Tensor) -> torch.Tensor:
+        return rows.to(dev).to(ids.dtype)
+
+    first = torch.arange(k).expand(T, k)
+    last = torch.arange(E - k, E).expand(T, k)
+    half = torch.where(torch.arange(T)[:, None] < T // 2, first, last)
+    skew_w = rand_w()  # one set of weights for the skewed trials: their rows are compared
+    out = [
+        _Trial("real", x, ids, w),
+        _Trial("random", x, sel(torch.rand(T, E, generator=gen).argsort(-1)[:, :k]), rand_w()),
+        _Trial("first", x, sel(first), skew_w),
+        _Trial("last", x, sel(last), skew_w),
+        _Trial("halves", x, sel(half), skew_w),
+        _Trial("halves swapped", x, sel(half.flip(0)), skew_w),
+    ]
+    for what, perm in (
+        ("reversed", torch.arange(T).flip(0)),
+        ("shuffled", torch.randperm(T, generator=gen)),
+    ):
+        p = perm.to(x.device)
+        out.append(_Trial(what, x[p], ids[p.to(dev)], w[p.to(w.device)], perm=p))
+    return out
+
+
+def _token_dependence(trials: dict[str, _Trial]) -> str | None:
+    """Where a token's output depends on the other tokens' routing, say how it showed.
+
+    The skewed trials give each token the same (x, ids, weights) in two calls that route the
+    *other* tokens differently: all tokens on the first k experts vs only one half of them
+    there, and likewise for the last k. A dropless layer computes those rows identically; a
+    layer with its own capacity (or position-based dropping, or expert choice) does not. The
+    reversed and shuffled trials catch layers whose output depends on token order.
+    """
+    T = trials["real"].x.shape[0]
+    lo, hi = torch.arange(T // 2), torch.arange(T // 2, T)
+    pairs = [
+        ("first", "halves", lo, lo),
+        ("first", "halves swapped", hi, hi),
+        ("last", "halves", hi, hi),
+        ("last", "halves swapped", lo, lo),
+    ]
+    for a, b, ra, rb in pairs:
+        if len(ra) and not _close(trials[b].out[rb], trials[a].out[ra]):
+            return (
+                "the layer enforces its own capacity: a token's output changed when only other "
+                "tokens' routing changed (its own capacity, position-based dropping or expert "
+                "choice); rewriting it as dropless would change what it computes"
+            )
+    real = trials["real"].out
+    for what in ("reversed", "shuffled"):
+        t = trials[what]
+        # the permuted trial's row i is real row perm[i]; recover perm from x's rows
+        if not _close(t.out, real[t.perm]):
+            return (
+                f"the layer's output depends on token order (real selection, tokens {what}): "
+                "it enforces its own capacity or position-based dropping"
+            )
+    return None
 
 
 def _identify_form(region: Region, values: dict[fx.Node, Any]) -> ExpertForm:
+    """The expert form that reproduces the region on every row of every trial (``_trials``).
+
+    Candidate forms are first screened on a few rows of the real selection (cheap), and the
+    survivors are checked on every row of every trial: a layer that only misbehaves on late
+    rows, on overloaded experts or in another token order cannot pass.
+    """
     sub = _extract(region)
     x, ids, w = values[region.x], values[region.ids], values[region.weights]
     roots = [values[r] for r in region.roots]
     params = [values[p] for p in region.params]
-    E, k = region.site.num_experts, region.site.k
+    E = region.site.num_experts
     if any(p.shape[0] != E for p in params):
         raise Unmatched(
             "expert parameters are not stacked [E, ...] tensors "
             f"(shapes {[tuple(p.shape) for p in params]}); per-expert modules are not handled"
         )
-    gen = torch.Generator().manual_seed(0)
-    trials = [(ids.long(), w)]
-    trials.append(_random_selection(x.shape[0], E, k, w, gen))
-    refs = []
+    trials = {t.what: t for t in _trials(x, ids.long(), w, E)}
     with torch.no_grad():
-        for tid, tw in trials:
-            refs.append(sub(x, tid.to(ids.dtype), tw, *roots))
-    rows = torch.arange(min(x.shape[0], 16))
+        for t in trials.values():
+            t.out = sub(t.x, t.ids.to(ids.dtype), t.weights, *roots)
+    reason = _token_dependence(trials)
+    if reason:
+        raise Unmatched(reason)
+    real = trials["real"]
+    screen = torch.arange(min(x.shape[0], 16))
     for form in _candidate_forms(params, x.shape[1]):
         try:
-            ok = all(
-                _close(moe_experts_reference(x[rows], tid[rows], tw[rows], params, form), ref[rows])
-                for (tid, tw), ref in zip(trials, refs, strict=True)
-            )
+            if not _close(
+                moe_experts_reference(x[screen], real.ids[screen], w[screen], params, form),
+                real.out[screen],
+            ):
+                continue
+            if all(
+                _close(moe_experts_reference(t.x, t.ids, t.weights, params, form), t.out)
+                for t in trials.values()
+            ):
+                return form
         except RuntimeError:
             continue
-        if ok:
-            return form
     raise Unmatched("no known expert form (SwiGLU/GLU/MLP, silu/gelu/relu) reproduces the experts")
 
 
@@ -451,7 +590,7 @@ def rewrite_moe_layers(
     reports: list[LayerReport] = []
     regions: list[tuple[Region, LayerReport]] = []
     for site in routers.find_topk_sites(graph):
-        name = _module_path(site.node) or site.node.name
+        name = _site_name(site.node)
         match = routers.match_router(site)
         if match is None:
             reports.append(
@@ -508,7 +647,7 @@ def rewrite_moe_layers(
                 opts["min_capacity"],
                 opts["capacity_align"],
             )
-        seq, mask, rep.padding = _sequence_tie(graph, region.x)
+        seq, mask, rep.padding = _sequence_tie(graph, region.x, rep.name)
         touched.update(region.removable)
         touched.update(region.expert_nodes)
         layer = ops.register_layer(handle)
@@ -581,6 +720,8 @@ def _rewrite(
     epn = _ep_node(region.expert_nodes)  # capmoe EP hook
     with graph.inserting_before(out):
         probs = region.router.probs
+        if len(_shape(probs)) != 2:  # scores over [B, S, E]: the op routes rows [T, E]
+            probs = graph.call_method("reshape", (probs, -1, region.site.num_experts))
         if region.router.score_of_logits == "softmax":
             probs = graph.call_function(torch.softmax, (probs,), {"dim": -1})
         elif region.router.score_of_logits == "sigmoid":

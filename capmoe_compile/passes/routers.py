@@ -36,6 +36,23 @@ def _shape(node) -> tuple | None:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
+def known_equal(a, b) -> bool:
+    """``a == b`` for sizes that may be symbolic, true only when it holds for every value the
+    symbols can take. Never guards: a plain ``==`` on SymInts would add a guard to the
+    compiled graph (and recompile it whenever the comparison's outcome changes)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    eq = a == b
+    return eq if isinstance(eq, bool) else bool(statically_known_true(eq))
+
+
+def same_shape(a: tuple | None, b: tuple | None) -> bool:
+    """Shapes equal for every value of their symbols (see :func:`known_equal`)."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(known_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def _skip_value_preserving(node: fx.Node) -> fx.Node:
     while node.op == "call_method" and node.target in _VALUE_PRESERVING and node.args:
         node = node.args[0]
@@ -57,7 +74,16 @@ class TopKSite:
     indices: fx.Node
     k: int
     num_experts: int
-    scores: fx.Node  # the tensor top-k ran over
+    scores: fx.Node  # the tensor top-k ran over: [..., E], rows = its leading dims flattened
+
+    @property
+    def rows(self):
+        """T: the number of token rows the scores hold (a SymInt under dynamic shapes)."""
+        shape = _shape(self.scores)
+        t = shape[0]
+        for d in shape[1:-1]:
+            t = t * d
+        return t
 
 
 @dataclasses.dataclass
@@ -90,7 +116,8 @@ def _feeds_declared(node: fx.Node, depth: int = 64) -> bool:
 
 
 def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
-    """Every ``topk``/``max(dim)`` over the last dim of a 2-D float tensor, with its outputs,
+    """Every ``topk``/``max(dim)`` over the last dim of a float tensor of any rank (``[T, E]``,
+    ``[B, S, E]``, ...: the rows are the leading dims flattened), with its outputs,
     and every router declared with ``@capmoe_compile.router`` (whose own top-k, if any, is
     not reported twice)."""
     sites = []
@@ -99,7 +126,7 @@ def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
             outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
             if 0 in outs:
                 logits = node.args[0]
-                E = _shape(logits)[1]
+                E = _shape(logits)[-1]
                 sites.append(TopKSite(node, outs.get(1), outs[0], node.args[3], E, logits))
             continue
         is_topk = _is(node, {torch.topk, "topk"})
@@ -108,7 +135,8 @@ def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
             continue
         scores = node.args[0]
         shape = _shape(scores)
-        if shape is None or len(shape) != 2:
+        v = scores.meta.get("example_value") if isinstance(scores, fx.Node) else None
+        if shape is None or len(shape) < 2 or not v.is_floating_point():
             continue
         if is_topk:
             k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
@@ -116,12 +144,12 @@ def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
         else:
             k = 1
             dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
-        if not isinstance(k, int) or dim not in (-1, 1) or _feeds_declared(node):
+        if not isinstance(k, int) or dim not in (-1, len(shape) - 1) or _feeds_declared(node):
             continue
         outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
         if 1 not in outs:
             continue
-        sites.append(TopKSite(node, outs.get(0), outs[1], k, shape[1], scores))
+        sites.append(TopKSite(node, outs.get(0), outs[1], k, shape[-1], scores))
     return [s for s in sites if not _limits_another(s, sites)]
 
 
@@ -184,9 +212,9 @@ def sigmoid_bias_grouped_topk(site: TopKSite) -> RouterMatch | None:
             if not isinstance(n, fx.Node) or n in seen:
                 continue
             seen.add(n)
-            if _is(n, _SIGMOID) and _shape(n) == _shape(site.scores):
+            if _is(n, _SIGMOID) and same_shape(_shape(n), _shape(site.scores)):
                 return RouterMatch("sigmoid_bias_grouped_topk", site, n)
-            nxt.extend(a for a in n.all_input_nodes if _shape(a) == _shape(site.scores))
+            nxt.extend(a for a in n.all_input_nodes if same_shape(_shape(a), _shape(site.scores)))
         frontier = nxt
     return None
 
