@@ -120,7 +120,7 @@ EXPANDED = {"capacity_factor": 1.0, "policy": "expanded_drop"}
 # ---------------------------------------------------------------------------------------------
 
 
-def build_layer(cfg: dict, dtype: torch.dtype, skew: float, max_tokens: int):
+def build_layer(cfg: dict, dtype: torch.dtype, skew: float, max_tokens: int, device="cpu"):
     """(block, hidden states [B, S, H] the model feeds it, B*S >= max_tokens)."""
     model = zoo.build(
         cfg.get("family", "mixtral"),
@@ -132,6 +132,7 @@ def build_layer(cfg: dict, dtype: torch.dtype, skew: float, max_tokens: int):
         skew=skew,
         dtype=dtype,
     )
+    model = _to(model, device)
     block = zoo.moe_layers(model)[0].block
     seq = min(512, max_tokens)  # the zoo models have 512 positions
     batch = -(-max_tokens // seq)
@@ -143,13 +144,17 @@ def build_layer(cfg: dict, dtype: torch.dtype, skew: float, max_tokens: int):
     handle = block.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            model(zoo.random_input_ids(model, batch=batch, seq=seq, seed=1))
+            model(zoo.random_input_ids(model, batch=batch, seq=seq, seed=1).to(device))
     finally:
         handle.remove()
     return model, block, captured["x"]
 
 
-def tiny_copy(cfg: dict, block, dtype: torch.dtype):
+def _to(model, device):
+    return model if torch.device(device).type == "cpu" else model.to(device)
+
+
+def tiny_copy(cfg: dict, block, dtype: torch.dtype, device="cpu"):
     """A layer with ``block``'s router and F=TINY_F experts: same routing, ~free GEMMs."""
     model = zoo.build(
         cfg.get("family", "mixtral"),
@@ -165,7 +170,7 @@ def tiny_copy(cfg: dict, block, dtype: torch.dtype):
     with torch.no_grad():
         # the router's parameters and buffers (weight; DeepSeek's correction bias)
         tiny.gate.load_state_dict(block.gate.state_dict())
-    return model, tiny
+    return _to(model, device), tiny
 
 
 def eager_copy(block):
@@ -270,6 +275,7 @@ def floor_of(cfg, F, T, loads, dtype, peak, bw) -> Floor:
 
 
 def run_shape(name, cfg, T, dtype, rows, x, reps, gemm_n, copy_bytes, compile_s) -> dict:
+    dev = x.device
     """Measure every row on ``x`` interleaved with the peak and bandwidth rows."""
     k = cfg["k"]
     with torch.no_grad():
@@ -297,12 +303,12 @@ def run_shape(name, cfg, T, dtype, rows, x, reps, gemm_n, copy_bytes, compile_s)
         for r in EAGER_ROWS + ("inductor",):
             loads[r] = (before, before)
 
-        peak_fn, peak_flops = gemm_peak_row(gemm_n, dtype)
-        bw_fn, bw_bytes = copy_bw_row(copy_bytes)
+        peak_fn, peak_flops = gemm_peak_row(gemm_n, dtype, dev)
+        bw_fn, bw_bytes = copy_bw_row(copy_bytes, dev)
         timed = {r: (lambda fn=fn: fn(x)) for r, fn in rows.items()}
         timed["gemm_peak"] = peak_fn
         timed["copy_bw"] = bw_fn
-        times = interleaved(timed, reps=reps, warmup=1)
+        times = interleaved(timed, reps=reps, warmup=1, device=dev)
 
     peak = peak_flops / median(times["gemm_peak"])
     bw = bw_bytes / median(times["copy_bw"])
@@ -566,6 +572,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_check.sh)")
     p.add_argument(
         "--reps", type=int, default=None, help="repetitions (median; default 7, quick 5)"
     )
@@ -603,8 +610,9 @@ def main(argv: list[str] | None = None) -> dict:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}; known: {', '.join(DTYPES)}")
     reps = args.reps or (5 if args.quick else 7)
-    gemm_n = 256 if args.quick else 2048
-    copy_bytes = (16 if args.quick else 256) << 20
+    cuda = torch.device(args.device).type == "cuda"
+    gemm_n = 256 if args.quick else (8192 if cuda else 2048)
+    copy_bytes = (16 if args.quick else (1024 if cuda else 256)) << 20
 
     info = machine()
     print(f"# moe_layer benchmark  {info['date']}  {info['cpu']}  torch {info['torch']}")
@@ -620,8 +628,8 @@ def main(argv: list[str] | None = None) -> dict:
             if not mine:
                 continue
             max_T = max(shape_defs[s][1] for s in mine)
-            model, block, x_all = build_layer(cfg, dtype, args.skew, max_T)
-            tiny_model, tiny = tiny_copy(cfg, block, dtype)
+            model, block, x_all = build_layer(cfg, dtype, args.skew, max_T, args.device)
+            tiny_model, tiny = tiny_copy(cfg, block, dtype, args.device)
             rows = make_rows(block, tiny, overhead=not args.no_overhead)
             for s in mine:
                 T = shape_defs[s][1]
