@@ -104,7 +104,7 @@ def _family(results, name: str) -> dict:
             with torch.no_grad():
                 cv.first_tensor(model(**inputs))
         except Exception as e:  # noqa: BLE001 - recorded, the tests skip with it
-            results[name] = {"build_error": cv._short(e)}
+            results[name] = {"name": name, "build_error": cv._short(e)}
             return results[name]
         torch._dynamo.reset()
         results[name] = cv.check_model(
@@ -114,6 +114,7 @@ def _family(results, name: str) -> dict:
             use_explain=False,
             count_eager=False,
         )
+        results[name]["name"] = name
     return results[name]
 
 
@@ -138,24 +139,26 @@ def _style(results, name: str) -> dict:
             use_explain=False,
             count_eager=False,
         )
-        rec["module"], rec["x"] = module, x
+        rec["name"] = name
         results[key] = rec
     return results[key]
 
 
 def _check_off(rec: dict) -> None:
+    name = rec.get("name", "")
     if "build_error" in rec:
-        pytest.skip("does not build at a tiny config: " + rec["build_error"])
+        pytest.skip(f"{name} does not build at a tiny config: " + rec["build_error"])
     off = rec["off"]
     assert off.get("ok") is not None, f"compile failed: {off.get('error')}\n{off.get('trace')}"
     assert off["ok"], f"capacity off: compiled != eager, max |diff| {off['max_diff']:.3g}"
 
 
 def _check_on(rec: dict) -> None:
+    name = rec.get("name", "")
     if "build_error" in rec:
-        pytest.skip("does not build at a tiny config: " + rec["build_error"])
+        pytest.skip(f"{name} does not build at a tiny config: " + rec["build_error"])
     if not rec.get("passes_matched"):
-        pytest.skip(f"no layer matched: {rec.get('passes_left')}")
+        pytest.skip(f"{name}: no layer matched: {rec.get('passes_left')}")
     on = rec.get("on")
     assert on is not None
     assert on.get("ok") is not None, f"no verdict: {on.get('error')}"
