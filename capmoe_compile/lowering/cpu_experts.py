@@ -19,11 +19,17 @@ into an fp32 ``[T, H]`` output. What makes it the fast CPU path (measured in
 - One ``torch.mm`` per expert and projection on a contiguous slab of rows (the large-``M``
   kernels, ~95% of the measured peak at ``M >= 1024``); ``torch._grouped_mm``'s CPU kernel is
   the same loop of mm (measured equal), so nothing is lost by looping here.
-- Groups of 7..256 rows (decode, capacity-trimmed and cold experts) of layers with
-  ``H * F >= 2 Mi`` are computed transposed,
-  ``W^T @ rows^T``: MKL's fp32 GEMM with few rows against a large transposed weight packs the
-  weight on every call and runs at about half the weight bandwidth (12 rows of a 4096 x 1024
-  weight: 1.0 ms as ``rows @ W^T``, 0.66 ms as ``W @ rows^T``).
+- Few ops per expert: consecutive experts form segments (at most ``CHUNK_BYTES`` of gathered
+  rows); each segment's rows are gathered once, every expert of it writes its output straight
+  into one ``[rows, H]`` slab, and the slab is weighted and combined (``index_add_``) once.
+  Per expert that leaves the two GEMMs and the in-place activation: with E = 64..256 small
+  experts, or at decode, the per-op cost of a host loop is what decides the time.
+- Small groups are computed transposed, ``W^T @ rows^T`` (:func:`_transposed_rows`): MKL's
+  fp32 GEMM with few rows against a large transposed weight packs the weight on every call.
+  With one intra-op thread that pays for 2..6-row groups (1.3-1.5x per expert); with two or
+  more, as measured when the rule was introduced, for 7..256-row groups of layers with
+  ``H * F >= 2 Mi`` (12 rows of a 4096 x 1024 weight: 1.0 ms as ``rows @ W^T``, 0.66 ms as
+  ``W @ rows^T``).
 
 The counts are read on the host (``.tolist()``): a synchronisation that is free on CPU and, inside
 an opaque custom op, invisible to the compiled graph (static shapes, no graph break). Inductor
