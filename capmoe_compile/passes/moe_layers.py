@@ -177,9 +177,8 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
     site = match.site
     T = site.rows
     order = {n: i for i, n in enumerate(graph.nodes)}
-    down = _descendants([site.node])
-    out = None
-    for c in sorted(down, key=order.__getitem__):
+    outs = []
+    for c in sorted(_descendants([site.node]), key=order.__getitem__):
         if c is site.node:
             continue
         sh = _shape(c)
@@ -190,24 +189,48 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
         if not any(u.op == "output" for n in reach for u in n.users) and all(
             u in reach or u is c for n in reach for u in n.users
         ):
-            out = c
-            break
-    if out is None:
+            outs.append(c)
+    if not outs:
         raise Unmatched(
             "the top-k's results leave the graph before any [T, H] output combines them "
             "(a graph break between router and experts, or router outputs returned)"
         )
+    # The first [T, *] node all routing flows through may be a dense [T, E] weight matrix
+    # (experts combined by a one-hot einsum): then a later one is the layer's output.
+    errors = []
+    for out in outs:
+        try:
+            return _region_through(graph, match, kind, out, order)
+        except Unmatched as e:
+            errors.append(e)
+    raise errors[-1]  # the last candidate is the widest region: its reason is the telling one
+
+
+def _region_through(
+    graph: fx.Graph,
+    match: routers.RouterMatch,
+    kind: dict[fx.Node, str],
+    out: fx.Node,
+    order: dict[fx.Node, int],
+) -> Region:
+    """The expert region from ``match``'s top-k to ``out``, its [T, H] result."""
+    site = match.site
+    T = site.rows
     region = _descendants([site.node], stop=out) | {out}
 
     # ids: the indices (through casts); W: the last [T, k] float node of the router tail.
+    # A [T, k] float computed through a dispatch op (``w * (ids == e)``: one expert's share in
+    # a loop over experts; weights in sorted order) is the experts' use of W, not W.
     tk = (T, site.k)
     ids = site.indices
     weights = None
+    masked = _descendants([n for n in region if _is_dispatch(n)])
     for n in sorted(region, key=order.__getitem__):
         v = _val(n)
         if isinstance(v, torch.Tensor) and same_shape(tuple(v.shape), tk):
             if v.is_floating_point():
-                weights = n
+                if n not in masked:
+                    weights = n
             elif n in _descendants([site.indices]) and (
                 weights is None or not same_shape(_shape(ids), tk)  # [B, S, k] flattened later
             ):
@@ -226,6 +249,7 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
     # subgraph) and activations derived from the token input off the router's path (e.g. a
     # repeat_interleave of x). Stop at the router's own ancestors: one of them is x.
     support: set[fx.Node] = set()
+    sizes: set[fx.Node] = set()  # inputs of the subgraph taken as values of the call
     todo = [a for n in expert_set for a in n.all_input_nodes]
     x_nodes: set[fx.Node] = set()
     while todo:
@@ -235,6 +259,8 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
         if kind.get(a) in ("param", "const"):
             support.add(a)
             todo.extend(a.all_input_nodes)
+        elif a.op != "placeholder" and not isinstance(_val(a), torch.Tensor):
+            sizes.add(a)  # a size read off an activation (x.shape under dynamic shapes)
         elif a in router_side or a.op == "placeholder":
             x_nodes.add(a)
         else:
@@ -266,7 +292,9 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
         if n.op == "call_method" and str(n.target).endswith("_") or n.target in _INPLACE_FUNCS:
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in expert_set:
                 raise Unmatched(f"the experts mutate {n.args[0].name}, a tensor from outside")
-    roots = [a for a in support if a.op in ("placeholder", "get_attr")]
+    roots = [a for a in support if a.op in ("placeholder", "get_attr")] + sorted(
+        sizes, key=order.__getitem__
+    )
     params = [a for a in roots if kind[a] == "param"]
     nodes = sorted(expert_set | (support - set(roots)), key=order.__getitem__)
     removable = sorted(region - {ids, weights}, key=order.__getitem__)
@@ -274,6 +302,27 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
 
 
 _VIEWS = {"view", "reshape", "contiguous", "to", "float", "type_as"}
+# Ops through which the experts *use* the selection: comparing ids with an expert's index,
+# sorting pairs by expert. A [T, k] float computed through one (``w * (ids == e)``, or the
+# sorted weights when k == 1) is dispatch, never the router's W.
+_DISPATCH_OPS = {
+    operator.eq,
+    operator.ne,
+    torch.eq,
+    torch.ne,
+    torch.sort,
+    torch.argsort,
+    "eq",
+    "ne",
+    "__eq__",
+    "__ne__",
+    "sort",
+    "argsort",
+}
+
+
+def _is_dispatch(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in _DISPATCH_OPS
 
 
 def _hint(size) -> int:
@@ -605,8 +654,9 @@ def rewrite_moe_layers(
             continue
         try:
             region = _find_region(graph, match, kind)
-        except Unmatched as e:
-            reports.append(LayerReport(name, False, str(e), site.num_experts, site.k, match.kind))
+        except Exception as e:  # noqa: BLE001 - an analysis failure leaves the layer as written
+            reason = _refusal(e)
+            reports.append(LayerReport(name, False, reason, site.num_experts, site.k, match.kind))
             continue
         name = _layer_name(site.node, region.out)
         regions.append((region, LayerReport(name, False, "", site.num_experts, site.k, match.kind)))
@@ -625,8 +675,8 @@ def rewrite_moe_layers(
                 if epn is not None
                 else _identify_form(region, values)
             )
-        except Unmatched as e:
-            rep.reason = str(e)
+        except Exception as e:  # noqa: BLE001 - an analysis failure leaves the layer as written
+            rep.reason = _refusal(e)
             reports.append(rep)
             continue
         classes = _module_classes(region.site.node) + _module_classes(region.out)
@@ -658,6 +708,17 @@ def rewrite_moe_layers(
     graph.lint()
     gm.recompile()
     return reports
+
+
+def _refusal(e: Exception) -> str:
+    """The reason a site is left as written: the passes' own, or an analysis that failed.
+
+    Finding and checking a layer only reads the graph, so a failure there (an op the
+    verifier cannot run, a shape it did not expect) leaves the graph untouched: the layer runs
+    as written and the failure is reported, not raised into the user's compile."""
+    if isinstance(e, Unmatched):
+        return str(e)
+    return f"the passes could not analyse this layer ({type(e).__name__}: {str(e)[:200]})"
 
 
 def _erase_dead(graph: fx.Graph, touched: set[fx.Node]) -> None:

@@ -234,7 +234,8 @@ class GeneratedMoE(nn.Module):
         order = torch.argsort(flat, stable=True)
         tok = order // k
         e_sorted = flat[order]
-        offs = torch.cumsum(torch.bincount(flat, minlength=self.spec.E), 0).to(torch.int32)
+        counts = torch.histc(flat.float(), bins=self.spec.E, min=0, max=self.spec.E - 1)
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # histc, as transformers: no graph break
         xs = xf[tok]
 
         def proj(name, inp):
