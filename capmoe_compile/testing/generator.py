@@ -9,9 +9,9 @@ skipped), so :func:`oracle` gives what a capacity-aware layer must compute, thro
 ``capmoe_compile.route``.
 
 Some spellings are layers capmoe must *not* rewrite as dropless (``bmm_own_capacity`` drops
-pairs past the model's own capacity); some routers are ones no rule identifies
-(``scaled_logits``). For those the only promise is "left as written", and the differential
-check below treats a rewrite that changes the output as wrong.
+pairs past the model's own capacity): for those the only promise is "left as written", and the
+differential check below treats a rewrite that changes the output as wrong. ``scaled_logits``
+is a router no named pattern knows: SPEC's generic rule gives its ``P``.
 
 Used by ``tests/test_generator.py`` (a seeded subset in CI) and
 ``benchmarks/layer_generator.py`` (thousands).
@@ -35,7 +35,7 @@ ROUTERS = (
     "logits_topk_softmax",  # S = topk(logits); W = softmax over the selected (GPT-OSS)
     "sigmoid_topk_renorm",  # P = sigmoid; W, S = topk(P), renormalised, scaled
     "sigmoid_bias_topk",  # S = topk(sigmoid + bias); W = P at S, renormalised (DeepSeek-V3)
-    "scaled_logits",  # S = topk(logits / tau); W = softmax over selected: no named rule
+    "scaled_logits",  # S = topk(logits / tau); W = softmax over selected: SPEC's generic rule
 )
 DISPATCHES = (
     "gather_einsum",  # per pair: gather the expert's weights, einsum
@@ -83,7 +83,7 @@ class LayerSpec:
     @property
     def expected_match(self) -> bool:
         """Whether SPEC lets capmoe rewrite this layer at all (not whether it does)."""
-        return self.router != "scaled_logits" and self.dispatch != "bmm_own_capacity"
+        return self.dispatch != "bmm_own_capacity"
 
 
 def random_spec(rng: random.Random, seed: int) -> LayerSpec:
@@ -328,6 +328,8 @@ class GeneratedMoE(nn.Module):
         logits = self.gate(xf).float()
         if self.spec.router.startswith("sigmoid"):
             P = torch.sigmoid(logits)
+        elif self.spec.router == "scaled_logits":  # SPEC's generic rule: softmax of the ranked
+            P = torch.softmax(self.gate(xf) / 0.7, dim=-1).float()
         else:
             P = torch.softmax(logits, dim=-1)
         return P, ids, w
