@@ -205,16 +205,24 @@ def sigmoid_bias_grouped_topk(site: TopKSite) -> RouterMatch | None:
 
     P is the sigmoid output; the bias and group masking only shape the model's selection S.
     """
+    n = _upstream(site, _SIGMOID)
+    return RouterMatch("sigmoid_bias_grouped_topk", site, n) if n is not None else None
+
+
+def _upstream(site: TopKSite, targets: set, depth: int = 12) -> fx.Node | None:
+    """The nearest node calling one of ``targets`` among the scores' ancestors of the scores'
+    own shape (what a bias, mask or scaling between it and the top-k keeps), or None."""
+    shape = _shape(site.scores)
     seen, frontier = set(), [site.scores]
-    for _ in range(12):
+    for _ in range(depth):
         nxt = []
         for n in frontier:
             if not isinstance(n, fx.Node) or n in seen:
                 continue
             seen.add(n)
-            if _is(n, _SIGMOID) and same_shape(_shape(n), _shape(site.scores)):
-                return RouterMatch("sigmoid_bias_grouped_topk", site, n)
-            nxt.extend(a for a in n.all_input_nodes if same_shape(_shape(a), _shape(site.scores)))
+            if _is(n, targets) and same_shape(_shape(n), shape):
+                return n
+            nxt.extend(a for a in n.all_input_nodes if same_shape(_shape(a), shape))
         frontier = nxt
     return None
 
@@ -242,17 +250,8 @@ def generic_topk(site: TopKSite) -> RouterMatch | None:
 
     Recognising the site only names ``P``: whether it is an MoE router at all is decided by
     the expert region it feeds, which must be found and verified like any other."""
-    seen, frontier = set(), [site.scores]
-    for _ in range(12):
-        nxt = []
-        for n in frontier:
-            if not isinstance(n, fx.Node) or n in seen:
-                continue
-            seen.add(n)
-            if _is(n, _SOFTMAX | _SIGMOID):
-                return RouterMatch("generic (P = the ranked scores)", site, site.scores)
-            nxt.extend(a for a in n.all_input_nodes if same_shape(_shape(a), _shape(site.scores)))
-        frontier = nxt
+    if _upstream(site, _SOFTMAX | _SIGMOID) is not None:
+        return RouterMatch("generic (P = the ranked scores)", site, site.scores)
     return RouterMatch(
         "generic (P = softmax of the ranked logits)", site, site.scores, score_of_logits="softmax"
     )

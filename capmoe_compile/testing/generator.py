@@ -47,6 +47,8 @@ DISPATCHES = (
     "bmm_own_capacity",  # [E, cap, H] with the model's own cap: drops late pairs
 )
 FORMS = ("gate_up", "up_gate", "gate_and_up", "mlp")
+# The generator's own table (not capmoe's ``experts.ACTIVATIONS``): its layers and oracle
+# must not share code with what they test.
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
