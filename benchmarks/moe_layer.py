@@ -275,9 +275,10 @@ def floor_of(cfg, F, T, loads, dtype, peak, bw) -> Floor:
 
 
 def run_shape(name, cfg, T, dtype, rows, x, reps, gemm_n, copy_bytes, compile_s) -> dict:
-    dev = x.device
     """Measure every row on ``x`` interleaved with the peak and bandwidth rows."""
+    dev = x.device
     k = cfg["k"]
+    rows = dict(rows)
     with torch.no_grad():
         # first calls: compile (static shape) and check against transformers' own output
         for r, fn in rows.items():
@@ -297,8 +298,14 @@ def run_shape(name, cfg, T, dtype, rows, x, reps, gemm_n, copy_bytes, compile_s)
         loads["capmoe_score"] = loads_of(rows["capmoe_off"], x, SCORE)
         loads["capmoe_expanded"] = loads_of(rows["capmoe_expanded"], x, None)
         if tiny_name in rows:
-            loads[tiny_name] = loads_of(rows[tiny_name], x, None)
-            loads[f"capmoe_score@F{TINY_F}"] = loads_of(rows[tiny_name], x, SCORE)
+            try:
+                loads[tiny_name] = loads_of(rows[tiny_name], x, None)
+                loads[f"capmoe_score@F{TINY_F}"] = loads_of(rows[tiny_name], x, SCORE)
+            except RuntimeError as e:
+                # the F=16 copy was left as written (e.g. bf16: its expert form could not be
+                # verified at that size): no overhead rows for this shape
+                print(f"\n(no F={TINY_F} overhead rows for {name}: {e})")
+                rows = {r: fn for r, fn in rows.items() if "@F" not in r}
         before = loads["capmoe_off"][0]
         for r in EAGER_ROWS + ("inductor",):
             loads[r] = (before, before)
