@@ -73,6 +73,8 @@ def run(
     cal_windows: int = 32,
     targets: tuple[float, ...] = TARGETS,
     cal_policies: tuple[str, ...] = ("score",),
+    gammas: tuple[float, ...] = UNIFORM_GAMMAS,
+    coarse_gammas: tuple[float, ...] = COARSE_GAMMAS,
     progress: bool = True,
 ) -> dict:
     import capmoe_compile as cc
@@ -124,7 +126,7 @@ def run(
 
     cells = [(None, None)]
     for policy in cc.POLICIES:
-        grid = COARSE_GAMMAS if policy in COARSE_POLICIES else UNIFORM_GAMMAS
+        grid = coarse_gammas if policy in COARSE_POLICIES else gammas
         cells += [(g, policy) for g in grid]
     cells.sort(key=lambda c: c[1] == "expanded_drop")  # one recompile, at the end
     bar = _progress(len(cells) + len(targets), f"calibrate {model_name}") if progress else None
@@ -175,6 +177,8 @@ def run(
         "calibration_windows": int(cal.shape[0]),
         "split": "validation files split at a file boundary (models.split_validation, 0.3)",
         "calibration_policies": list(cal_policies),
+        "uniform_gammas": list(gammas),
+        "coarse_gammas": {"policies": list(COARSE_POLICIES), "gammas": list(coarse_gammas)},
         "calibration_passes_first_target": first.search["forward_passes"] if first else None,
         "calibration_seconds_first_target": first.search["seconds"] if first else None,
         "torch": torch.__version__,
@@ -341,6 +345,10 @@ def plot(results: list[dict], out: str) -> None:
     fig.savefig(out, dpi=110)
 
 
+def _floats(text: str | None) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(",")) if text else ()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="balanced", help="tiny, balanced, or a model directory")
@@ -351,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cal-windows", type=int, default=32, help="calibration windows")
     p.add_argument("--targets", help="comma-separated speedup targets")
     p.add_argument("--policies", default="score", help="policies the calibration searches")
+    p.add_argument("--gammas", help="uniform gammas (score, reroute, expanded_drop)")
+    p.add_argument("--coarse-gammas", help="uniform gammas of order, reverse, random")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot", help="write the Pareto plot of --from results here and exit")
     p.add_argument("--from", dest="sources", nargs="*", default=[])
@@ -368,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
         cal_windows=args.cal_windows,
         targets=tuple(float(t) for t in args.targets.split(",")) if args.targets else TARGETS,
         cal_policies=tuple(args.policies.split(",")),
+        gammas=_floats(args.gammas) or UNIFORM_GAMMAS,
+        coarse_gammas=_floats(args.coarse_gammas) or COARSE_GAMMAS,
     )
     table = format_table(result)
     print("\n" + table)

@@ -258,3 +258,26 @@ def test_unknown_layer_names_raise_and_configure_nothing(setup):
     assert all(module_config._by_instance.get(m) is None for m in model.modules())
     with pytest.raises(ValueError):  # a module without parameters cannot carry options
         Calibration(layers={"model.rotary_emb": dict(GOOD)}).apply(model)
+
+
+def test_shipped_balanced_model_is_small_balanced_and_matched():
+    from capmoe_compile.models import (
+        BALANCED_MOE_DIR,
+        load_balanced_moe,
+        stdlib_corpus,
+        validation_windows,
+    )
+
+    assert (BALANCED_MOE_DIR / "model.safetensors").stat().st_size <= 10 * 1024 * 1024
+    card = json.loads((BALANCED_MOE_DIR / "training.json").read_text())
+    assert card["aux_loss"] > 0
+    model, _ = load_balanced_moe()
+    cfg = model.config
+    assert cfg.num_experts >= 32 and cfg.num_experts_per_tok >= 4
+    # (a single 28-byte sequence was left as written on 2026-12-01: the passes' token-dependence
+    # probe flagged these dropless layers as enforcing their own capacity; reported, issue 17)
+    ids = validation_windows(stdlib_corpus(), 64, 2)
+    report = cc.explain(model, capacity_factor=1.0)(ids)
+    names = sorted(r.name for r in report.layers)
+    assert names == [f"model.layers.{i}.mlp" for i in range(cfg.num_hidden_layers)]
+    assert not report.unmatched
