@@ -783,9 +783,14 @@ def _rewrite(
         probs = region.router.probs
         if len(_shape(probs)) != 2:  # scores over [B, S, E]: the op routes rows [T, E]
             probs = graph.call_method("reshape", (probs, -1, region.site.num_experts))
+        # P computed here is for ranking only: in float32, so that bf16 rounding does not make
+        # ties of scores the model's logits tell apart
         if region.router.score_of_logits == "softmax":
-            probs = graph.call_function(torch.softmax, (probs,), {"dim": -1})
+            probs = graph.call_function(
+                torch.softmax, (probs,), {"dim": -1, "dtype": torch.float32}
+            )
         elif region.router.score_of_logits == "sigmoid":
+            probs = graph.call_method("float", (probs,))
             probs = graph.call_function(torch.sigmoid, (probs,))
         # 0 sequences: the [B, S] structure is unknown (capacity_scope="sequence" refuses).
         num_seq = 0 if seq is None else graph.call_method("size", (seq, 0))
