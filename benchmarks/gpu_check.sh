@@ -39,9 +39,10 @@ if [ "$MODE" = gpu ]; then
     SHAPES="prefill,decode,fine,qwen3,deepseek"
     REPS=10
     unset TRITON_INTERPRET # compiled kernels, not the interpreter
-    # env 20 s + tests 110 s + 5 shapes x 70 s: 8 minutes at the very most
-    BENCH_LIMIT=70
-    TEST_LIMIT=110
+    # env 45 s + tests 100 s + 5 shapes x 65 s: 7.8 minutes at the very most
+    ENV_LIMIT=45
+    BENCH_LIMIT=65
+    TEST_LIMIT=100
     OVERHEAD="--no-overhead" # one compile less per shape
 else
     DEVICE=cpu
@@ -49,6 +50,7 @@ else
     REPS=1
     export TRITON_INTERPRET=1 # no GPU: the interpreter, a smoke test of the plumbing only
     PYTEST_K="form_given_as_string or registered_op or supports or configs_table"
+    ENV_LIMIT=180 # a loaded shared CPU: importing torch + transformers took > 20 s
     BENCH_LIMIT=900
     TEST_LIMIT=600
     OVERHEAD="" # the F=16 overhead rows too: their plumbing is what --cpu checks
@@ -80,7 +82,7 @@ if [ -d .whl ] && [ $DRY = 0 ]; then
         --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-step env 20 bash -c "date -u; uname -a; (nvidia-smi || echo 'no nvidia-smi'); $PY - <<'EOF'
+step env "$ENV_LIMIT" bash -c "date -u; uname -a; (nvidia-smi || echo 'no nvidia-smi'); $PY - <<'EOF'
 import platform, torch
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda)
 print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)
