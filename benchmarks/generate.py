@@ -29,7 +29,8 @@ Figures, per model, batch size and row (medians of interleaved repetitions, comm
 - ``compile_s``: cold compile of the row's first ``generate`` call (Dynamo, capmoe's passes,
   Inductor, C++; caches off, ``fresh_cache``), minus the same call's warm time; reported on
   the first batch size only (later batch sizes reuse the graphs, except batch 1, which Dynamo
-  specialises and compiles once more). ``graphs``: graphs compiled over the whole run.
+  specialises and compiles once more). ``graphs``: graphs the capmoe backend compiled over
+  the run (``capmoe_compile.backend.compile_count``).
 
 Threads: one (``--threads``) unless told otherwise; the machine's load average is recorded at
 the start and the end. The machines these runs were recorded on are shared: see the JSON.
@@ -246,7 +247,7 @@ def _proportion(v: dict, off: dict | None) -> float | None:
 def table(result: dict) -> str:
     lines = []
     for m in result["models"]:
-        lines.append(f"\n== {m['model']} (graphs compiled over the run: {m['graphs']})")
+        lines.append(f"\n== {m['model']} (capmoe graphs compiled over the run: {m['graphs']})")
         head = ["B", "row", "ttft ms", "prefill tok/s", "decode tok/s", "vs eager", "vs ind"]
         head += ["agree", "kept", "ttft/off / kept"]
         body = []
