@@ -472,10 +472,14 @@ class RouterProbe(TorchFunctionMode):
         try:
             if name in _NAMES_TOPK | _NAMES_MAX:
                 self._topk(name, args, kwargs, out)
-            elif name in _NAMES_PROB | _NAMES_LINEAR:
-                if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-1] in self.E:
-                    kind = "prob" if name in _NAMES_PROB else "linear"
-                    self.outputs.append((kind, out.detach().clone()))
+            elif (
+                isinstance(out, torch.Tensor)
+                and out.dim() >= 2
+                and out.is_floating_point()
+                and out.shape[-1] in self.E
+            ):
+                kind = "prob" if name in _NAMES_PROB else "linear" if name in _NAMES_LINEAR else ""
+                self.outputs.append((kind or name, out.detach().clone()))
         except Exception:  # noqa: BLE001 - the probe never changes what the model computes
             pass
         return out
@@ -512,26 +516,35 @@ class RouterProbe(TorchFunctionMode):
 
 
 def probs_for(scores: torch.Tensor, outputs: list[tuple[str, torch.Tensor]]):
-    """``P`` for a top-k over ``scores`` [T, E] (SPEC.md), and which rule gave it."""
+    """``P`` for a top-k over ``scores`` [T, E] (SPEC.md), and which rule gave it.
+
+    ``outputs``: the ``[..., E]`` float results of the ops that ran before the top-k, newest
+    last, as ``(kind, tensor)`` with kind ``prob`` (softmax/sigmoid), ``linear`` or the op's
+    name."""
     E = scores.shape[-1]
     s = scores.reshape(-1, E).float()
     cands = [(k, o.reshape(-1, E).float()) for k, o in reversed(outputs) if o.numel() == s.numel()]
     for kind, o in cands:
         if kind == "prob" and torch.allclose(s, o, atol=1e-6, rtol=1e-5):
             return o, "the scores (a softmax/sigmoid output)"
+    free = torch.isfinite(s) & (s != 0)  # entries masked by group limiting aside
+    masked_ok = bool(free.sum() >= s.shape[0])
     for kind, o in cands:
-        if kind != "prob":
-            continue
+        if not masked_ok:
+            break
         d = s - o
-        free = torch.isfinite(s) & (s != 0)  # masked entries (group limiting) aside
-        if free.sum() < s.shape[0]:
-            continue
         big = torch.where(free, d, torch.full_like(d, float("nan")))
         lo = torch.nan_to_num(big, nan=float("inf")).amin(0)
         hi = torch.nan_to_num(big, nan=float("-inf")).amax(0)
         spread = torch.where(torch.isfinite(hi - lo), hi - lo, torch.zeros_like(lo))
-        if bool((spread < 1e-5).all()) and bool(d[free].abs().max() > 0):
-            return o, "softmax/sigmoid output without a token-independent bias"
+        if not bool((spread < 1e-5).all()):
+            continue
+        if bool(d[free].abs().max() > 1e-6):  # s = o + a per-expert bias (masked aside)
+            if kind == "linear":
+                return torch.softmax(o, dim=-1), "softmax of raw logits (a selection bias aside)"
+            return o, f"{kind} output without a token-independent selection bias"
+        if kind == "prob":
+            return o, "softmax/sigmoid output, masked entries aside (group limiting)"
     for kind, o in cands:
         if kind == "linear" and torch.allclose(s, o, atol=1e-6, rtol=1e-5):
             return torch.softmax(s, dim=-1), "softmax of raw logits"
@@ -971,9 +984,10 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         f"torch {meta.get('torch')}, mode: {meta.get('mode')}, load average at start "
         f"{meta.get('loadavg_start')}). Rule for what is an MoE family: the module docstring.",
         "",
-        "Columns: *explain*: layers matched / router sites left as written (on `grouped_mm`: "
-        "`capmoe_compile.explain`; elsewhere the passes' own reports, the same `run_passes` "
-        "call); *check*: capacity off, compiled (capmoe passes) == eager; *on*: capacity on "
+        "Columns: *explain*: layers matched / router sites left as written (the passes' own "
+        "reports from the compile, the `run_passes` call `explain` makes; `--explain` calls "
+        "`capmoe_compile.explain` too); *check*: capacity off, compiled (capmoe passes) == "
+        "eager; *on*: capacity on "
         f"(gamma {GAMMA}, `{POLICY}`), compiled == the eager `route()` oracle, for the matched "
         'layers; *graphs*: capmoe / `backend="eager"`.',
         "",
