@@ -904,11 +904,12 @@ def status(e: dict[str, Any]) -> str:
         return "build failed"
     if e.get("unsupported"):
         return "n/a"
-    if e.get("kind") == "transformers" and not e.get("router_topk"):
+    ex = e.get("explain", {})
+    sites = ex.get("matched") or ex.get("left")
+    if e.get("kind") == "transformers" and not e.get("router_topk") and not sites:
         if e.get("topk_over_tokens"):
             return "no token-choice top-k (expert choice?)"
         return "no router top-k at this config"
-    ex = e.get("explain", {})
     if "error" in ex:
         return "explain failed"
     m = len(ex.get("matched", []))
@@ -968,7 +969,9 @@ def grouped_reasons(results: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
                 )
                 continue
             for r in e.get("explain", {}).get("left", []):
-                out.setdefault("left: " + _reason_key(r["reason"]), []).append(case)
+                cases = out.setdefault("left: " + _reason_key(r["reason"]), [])
+                if case not in cases:
+                    cases.append(case)
             if e.get("off", {}).get("error"):
                 out.setdefault("compile: " + e["off"]["error"][:90], []).append(case)
     return dict(sorted(out.items(), key=lambda kv: -len(kv[1])))
@@ -999,14 +1002,17 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "## Table",
         "",
-        "| family / style | impl | explain | check | graphs | left / error |",
-        "|---|---|---|---|---|---|",
+        "| family / style | impl | explain | check | graphs | left / error | passes at |",
+        "|---|---|---|---|---|---|---|",
     ]
     for fam in sorted(results):
         for impl, e in results[fam].items():
             g = f"{e.get('capmoe_graphs', '-')}/{e.get('eager_graphs', '-')}"
             reasons = "; ".join(_reasons(e))[:300].replace("|", "/")
-            lines.append(f"| {fam} | {impl} | {status(e)} | {verdict(e)} | {g} | {reasons} |")
+            rev = e.get("rev") or meta.get("rev") or meta.get("git") or ""
+            lines.append(
+                f"| {fam} | {impl} | {status(e)} | {verdict(e)} | {g} | {reasons} | {rev} |"
+            )
     lines += ["", "## Reasons, grouped", ""]
     for reason, cases in grouped_reasons(results).items():
         lines.append(f"- **{reason.replace('|', '/')}** ({len(cases)}): {', '.join(cases)}")
@@ -1043,6 +1049,11 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "matched_batched_mm": len(matched("batched_mm")),
         "matched_eager": len(matched("eager")),
         "all_sites_matched_grouped_mm": len(matched("grouped_mm", True)),
+        "moe_not_matched_grouped_mm": sorted(
+            f for f in moe if "grouped_mm" in fams[f] and f not in matched("grouped_mm")
+        ),
+        "batched_mm_run": sorted(f for f in moe if "batched_mm" in fams[f]),
+        "not_run": sorted(f for f in fams if "?" in fams[f] and "timed out" not in str(fams[f])),
         "compile_failed": sorted(
             f"{f}/{i}"
             for f, r in results.items()
@@ -1227,7 +1238,10 @@ def main(argv: list[str] | None = None) -> None:
             part = _load(Path(path))
             merged["runs"].append(part.get("meta", {}))
             merged["families"] = part.get("families", merged.get("families"))
+            rev = part.get("meta", {}).get("rev") or part.get("meta", {}).get("git")
             for fam, res in part.get("results", {}).items():
+                for e in res.values():
+                    e.setdefault("rev", rev)
                 merged["results"].setdefault(fam, {}).update(res)
         merged["meta"] = merged["runs"][-1]
         merged["summary"] = summary(merged["results"])
