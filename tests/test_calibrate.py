@@ -260,24 +260,19 @@ def test_unknown_layer_names_raise_and_configure_nothing(setup):
         Calibration(layers={"model.rotary_emb": dict(GOOD)}).apply(model)
 
 
-def test_shipped_balanced_model_is_small_balanced_and_matched():
-    from capmoe_compile.models import (
-        BALANCED_MOE_DIR,
-        load_balanced_moe,
-        stdlib_corpus,
-        validation_windows,
-    )
+def test_shipped_balanced_model_is_small_and_balanced():
+    # That the capmoe passes match all four MoE layers is checked where the model is compiled
+    # anyway (benchmarks.calibrate: every calibration names the four layers record_stats saw);
+    # explain's verification probes on this E=32 model took ~3 min of a loaded CI machine.
+    from capmoe_compile.models import BALANCED_MOE_DIR, load_balanced_moe
 
     assert (BALANCED_MOE_DIR / "model.safetensors").stat().st_size <= 10 * 1024 * 1024
     card = json.loads((BALANCED_MOE_DIR / "training.json").read_text())
     assert card["aux_loss"] > 0
+    assert all(s["max_over_mean"] < 1.5 for s in card["expert_load"])
     model, _ = load_balanced_moe()
     cfg = model.config
     assert cfg.num_experts >= 32 and cfg.num_experts_per_tok >= 4
-    # (a single 28-byte sequence was left as written on 2026-12-01: the passes' token-dependence
-    # probe flagged these dropless layers as enforcing their own capacity; reported, issue 17)
-    ids = validation_windows(stdlib_corpus(), 64, 2)
-    report = cc.explain(model, capacity_factor=1.0)(ids)
-    names = sorted(r.name for r in report.layers)
-    assert names == [f"model.layers.{i}.mlp" for i in range(cfg.num_hidden_layers)]
-    assert not report.unmatched
+    assert [m.path for m in zoo.moe_layers(model)] == [
+        f"model.layers.{i}.mlp" for i in range(cfg.num_hidden_layers)
+    ]
