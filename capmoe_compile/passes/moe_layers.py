@@ -259,7 +259,7 @@ def _region_through(
         if kind.get(a) in ("param", "const"):
             support.add(a)
             todo.extend(a.all_input_nodes)
-        elif a.op != "placeholder" and not isinstance(_val(a), torch.Tensor):
+        elif a.op != "placeholder" and _is_size(_val(a)):
             sizes.add(a)  # a size read off an activation (x.shape under dynamic shapes)
         elif a in router_side or a.op == "placeholder":
             x_nodes.add(a)
@@ -323,6 +323,14 @@ _DISPATCH_OPS = {
 
 def _is_dispatch(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and node.target in _DISPATCH_OPS
+
+
+def _is_size(v) -> bool:
+    """A size (int, SymInt, torch.Size, or a tuple of them), not data: the tuple a ``chunk``
+    or ``split`` returns holds tensors and is data."""
+    if isinstance(v, (int, torch.SymInt)):
+        return True
+    return isinstance(v, (tuple, list)) and len(v) > 0 and all(_is_size(e) for e in v)
 
 
 def _hint(size) -> int:
