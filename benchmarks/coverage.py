@@ -1243,7 +1243,10 @@ def main(argv: list[str] | None = None) -> None:
                 for e in res.values():
                     e.setdefault("rev", rev)
                 merged["results"].setdefault(fam, {}).update(res)
-        merged["meta"] = merged["runs"][-1]
+        merged["meta"] = dict(merged["runs"][-1])
+        revs = sorted({r.get("rev") or r.get("git") or "?" for r in merged["runs"]})
+        if len(revs) > 1:
+            merged["meta"]["rev"] = "rows from " + ", ".join(revs) + " (column 'passes at')"
         merged["summary"] = summary(merged["results"])
         _save(Path(args.out), merged)
         Path(args.out).with_suffix(".md").write_text(markdown(merged["results"], merged["meta"]))

@@ -42,6 +42,11 @@ KNOWN_BUGS: dict[tuple[str, str], str] = {
         "the passes' generic router takes P = softmax(logits), SPEC's P is sqrt(softplus(logits)) "
         "(bias excluded), so score keeps other tokens than SPEC"
     ),
+    ("on", "kolibri1"): (
+        "P includes the selection bias: the router ranks logits + e_score_correction_bias; the "
+        "passes' generic router takes P = softmax(logits + bias), SPEC excludes the bias "
+        "(P = softmax(logits)); an oracle with softmax(logits + bias) matches exactly"
+    ),
 }
 
 
