@@ -72,7 +72,9 @@ class ExplainReport:
             s = self.call_stats(r)
             tokens = "-" if s is None else str(s.tokens)
             cap = "-" if s is None or s.capacity is None else str(s.capacity)
-            pad = r.padding if s is None or s.padding_excluded else f"all rows count ({r.padding})"
+            pad = r.padding
+            if s is not None and not s.padding_excluded and r.padding.startswith("padding"):
+                pad = f"all rows count in this call (the mask is not [B, S]); {r.padding}"
             lines.append(
                 f"{r.name:<32} {r.num_experts:>4} {r.top_k:>3} {r.router:<26} {r.dispatch:<11} "
                 f"{r.experts:<16} {tokens:>6} {cap:>6}  {pad}"
