@@ -243,27 +243,12 @@ def declared(site: TopKSite) -> RouterMatch | None:
     return None
 
 
-def generic_topk(site: TopKSite) -> RouterMatch | None:
-    """Any other top-k over expert scores (SPEC.md's generic router rule): ``P`` is the scores
-    the top-k ranked by when a softmax or sigmoid precedes it (the model normalised them),
-    else the softmax of them over all experts (it ranked raw logits: scaled, noised, biased).
-
-    Recognising the site only names ``P``: whether it is an MoE router at all is decided by
-    the expert region it feeds, which must be found and verified like any other."""
-    if _upstream(site, _SOFTMAX | _SIGMOID) is not None:
-        return RouterMatch("generic (P = the ranked scores)", site, site.scores)
-    return RouterMatch(
-        "generic (P = softmax of the ranked logits)", site, site.scores, score_of_logits="softmax"
-    )
-
-
 ROUTER_PATTERNS: list[Callable[[TopKSite], RouterMatch | None]] = [
     declared,
     softmax_top1,
     softmax_topk,
     sigmoid_bias_grouped_topk,
     logits_topk_softmax,
-    generic_topk,  # last: only where no named pattern knows P exactly
 ]
 
 

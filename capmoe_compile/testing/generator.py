@@ -11,7 +11,7 @@ skipped), so :func:`oracle` gives what a capacity-aware layer must compute, thro
 Some spellings are layers capmoe must *not* rewrite as dropless (``bmm_own_capacity`` drops
 pairs past the model's own capacity): for those the only promise is "left as written", and the
 differential check below treats a rewrite that changes the output as wrong. ``scaled_logits``
-is a router no named pattern knows: SPEC's generic rule gives its ``P``.
+is a router whose ``P`` no named pattern identifies: it must be left as written too.
 
 Used by ``tests/test_generator.py`` (a seeded subset in CI) and
 ``benchmarks/layer_generator.py`` (thousands).
@@ -35,7 +35,7 @@ ROUTERS = (
     "logits_topk_softmax",  # S = topk(logits); W = softmax over the selected (GPT-OSS)
     "sigmoid_topk_renorm",  # P = sigmoid; W, S = topk(P), renormalised, scaled
     "sigmoid_bias_topk",  # S = topk(sigmoid + bias); W = P at S, renormalised (DeepSeek-V3)
-    "scaled_logits",  # S = topk(logits / tau); W = softmax over selected: SPEC's generic rule
+    "scaled_logits",  # S = topk(logits / tau); W = softmax over selected: P not identified
 )
 DISPATCHES = (
     "gather_einsum",  # per pair: gather the expert's weights, einsum
@@ -85,7 +85,7 @@ class LayerSpec:
     @property
     def expected_match(self) -> bool:
         """Whether SPEC lets capmoe rewrite this layer at all (not whether it does)."""
-        return self.dispatch != "bmm_own_capacity"
+        return self.router != "scaled_logits" and self.dispatch != "bmm_own_capacity"
 
 
 def random_spec(rng: random.Random, seed: int) -> LayerSpec:
@@ -330,8 +330,6 @@ class GeneratedMoE(nn.Module):
         logits = self.gate(xf).float()
         if self.spec.router.startswith("sigmoid"):
             P = torch.sigmoid(logits)
-        elif self.spec.router == "scaled_logits":  # SPEC's generic rule: softmax of the ranked
-            P = torch.softmax(self.gate(xf) / 0.7, dim=-1).float()
         else:
             P = torch.softmax(logits, dim=-1)
         return P, ids, w
