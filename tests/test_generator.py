@@ -18,15 +18,15 @@ from capmoe_compile.testing import generator as G
 
 
 def _cover_every_spelling() -> list[G.LayerSpec]:
-    """Every router with three dispatches and every dispatch with three or four routers (a
-    cyclic cover of router x dispatch: all 56 pairs run in the benchmark), other choices
-    random but seeded."""
+    """Every router with two dispatches and every dispatch with two or three routers (a cyclic
+    cover of router x dispatch: all 56 pairs run in the benchmark), other choices random but
+    seeded."""
     rng = random.Random(12)
     out = []
     pairs = [
         (router, G.DISPATCHES[(i + j) % len(G.DISPATCHES)])
         for i, router in enumerate(G.ROUTERS)
-        for j in range(3)
+        for j in range(2)
     ]
     for i, (router, dispatch) in enumerate(pairs):
         spec = G.random_spec(rng, seed=10_000 + i)
@@ -37,7 +37,7 @@ def _cover_every_spelling() -> list[G.LayerSpec]:
 
 
 EVERY_SPELLING = _cover_every_spelling()
-RANDOM = G.specs(6, seed=7)
+RANDOM = G.specs(4, seed=7)
 
 
 @pytest.mark.parametrize("spec", EVERY_SPELLING + RANDOM, ids=lambda s: s.ident)
@@ -50,7 +50,7 @@ def test_generated_layer(spec):
 
 @pytest.mark.parametrize(
     "spec",
-    [s for s in EVERY_SPELLING if s.dispatch == "gather_einsum"][:3],
+    [s for s in EVERY_SPELLING if s.dispatch == "gather_einsum"][:2],
     ids=lambda s: s.ident,
 )
 def test_generated_layer_through_inductor(spec):
