@@ -313,3 +313,16 @@ def test_bad_options_raise_value_error_first(options, name):
     assert not isinstance(info.value, torch._dynamo.exc.BackendCompilerFailed)
     with pytest.raises(ValueError, match=name):
         capmoe_compile.explain(nn.Linear(4, 4), **options)
+
+
+@pytest.mark.parametrize("shape", [(3, 9), (1, 1), (1, 5)])
+def test_odd_token_counts_are_verified_like_even_ones(shape):
+    """The half/half trials split T rows as [0, T//2) and [T//2, T) for any T: an odd T (or a
+    one-token decode step) once compared a row routed to other experts and refused a dropless
+    layer as 'enforcing its own capacity'."""
+    torch.manual_seed(0)
+    model = Block(Router3D()).eval()
+    x = torch.randn(*shape, H)
+    with torch.no_grad():
+        rep = capmoe_compile.explain(model, capacity_factor=1.0)(x)
+    assert [r.name for r in rep.layers] == ["moe"], str(rep)

@@ -491,7 +491,9 @@ def _trials(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, E: int) -> list
 
     first = torch.arange(k).expand(T, k)
     last = torch.arange(E - k, E).expand(T, k)
-    half = torch.where(torch.arange(T)[:, None] < T // 2, first, last)
+    in_lo = torch.arange(T)[:, None] < T // 2  # rows [0, T//2) vs [T//2, T), for any T
+    half = torch.where(in_lo, first, last)
+    swapped = torch.where(in_lo, last, first)
     skew_w = rand_w()  # one set of weights for the skewed trials: their rows are compared
     out = [
         _Trial("real", x, ids, w),
@@ -499,7 +501,7 @@ def _trials(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, E: int) -> list
         _Trial("first", x, sel(first), skew_w),
         _Trial("last", x, sel(last), skew_w),
         _Trial("halves", x, sel(half), skew_w),
-        _Trial("halves swapped", x, sel(half.flip(0)), skew_w),
+        _Trial("halves swapped", x, sel(swapped), skew_w),
     ]
     for what, perm in (
         ("reversed", torch.arange(T).flip(0)),
