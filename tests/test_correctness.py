@@ -326,3 +326,35 @@ def test_odd_token_counts_are_verified_like_even_ones(shape):
     with torch.no_grad():
         rep = capmoe_compile.explain(model, capacity_factor=1.0)(x)
     assert [r.name for r in rep.layers] == ["moe"], str(rep)
+
+
+class CountingBlock(nn.Module):
+    """A block that updates a buffer in place each call (as a static KV cache advances its
+    position): compiling it must not apply that update an extra time."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.moe = Router3D()
+
+    def forward(self, x):
+        self.steps.add_(1)
+        return x + self.moe(x) * self.steps.to(x.dtype)
+
+
+def test_compiling_does_not_repeat_in_place_updates():
+    torch.manual_seed(0)
+    model = CountingBlock().eval()
+    x = torch.randn(2, 8, H)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="capmoe")
+        first = compiled(x)
+        assert int(model.steps) == 1, "the passes ran the graph's in-place update at compile time"
+        second = compiled(x)
+    assert int(model.steps) == 2
+    ref = CountingBlock().eval()
+    ref.load_state_dict(CountingBlock().state_dict())
+    ref.moe.load_state_dict(model.moe.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(first, ref(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(second, ref(x), atol=1e-5, rtol=1e-5)

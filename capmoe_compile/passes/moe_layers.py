@@ -612,10 +612,37 @@ def _capture(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> dict[f
     if remaining:
         try:
             with torch.no_grad():
-                Recorder(gm).run(*example_inputs)
+                Recorder(gm).run(*_unshared(gm.graph, example_inputs))
         except _Stop:
             pass
     return got
+
+
+def _mutates(node: fx.Node) -> bool:
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if node.target in _INPLACE_FUNCS:
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+def _unshared(graph: fx.Graph, example_inputs: list) -> list:
+    """The inputs to interpret the graph on: clones of every input an in-place op of the graph
+    may write (through any chain of ops), the others as they are.
+
+    Interpreting the graph on the call's own tensors would apply its side effects a second
+    time: a static KV cache's position counter would advance at compile time and every later
+    step would write one slot off."""
+    written: set[fx.Node] = set()
+    for n in graph.nodes:
+        if _mutates(n) and n.args and isinstance(n.args[0], fx.Node):
+            written |= {a for a in _ancestors([n.args[0]]) if a.op == "placeholder"}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return [
+        v.clone() if ph in written and isinstance(v, torch.Tensor) else v
+        for ph, v in zip(placeholders, example_inputs, strict=False)
+    ]
 
 
 def rewrite_moe_layers(
