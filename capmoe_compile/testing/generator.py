@@ -327,12 +327,17 @@ class GeneratedMoE(nn.Module):
         own selection ([T, k] ids) and its gate weights ([T, k])."""
         xf = x.reshape(-1, x.shape[-1])
         ids, w = self._route(x, xf)
-        logits = self.gate(xf).float()
-        if self.spec.router.startswith("sigmoid"):
-            P = torch.sigmoid(logits)
-        else:
-            P = torch.softmax(logits, dim=-1)
-        return P, ids, w
+        r = self.spec.router
+        logits = self.gate(xf)
+        if r.startswith("sigmoid"):
+            P = torch.sigmoid(logits.float())  # the model's own score, in float32
+        elif r in ("softmax_topk_3d", "softmax_max_top1"):
+            P = torch.softmax(logits, dim=-1)  # the model's own score, in its dtype (bf16 ties)
+        elif r in ("softmax_topk", "softmax_topk_renorm"):
+            P = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        else:  # top-k of logits: P = softmax of them, for ranking only (SPEC), float32
+            P = torch.softmax(logits.float(), dim=-1)
+        return P.float(), ids, w
 
     def experts(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``, sentinel ``E`` skipped, plus
@@ -431,7 +436,7 @@ def check(spec: LayerSpec, gamma: float = 0.5, inductor: bool = False) -> Outcom
 
     torch._dynamo.reset()
     layer = GeneratedMoE(spec).eval()
-    shapes = [(2, 12), (3, 8)] if spec.dynamic else [(2, 12)]
+    shapes = [(3, 9), (2, 12)] if spec.dynamic else [(3, 9)]  # odd T too
     inputs = [layer.example(b, s, seed=spec.seed + i) for i, (b, s) in enumerate(shapes)]
     backend = _PassesThenEager(inductor)
     with torch.no_grad():
