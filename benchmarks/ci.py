@@ -217,7 +217,7 @@ RUNTIME_POLICIES = ("score", "order", "reverse", "random", "reroute")
 
 def _models() -> list[tuple[str, Callable[[], Any], bool]]:
     """(name, builder, is_lm) of every model the suite walks."""
-    from capmoe_compile import zoo
+    from capmoe_compile.testing import zoo
 
     out: list[tuple[str, Callable[[], Any], bool]] = []
     for fam in zoo.MAIN_FAMILIES:
@@ -235,7 +235,7 @@ def _models() -> list[tuple[str, Callable[[], Any], bool]]:
 
 
 def _inputs(model, is_lm: bool, batch: int, seq: int = SEQ):
-    from capmoe_compile import zoo
+    from capmoe_compile.testing import zoo
 
     if is_lm:
         return zoo.random_input_ids(model, batch, seq, seed=0)
@@ -340,7 +340,7 @@ def _block_and_input(model, is_lm: bool, seq: int = SEQ):
     """Layer 0's MoE block of ``model`` and the hidden states it receives in eager mode."""
     import torch
 
-    from capmoe_compile import zoo
+    from capmoe_compile.testing import zoo
 
     block = zoo.moe_layers(model)[0].block
     seen: dict[str, torch.Tensor] = {}
@@ -401,7 +401,7 @@ def kernel_figures(family: str) -> dict[str, float]:
     (static shapes, the block's input from an eager run at batch 4 x 32)."""
     import torch
 
-    from capmoe_compile import zoo
+    from capmoe_compile.testing import zoo
 
     block, x = _block_and_input(zoo.build(family), True)
     fig: dict[str, float] = {}
@@ -443,7 +443,8 @@ def timing_figures(reps: int = 15) -> tuple[dict[str, float], dict[str, float], 
     capmoe (capacity off and gamma=1.0, one compile), Inductor's default and eager."""
     import torch
 
-    from capmoe_compile import config, zoo
+    from capmoe_compile import config
+    from capmoe_compile.testing import zoo
 
     shape = TIMING_SHAPE
     model = zoo.build("mixtral", num_layers=1, hidden=shape["hidden"], ffn=shape["ffn"])
@@ -525,7 +526,7 @@ def collect(timing_reps: int) -> tuple[dict[str, float], dict[str, float], dict,
     """All figures; errors become failure messages naming the step (the rest still runs)."""
     import torch
 
-    from capmoe_compile import zoo
+    from capmoe_compile.testing import zoo
 
     figures: dict[str, float] = {}
     errors: list[str] = []

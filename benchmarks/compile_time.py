@@ -31,7 +31,7 @@ import torch
 
 import capmoe_compile
 import capmoe_compile.passes
-from capmoe_compile import zoo
+from capmoe_compile.testing import zoo
 
 from .common import fmt_table, json_line, loadavg_end, machine, median, write_json
 

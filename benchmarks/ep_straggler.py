@@ -75,8 +75,9 @@ def profile_route(T: int, E: int, k: int, world: int, skew: float = 2.0) -> dict
 def measure(args) -> dict:
     import torch.distributed as dist
 
-    from capmoe_compile import config, telemetry, zoo
+    from capmoe_compile import config, telemetry
     from capmoe_compile.distributed import expert_parallel, record_timings
+    from capmoe_compile.testing import zoo
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))

@@ -69,7 +69,7 @@ CAPMOE_ROWS = {"capmoe_off": None, "score_1.0": 1.0, "score_1.25": 1.25}
 
 
 def build(name: str):
-    from capmoe_compile import zoo
+    from capmoe_compile.testing import zoo
 
     if name == "shipped":
         from capmoe_compile.models import load_tiny_moe

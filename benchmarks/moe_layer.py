@@ -59,8 +59,8 @@ from typing import Any
 import torch
 
 import capmoe_compile
-from capmoe_compile import zoo
 from capmoe_compile.lowering import grouped
+from capmoe_compile.testing import zoo
 
 from .common import (
     Floor,

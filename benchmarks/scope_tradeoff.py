@@ -17,7 +17,7 @@ import json
 import torch
 
 import capmoe_compile as cc
-from capmoe_compile import zoo
+from capmoe_compile.testing import zoo
 
 
 def run(batch: int = 8, seq: int = 64, seed: int = 0) -> list[dict]:

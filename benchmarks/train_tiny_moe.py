@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from capmoe_compile import zoo
 from capmoe_compile.models import (
     EOS_ID,
     PAD_ID,
@@ -37,6 +36,7 @@ from capmoe_compile.models import (
     stdlib_corpus,
     validation_windows,
 )
+from capmoe_compile.testing import zoo
 
 MODEL_KWARGS = {
     "vocab_size": VOCAB_SIZE,

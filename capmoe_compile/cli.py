@@ -12,7 +12,7 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     import capmoe_compile as cc
-    from capmoe_compile import zoo
+    from capmoe_compile.testing import zoo
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()

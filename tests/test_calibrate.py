@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("transformers")
 
 import capmoe_compile as cc  # noqa: E402
-from capmoe_compile import module_config, zoo  # noqa: E402
+from capmoe_compile import module_config  # noqa: E402
 from capmoe_compile.calibrate import (  # noqa: E402
     _BUCKETS,
     Calibration,
@@ -30,6 +30,7 @@ from capmoe_compile.calibrate import (  # noqa: E402
     calibrate,
     model_speedup,
 )
+from capmoe_compile.testing import zoo  # noqa: E402
 
 LAYERS = ("model.layers.0.mlp", "model.layers.1.mlp")
 E, K = 8, 2

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import capmoe_compile
-from capmoe_compile import backend, zoo
+from capmoe_compile import backend
+from capmoe_compile.testing import zoo
 
 H, FF = 32, 64
 

@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from capmoe_compile import config, zoo
+from capmoe_compile import config
 from capmoe_compile.distributed import EPInfo, expert_parallel, route_group
 from capmoe_compile.routing import capacity
+from capmoe_compile.testing import zoo
 
 WORLD = 2
 PG_TIMEOUT_S = 20

@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import capmoe_compile as cc
-from capmoe_compile import backend, zoo
+from capmoe_compile import backend
+from capmoe_compile.testing import zoo
 
 E, K = 8, 2
 GAMMA = 1.0

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import capmoe_compile as cc
-from capmoe_compile import zoo
 from capmoe_compile.passes import routers
+from capmoe_compile.testing import zoo
 
 
 def test_unmatched_layers_compute_as_written(monkeypatch):

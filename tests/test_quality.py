@@ -17,7 +17,6 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from capmoe_compile import zoo  # noqa: E402
 from capmoe_compile.models import (  # noqa: E402
     TINY_MOE_DIR,
     decode,
@@ -27,6 +26,7 @@ from capmoe_compile.models import (  # noqa: E402
     tiny_moe_card,
     validation_windows,
 )
+from capmoe_compile.testing import zoo  # noqa: E402
 
 TEXT = '''def _check(self, value):
     """Return the value, or raise ValueError."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from route_oracle import route_oracle
 
 import capmoe_compile as cc
-from capmoe_compile import zoo
+from capmoe_compile.testing import zoo
 
 S = 12
 

@@ -26,7 +26,8 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 import capmoe_compile
-from capmoe_compile import backend, config, module_config, zoo
+from capmoe_compile import backend, config, module_config
+from capmoe_compile.testing import zoo
 
 GAMMA = 0.5
 SHAPE_A = (2, 32)  # T = 64 rows: C = ceil(0.5 * 64 * 2 / 8) = 8, mean load 16

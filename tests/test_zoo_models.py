@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from capmoe_compile import zoo
+from capmoe_compile.testing import zoo
 
 transformers = pytest.importorskip("transformers")
 

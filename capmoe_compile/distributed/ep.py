@@ -135,7 +135,7 @@ def expert_parallel(
     raises if they change (recompile with ``torch._dynamo.reset()``). ``"opaque"`` always uses
     the ``capmoe::ep_moe`` op (data-dependent splits; options resolved at every call).
     """
-    from .. import zoo
+    from ..testing import zoo
 
     if dispatch not in DISPATCHES:
         raise ValueError(f"expert_parallel: dispatch={dispatch!r}, expected one of {DISPATCHES}")
