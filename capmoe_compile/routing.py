@@ -72,16 +72,110 @@ def _rank_rows(key: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, ranks).transpose(1, 2)
 
 
+#: Policies whose keep decision is computed per selected pair (:func:`_keep_selected`) instead
+#: of over the dense ``[G, R, E]`` view: their candidates are exactly the selection ``S``.
+PAIR_POLICIES = ("score", "order", "reverse", "random", "reroute")
+
+
+def _descending_u32(key: torch.Tensor) -> torch.Tensor:
+    """int64 in [0, 2**32) that sorts ascending exactly as ``torch.sort(key, descending=True)``
+    orders ``key``: float32 keys through their order-preserving bit pattern (``-0.0`` counted
+    as ``0.0`` and every NaN as one NaN above ``+inf``, as ``torch.sort`` treats them); integer
+    keys must lie in ``[-2**32 + 2**31, 2**31)`` (token indices and 31-bit hashes do)."""
+    if key.is_floating_point():
+        f = key.float() + 0.0  # -0.0 -> +0.0
+        f = torch.where(f.isnan(), float("nan"), f)  # one canonical (positive) NaN
+        b = f.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        ascending = torch.where(b >= 0x80000000, b ^ 0xFFFFFFFF, b ^ 0x80000000)
+        return 0xFFFFFFFF - ascending
+    return (2**31 - 1) - key.to(torch.int64)
+
+
+def _concrete_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds real data on the CPU, so that reading a value off it (``bool(...)``)
+    is cheap and allowed. False on other devices (a host sync) and while the code is traced:
+    under fake or functional tensors (AOTAutograd tracing the static EP layer of
+    ``distributed/functional.py`` into the graph) reading a value is a data-dependent
+    ``aten._local_scalar_dense`` that fails the trace, so the branch-free path is taken."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
+def _keep_selected(
+    key: torch.Tensor,
+    ids: torch.Tensor,
+    rows_valid: torch.Tensor,
+    cap_g: torch.Tensor,
+    G: int,
+    E: int,
+) -> torch.Tensor:
+    """``keep.gather(1, ids)`` of the dense formulation, computed on the ``T*k`` selected pairs.
+
+    ``key`` [T, k] is each selected pair's ranking key. The dense form ranks every (row,
+    expert) cell of ``[G, R, E]`` with :func:`_rank_rows` (a sort of ``T*E`` keys); here only
+    the selected pairs are sorted, once, by (group, expert) then key descending then row
+    ascending (one stable sort of ``T*k`` int64 codes: segment in the high 32 bits, the key's
+    order in the low 32), and a member's rank is its position in its (group, expert) segment.
+    That is the dense rank, because there every non-member sorts after every member -- except
+    behind a member whose float key is ``-inf``, which non-members of smaller row precede;
+    such ranks are corrected by the number of those rows (a second sort, only when such a key
+    occurs). A row selecting an expert twice is one member: its two slots sort next to each
+    other, the second one is not counted and shares the first one's decision, as ``gather``
+    does in the dense form.
+    """
+    T, k = ids.shape
+    dev = ids.device
+    N = T * k
+    if N == 0:
+        return torch.zeros(T, k, dtype=torch.bool, device=dev)
+    R = T // G
+    n_seg = G * E
+    if n_seg >= 2**31:
+        raise ValueError(f"{G} groups x {E} experts: too many segments for the pair ranking")
+    t_idx = torch.arange(T, device=dev).view(-1, 1)
+    seg = torch.where(rows_valid[:, None], (t_idx // R) * E + ids, n_seg).reshape(-1)
+    code = (seg << 32) | _descending_u32(key).reshape(-1)
+    code_s, order = torch.sort(code, stable=True)
+    seg_s = code_s >> 32
+    row_s = order // k
+    dup_s = torch.zeros(N, dtype=torch.bool, device=dev)
+    dup_s[1:] = (seg_s[1:] == seg_s[:-1]) & (row_s[1:] == row_s[:-1])
+    first_s = (~dup_s).to(torch.int64)
+    counts = torch.zeros(n_seg + 1, dtype=torch.int64, device=dev).scatter_add_(0, seg_s, first_s)
+    starts = counts.cumsum(0) - counts
+    rank_s = first_s.cumsum(0) - 1 - starts[seg_s]  # a duplicate gets its first slot's rank
+    if key.is_floating_point():
+        neg_inf = (key.reshape(-1) == float("-inf"))[order] & (seg_s < n_seg)
+        if not _concrete_cpu(neg_inf) or bool(neg_inf.any()):
+            # rank among the segment's rows in row order (ties of a duplicate: one rank)
+            by_row = torch.sort((seg_s << 32) | row_s, stable=True).indices
+            row_rank = torch.empty_like(rank_s)
+            row_rank[by_row] = first_s[by_row].cumsum(0) - 1 - starts[seg_s[by_row]]
+            rank_s = torch.where(neg_inf, rank_s + row_s % R - row_rank, rank_s)
+    cap = torch.cat([cap_g.reshape(G, 1).expand(G, E).reshape(-1), cap_g.new_zeros(1)])
+    keep_s = (seg_s < n_seg) & (rank_s < cap[seg_s])
+    return torch.empty(N, dtype=torch.bool, device=dev).scatter_(0, order, keep_s).view(T, k)
+
+
 def _hash_scores(seed: int, rows: int, experts: int, device) -> torch.Tensor:
     """Seeded, device-independent pseudo-random int keys in [0, 2**31) for every (t, e).
 
     A small integer mixer whose products stay below 2**63, so it is exact on every backend
     and inside compiled graphs (no torch.Generator state to trace).
     """
-    m = 0x7FFFFFFF
-    s = (int(seed) * 0x3C6EF372 + 0x1B873593) & m
     t = torch.arange(rows, device=device, dtype=torch.int64).view(-1, 1)
     e = torch.arange(experts, device=device, dtype=torch.int64).view(1, -1)
+    return _hash_keys(seed, t, e)
+
+
+def _hash_keys(seed: int, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """:func:`_hash_scores`'s key of each (t, e) given as broadcastable int64 tensors (the
+    selected pairs only: ``t`` [T, 1], ``e`` = the ids [T, k])."""
+    m = 0x7FFFFFFF
+    s = (int(seed) * 0x3C6EF372 + 0x1B873593) & m
     x = ((t + s) & m) * 0x2C1B3C6D + e * 0x297A2D39 + 0x165667B1
     x = x & m
     for mul in (0x5BD1E995, 0x2C1B3C6D):
@@ -169,10 +263,6 @@ def route_reference(
     dev = probs.device
     rows_valid = torch.ones(T, dtype=torch.bool, device=dev) if valid is None else valid.bool()
 
-    # Selection S as a dense [T, E] mask (padding rows select nothing).
-    sel = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, ids, True)
-    sel &= rows_valid[:, None]
-
     # Capacity per group: exact ints when every row counts, a tensor when padding is excluded.
     if valid is None:
         cap = capacity(R, E, k, capacity_factor, min_capacity, capacity_align)
@@ -181,11 +271,23 @@ def route_reference(
         counts = rows_valid.view(G, R).sum(1)
         cap_g = capacity(counts, E, k, capacity_factor, min_capacity, capacity_align).view(G, 1, 1)
 
-    P = probs.float()
     view = (G, R, E)
-    scale = _token_scale(probs, ids, topk_weights)
-
-    if policy == "expanded_drop":
+    if policy in PAIR_POLICIES:
+        # Ranked on the T*k selected pairs (_keep_selected): cost grows with T*k, not T*E.
+        if policy in ("score", "reroute"):
+            key = probs.gather(1, ids).float()
+        elif policy == "order":
+            key = -torch.arange(T, device=dev).view(-1, 1).expand(T, k)
+        elif policy == "reverse":
+            key = torch.arange(T, device=dev).view(-1, 1).expand(T, k)
+        else:  # random
+            key = _hash_keys(seed, torch.arange(T, device=dev).view(-1, 1), ids)
+        kept_slot = _keep_selected(key, ids, rows_valid, cap_g, G, E)
+    else:  # expanded_drop: candidates are dense (every local expert of every row)
+        P = probs.float()
+        # Selection S as a dense [T, E] mask (padding rows select nothing).
+        sel = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, ids, True)
+        sel &= rows_valid[:, None]
         local = torch.zeros(E, dtype=torch.bool, device=dev)
         if local_experts is None:
             local[:] = True
@@ -193,22 +295,13 @@ def route_reference(
             local[list(local_experts)] = True
         cand = sel | (local[None, :] & rows_valid[:, None])
         keep = cand & (_rank_rows(P.view(view), cand.view(view)) < cap_g).reshape(T, E)
-    else:
-        if policy in ("score", "reroute"):
-            key = P
-        elif policy == "order":
-            key = -torch.arange(T, device=dev).view(-1, 1).expand(T, E)
-        elif policy == "reverse":
-            key = torch.arange(T, device=dev).view(-1, 1).expand(T, E)
-        else:  # random
-            key = _hash_scores(seed, T, E, dev)
-        keep = sel & (_rank_rows(key.reshape(view), sel.view(view)) < cap_g).reshape(T, E)
+        kept_slot = keep.gather(1, ids)
 
-    kept_slot = keep.gather(1, ids)
     out_ids = torch.where(kept_slot, ids, torch.full_like(ids, E))
     out_w = torch.where(kept_slot, topk_weights, torch.zeros_like(topk_weights))
 
     if policy == "expanded_drop":
+        scale = _token_scale(probs, ids, topk_weights)
         n_extra = _expanded_width(k, E, local_experts) - k
         added = keep & ~sel
         e_ids = torch.arange(E, device=dev).expand(T, E)
@@ -218,6 +311,12 @@ def route_reference(
         out_ids = torch.cat([out_ids, extra], 1)
         out_w = torch.cat([out_w, torch.where(got, pe, 0.0).to(out_w.dtype)], 1)
     elif policy == "reroute" and reroute_rounds > 0:
+        P = probs.float()
+        sel = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, ids, True)
+        sel &= rows_valid[:, None]
+        # the kept pairs as a dense mask (a duplicated slot shares its first slot's decision)
+        keep = torch.zeros_like(sel).scatter_(1, ids, kept_slot) & sel
+        scale = _token_scale(probs, ids, topk_weights)
         out_ids, out_w = _reroute(P, sel, keep, out_ids, out_w, cap_g, view, scale, reroute_rounds)
 
     if renormalize:

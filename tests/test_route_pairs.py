@@ -1,0 +1,108 @@
+"""``routing._keep_selected`` (capacity ranked on the T*k selected pairs) against the dense
+``[G, R, E]`` ranking it replaced for score/order/reverse/random/reroute (``_rank_rows`` over
+every cell), on inputs the oracle tests of ``test_route.py`` do not reach: an expert twice in
+one row, ``-inf``, ``NaN``, ``+inf``, ``-0.0`` and heavily tied keys, padding rows, several groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capmoe_compile import routing
+
+
+def dense_kept_slot(key_te, ids, rows_valid, cap_g, G, E):
+    """The dense formulation: rank every (row, expert) cell, keep members below capacity."""
+    T = ids.shape[0]
+    sel = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids, True) & rows_valid[:, None]
+    view = (G, T // G, E)
+    keep = sel & (routing._rank_rows(key_te.reshape(view), sel.view(view)) < cap_g).reshape(T, E)
+    return keep.gather(1, ids)
+
+
+def _case(seed, T, E, k, G, kind):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    if kind in ("dups", "all"):  # some rows select one expert twice or more
+        rows = torch.rand(T, generator=g) < 0.3
+        ids[rows, -1] = ids[rows, 0]
+    if kind == "int":
+        key = torch.randint(0, 3, (T, E), generator=g)  # few distinct values: many ties
+    else:
+        key = torch.randint(0, 4, (T, E), generator=g).float() / 4  # ties
+        if kind in ("special", "all"):
+            r = torch.rand(T, E, generator=g)
+            key[r < 0.15] = float("-inf")
+            key[(r >= 0.15) & (r < 0.2)] = float("nan")
+            key[(r >= 0.2) & (r < 0.25)] = float("inf")
+            key[(r >= 0.25) & (r < 0.35)] = -0.0  # equal to the 0.0 keys for torch.sort
+            key[(r >= 0.35) & (r < 0.4)] = -torch.tensor(float("nan"))  # sign bit set
+    valid = torch.rand(T, generator=g) > (0.25 if kind in ("special", "all", "int") else 0.0)
+    cap_g = torch.randint(1, max(2, 2 * T * k // (G * E)), (G, 1, 1), generator=g)
+    return key, ids, valid, cap_g
+
+
+@pytest.mark.parametrize("kind", ["plain", "dups", "int", "special", "all"])
+@pytest.mark.parametrize(
+    ("T", "E", "k", "G"), [(1, 4, 2, 1), (12, 4, 2, 3), (40, 8, 3, 4), (64, 16, 4, 1)]
+)
+def test_pairs_match_dense(T, E, k, G, kind):
+    for seed in range(6):
+        key_te, ids, valid, cap_g = _case(seed, T, E, k, G, kind)
+        want = dense_kept_slot(key_te, ids, valid, cap_g, G, E)
+        got = routing._keep_selected(key_te.gather(1, ids), ids, valid, cap_g, G, E)
+        assert torch.equal(got, want), (seed, ids, got, want)
+
+
+def test_pairs_can_fail():
+    """The comparison sees a wrong rank: a capacity one lower changes the decision."""
+    key_te, ids, valid, cap_g = _case(0, 40, 8, 3, 4, "all")
+    want = dense_kept_slot(key_te, ids, valid, cap_g, 4, 8)
+    got = routing._keep_selected(key_te.gather(1, ids), ids, valid, (cap_g - 1).clamp_min(0), 4, 8)
+    assert not torch.equal(got, want)
+
+
+@pytest.mark.parametrize("policy", ["score", "reroute", "order", "random"])
+@pytest.mark.parametrize("tracer", ["make_fx", "aot"])
+def test_pairs_trace_with_static_shapes(policy, tracer):
+    """``route_reference`` traced under fake tensors with static shapes (as AOTAutograd traces
+    the static EP layer of ``distributed/functional.py``) reads no value off a tensor, and the
+    traced graph equals eager, ``-inf`` keys (the rank correction) and padding included. Reading
+    one (``bool()`` of the ``-inf`` check) failed the trace, and the static EP layer then never
+    reached Inductor (``test_static_functional_path_inductor_sees_collectives``)."""
+    from functorch.compile import aot_function, make_boxed_func
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    T, E, k, G = 24, 8, 2, 2
+    key_te, ids, valid, _ = _case(3, T, E, k, G, "special")
+    probs = torch.where(key_te.isnan(), 0.5, key_te)  # -inf, +inf, -0.0 and ties stay
+    assert bool((probs.gather(1, ids) == float("-inf")).any())
+    w = torch.rand(T, k, generator=torch.Generator().manual_seed(1))
+
+    def fn(probs, ids, w, valid):
+        return routing.route_reference(
+            probs,
+            ids,
+            w,
+            capacity_factor=0.5,
+            policy=policy,
+            capacity_scope="sequence",
+            num_sequences=G,
+            valid=valid,
+        )
+
+    graphs = []
+    if tracer == "make_fx":
+        gm = make_fx(fn, tracing_mode="fake")(probs, ids, w, valid)
+        graphs.append(gm)
+    else:
+
+        def keep(gm, _inputs):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        gm = aot_function(fn, fw_compiler=keep)
+    got = gm(probs, ids, w, valid)
+    assert graphs and "_local_scalar_dense" not in str(graphs[0].graph)
+    for a, b in zip(got, fn(probs, ids, w, valid), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
