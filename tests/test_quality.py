@@ -190,7 +190,7 @@ def _fake_results() -> dict:
 
 
 def test_pareto_front():
-    from capmoe_compile.report import pareto_front
+    from capmoe_compile.tools.report import pareto_front
 
     pts = [(1.0, 4.0), (1.5, 4.2), (2.5, 5.0), (1.4, 4.1), (2.4, 6.0), (1.2, 4.5)]
     assert pareto_front(pts) == [0, 3, 1, 2]
@@ -198,7 +198,7 @@ def test_pareto_front():
 
 def test_report_writes_labelled_pngs(tmp_path):
     pytest.importorskip("matplotlib")
-    from capmoe_compile.report import write_report
+    from capmoe_compile.tools.report import write_report
 
     path = tmp_path / "quality.json"
     path.write_text(json.dumps(_fake_results()))
@@ -235,7 +235,7 @@ def test_report_writes_labelled_pngs(tmp_path):
 
 def test_cli_report(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from capmoe_compile.cli import main
+    from capmoe_compile.tools.cli import main
 
     path = tmp_path / "q.json"
     path.write_text(json.dumps(_fake_results()))
@@ -259,7 +259,7 @@ def test_lm_eval_bridge_local_task(tiny):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from capmoe_compile.lm_eval_bridge import CapmoeLM, task_dir
+    from capmoe_compile.tools.lm_eval_bridge import CapmoeLM, task_dir
 
     assert get_model("capmoe") is CapmoeLM
     model, tok = tiny

@@ -91,7 +91,7 @@ def _next_token_loss(logits, ids) -> float:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from capmoe_compile.report import write_report
+    from capmoe_compile.tools.report import write_report
 
     for name, (path, _) in write_report(args.results, args.out_dir, gamma=args.gamma).items():
         print(f"{name}: {path}")
@@ -169,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser(
         "report", help="PNG plots of a quality sweep (benchmarks/quality.py's JSON)"
     )
-    report.add_argument("--results", default="benchmarks/results/quality.json")
-    report.add_argument("--out-dir", default="benchmarks/results")
+    report.add_argument(
+        "--results", required=True, help="a quality sweep's JSON (benchmarks/quality.py)"
+    )
+    report.add_argument("--out-dir", default=".", help="where the PNGs go (default: here)")
     report.add_argument("--gamma", type=float, default=1.0, help="gamma of the load profiles")
     report.set_defaults(func=_report)
     cal = sub.add_parser(

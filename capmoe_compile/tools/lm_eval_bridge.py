@@ -10,14 +10,14 @@ capacity off. Everything else goes to ``HFLM`` unchanged.
 
 Command line (``pip install 'capmoe-compile[eval]'``), the same arguments as ``lm_eval``::
 
-    python -m capmoe_compile.lm_eval_bridge --model capmoe \\
+    python -m capmoe_compile.tools.lm_eval_bridge --model capmoe \\
         --model_args pretrained=allenai/OLMoE-1B-7B-0924,device=cuda,capacity_factor=1.0,policy=score \\
         --tasks hellaswag --batch_size 8
 
     # the shipped tiny model on the packaged offline task
-    python -m capmoe_compile.lm_eval_bridge --model capmoe \\
+    python -m capmoe_compile.tools.lm_eval_bridge --model capmoe \\
         --model_args pretrained=tiny_moe,capacity_factor=1.0 \\
-        --tasks capmoe_pycode --include_path "$(python -m capmoe_compile.lm_eval_bridge --task-dir)"
+        --tasks capmoe_pycode --include_path "$(python -m capmoe_compile.tools.lm_eval_bridge --task-dir)"
 
 (``python -m lm_eval`` alone does not know ``capmoe``: lm-eval registers third-party models
 only when their module is imported, which this entry point does first.)
@@ -25,7 +25,7 @@ only when their module is imported, which this entry point does first.)
 Python::
 
     import lm_eval
-    from capmoe_compile.lm_eval_bridge import CapmoeLM
+    from capmoe_compile.tools.lm_eval_bridge import CapmoeLM
 
     lm = CapmoeLM(pretrained="tiny_moe", capacity_factor=1.0, policy="score")
     out = lm_eval.simple_evaluate(model=lm, tasks=[...])
@@ -58,13 +58,13 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from . import config
-from .telemetry import record_stats
+from .. import config
+from ..telemetry import record_stats
 
 __all__ = ["TASK_DIR", "CapmoeLM", "main", "task_dir"]
 
 #: The packaged offline lm-eval task (``capmoe_pycode``): its jsonl lives here.
-TASK_DIR = Path(__file__).resolve().parent / "models" / "tasks"
+TASK_DIR = Path(__file__).resolve().parent.parent / "models" / "tasks"
 
 _SHIPPED = ("tiny_moe", "shipped")
 
@@ -84,7 +84,7 @@ class CapmoeLM(HFLM):
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in config.KNOBS}
         self.capmoe_options = self._check(options)
         if isinstance(pretrained, str) and pretrained in _SHIPPED:
-            from .models import load_tiny_moe
+            from ..models import load_tiny_moe
 
             model, tokenizer = load_tiny_moe()
             pretrained = model

@@ -1,6 +1,6 @@
 """Plots of a quality sweep (``benchmarks/quality.py``'s JSON), with matplotlib's Agg canvas.
 
-    capmoe report [--results benchmarks/results/quality.json] [--out-dir benchmarks/results]
+    capmoe report --results quality.json [--out-dir .]
 
 writes
 
@@ -219,8 +219,8 @@ def plot_tradeoff(results: str | Path | dict, metric: str = "perplexity"):
 
 
 def write_report(
-    results: str | Path | dict = "benchmarks/results/quality.json",
-    out_dir: str | Path = "benchmarks/results",
+    results: str | Path | dict,
+    out_dir: str | Path,
     gamma: float = 1.0,
 ) -> dict[str, tuple[Path, object]]:
     """Write both PNGs into ``out_dir``; returns ``{name: (path, figure)}``."""
