@@ -640,8 +640,11 @@ class PassesBackend:
     """The capmoe passes on every graph, the rewritten graph run as FX code (no Inductor)."""
 
     def __init__(self):
+        from capmoe_compile.bridge import capture_context
+
         self.graphs = 0
         self.reports: list = []
+        self.backend_ctx_ctor = capture_context  # the capmoe backend's graph-break bridges
 
     def __call__(self, gm, example_inputs):
         from capmoe_compile.passes import run_passes

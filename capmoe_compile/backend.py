@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import config
+from . import bridge, config
 
 _compile_count = 0
 
@@ -61,6 +61,11 @@ def capmoe_backend(
         compiled = compile_fx(gm, list(example_inputs))
     _compile_count += 1
     return installed(compiled, reports)
+
+
+# Dynamo enters a backend's ``backend_ctx_ctor`` around every call of what it compiled (tracing,
+# guards, compiled code): the graph-break bridges (``bridge.py``) apply to capmoe's compiles only.
+capmoe_backend.backend_ctx_ctor = bridge.capture_context  # type: ignore[attr-defined]
 
 
 class OptionError(ValueError, torch._dynamo.exc.ShortenTraceback):

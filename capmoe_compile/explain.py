@@ -31,7 +31,7 @@ from .passes.moe_layers import LayerReport
 
 # Lists receiving the reports of every capmoe graph that runs (explain's collection); empty
 # outside explain, so a compiled graph pays one list check per call.
-_collecting: list[list[list[LayerReport]]] = []
+_collecting: list[list[tuple[list[LayerReport], list]]] = []
 
 
 def installed(compiled: Callable, reports: list[LayerReport]) -> Callable:
@@ -41,8 +41,10 @@ def installed(compiled: Callable, reports: list[LayerReport]) -> Callable:
 
     def run(*args: Any) -> Any:
         if _collecting:
+            # the call's inputs (boxed or not), before a boxed call consumes them
+            inputs = list(args[0]) if len(args) == 1 and isinstance(args[0], list) else list(args)
             for sink in _collecting:
-                sink.append(reports)
+                sink.append((reports, inputs))
         return compiled(*args)
 
     run.__dict__.update(getattr(compiled, "__dict__", {}))
@@ -89,6 +91,18 @@ class ExplainReport:
         return "\n".join(lines)
 
 
+def _with_call_params(report: LayerReport, inputs: list) -> LayerReport:
+    """``report`` with the expert parameters of this call: a graph compiled for one model
+    instance runs for another of the same shapes, with that instance's parameters as inputs."""
+    if not report.matched or not report.param_inputs:
+        return report
+    params = [
+        p if i is None or i >= len(inputs) else inputs[i]
+        for p, i in zip(report.params, report.param_inputs, strict=True)
+    ]
+    return dataclasses.replace(report, params=params)
+
+
 def is_compiled(model: Any) -> bool:
     """Whether calling ``model`` runs code torch.compile installed (any backend)."""
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
@@ -114,6 +128,9 @@ def _explain_backend(options: dict[str, Any]) -> Callable:
         def capmoe_explain(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
             return installed(gm.forward, run_passes(gm, example_inputs, options))
 
+        from .bridge import capture_context
+
+        capmoe_explain.backend_ctx_ctor = capture_context  # the capmoe backend's bridges
         _EXPLAIN_BACKENDS[key] = capmoe_explain
     return _EXPLAIN_BACKENDS[key]
 
@@ -136,7 +153,7 @@ def explain(model: torch.nn.Module | Callable, **options: Any) -> Callable[..., 
         )
 
     def run(*args: Any, **kwargs: Any) -> ExplainReport:
-        ran: list[list[LayerReport]] = []
+        ran: list[tuple[list[LayerReport], list]] = []
         breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
         target = model if compiled else torch.compile(model, backend=_explain_backend(options))
         _collecting.append(ran)
@@ -146,9 +163,9 @@ def explain(model: torch.nn.Module | Callable, **options: Any) -> Callable[..., 
         finally:
             _collecting.remove(ran)
         graphs: list[list[LayerReport]] = []
-        for reports in ran:
+        for reports, inputs in ran:
             if not any(g is reports for g in graphs):
-                graphs.append(reports)
+                graphs.append([_with_call_params(r, inputs) for r in reports])
         reports = [r for g in graphs for r in g]
         breaks = [
             f"{reason} (x{n - breaks_before.get(reason, 0)})"

@@ -1,0 +1,304 @@
+"""Bridging the graph breaks between a router and its experts, for capmoe's compiles only.
+
+Two things break a layer's graph between the top-k and the experts:
+
+- data-dependent shapes and scalars: ``torch.where(mask)``, ``nonzero``, ``.item()`` in a loop
+  over experts. Dynamo captures them (as unbacked sizes) when ``capture_dynamic_output_shape_ops``
+  and ``capture_scalar_outputs`` are set;
+- a loop whose *length* is data: transformers' ``experts_implementation="eager"`` iterates
+  ``for expert_idx in expert_hit`` where ``expert_hit = mask.nonzero()`` (the experts hit in
+  this call). Dynamo cannot unroll a loop of unknown length.
+
+:func:`capture_context` is the capmoe backend's ``backend_ctx_ctor``: Dynamo enters it around
+every call of a model compiled with ``backend="capmoe"`` (tracing, guards and the compiled code),
+and nowhere else, so another ``torch.compile`` in the same process keeps the global settings.
+Inside it, the two Dynamo flags are set, and a transformers experts module running its
+``eager`` implementation runs :func:`bridged_forward` of its own ``forward`` instead: the same
+source with the loop over the hit experts turned into a loop over *every* expert index (the
+``nonzero`` replaced by the list of all indices). That is the same computation: an expert no
+token chose selects no rows, and the loop body (checked by :func:`_loop_ok`: only plain
+assignments, the skip of the sentinel index and an ``index_add_`` into the accumulator) adds
+nothing for it, in the same order for the others. A forward that does not have that shape runs
+as written (and its graph still breaks; ``explain`` says where).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import sys
+import textwrap
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# Calls a bridged loop body may not make: they could raise or differ on an expert with no rows
+# (reductions over the rows, host reads), or mutate something other than the accumulator.
+_FORBIDDEN_CALLS = {"item", "tolist", "max", "min", "amax", "amin", "argmax", "argmin", "numel"}
+
+_FAILED: dict[Any, str] = {}  # code object -> why it is not bridged (for explain/debugging)
+
+
+def _forward_backend_ctx() -> None:
+    """Let a backend's ``backend_ctx_ctor`` reach Dynamo through ``torch.compile``.
+
+    ``torch.compile(model, backend="capmoe", ...)`` hands Dynamo a ``_TorchCompileWrapper``
+    around the backend, and Dynamo reads ``backend_ctx_ctor`` off that wrapper (through
+    ``WrapBackendDebug``, which copies the wrapper's instance attributes), where it is never
+    set: the attribute the backend declares is lost. This property on ``WrapBackendDebug``
+    answers with the one its own attributes hold, as before, else the wrapped backend's
+    ``compiler_fn``'s; a backend that declares none is unaffected (the getter raises
+    ``AttributeError``, and Dynamo uses its null context as before)."""
+    from torch._dynamo.repro.after_dynamo import WrapBackendDebug
+
+    if isinstance(WrapBackendDebug.__dict__.get("backend_ctx_ctor"), property):
+        return
+
+    def get(self):
+        own = self.__dict__
+        if "backend_ctx_ctor" in own:
+            return own["backend_ctx_ctor"]
+        inner = getattr(own.get("_torchdynamo_orig_backend"), "compiler_fn", None)
+        ctor = getattr(inner, "backend_ctx_ctor", None)
+        if ctor is None:
+            raise AttributeError("backend_ctx_ctor")
+        return ctor
+
+    def set_(self, value):
+        self.__dict__["backend_ctx_ctor"] = value
+
+    WrapBackendDebug.backend_ctx_ctor = property(get, set_)
+
+
+_forward_backend_ctx()
+
+
+class capture_context:  # noqa: N801 - used as a function: Dynamo calls backend_ctx_ctor()
+    """Dynamo flags and the transformers eager-experts bridge, for one compiled call.
+
+    A plain class, not ``contextlib.contextmanager``: Dynamo enters it on every call of the
+    compiled model, so entering and leaving must cost microseconds (``config.patch`` costs
+    tens of them)."""
+
+    __slots__ = ("_prev", "_interface")
+
+    def __enter__(self) -> None:
+        cfg = torch._dynamo.config
+        self._prev = (cfg.capture_scalar_outputs, cfg.capture_dynamic_output_shape_ops)
+        cfg.capture_scalar_outputs = True
+        cfg.capture_dynamic_output_shape_ops = True
+        interface = _experts_interface()
+        self._interface = None
+        if interface is not None and "eager" not in interface._local_mapping:
+            _scan()
+            interface._local_mapping["eager"] = _eager_experts
+            self._interface = interface
+
+    def __exit__(self, *exc) -> None:
+        if self._interface is not None:
+            self._interface._local_mapping.pop("eager", None)
+        cfg = torch._dynamo.config
+        cfg.capture_scalar_outputs, cfg.capture_dynamic_output_shape_ops = self._prev
+
+
+def _experts_interface():
+    """transformers' experts-implementation registry, if transformers is already imported."""
+    mod = sys.modules.get("transformers.integrations.moe")
+    return getattr(mod, "ALL_EXPERTS_FUNCTIONS", None) if mod is not None else None
+
+
+def _eager_experts(self, *args, **kwargs):
+    """What an experts module whose implementation is ``eager`` runs under capmoe: its own
+    forward, with the loop over hit experts bridged where :func:`bridged_forward` can.
+
+    Dynamo traces this function: the bridged forward is looked up in a plain dict filled
+    before tracing (:func:`_scan`: an attribute of the original function), never built while
+    tracing."""
+    original = getattr(type(self).forward, "__wrapped__", None)
+    if original is None:  # not the transformers decorator's forward: nothing to bridge
+        return type(self).forward(self, *args, **kwargs)
+    return getattr(original, "_capmoe_bridged", original)(self, *args, **kwargs)
+
+
+_scanned_modules = -1
+
+
+def _scan() -> None:
+    """Bridge the eager forward of every transformers experts class (a class decorated with
+    ``use_experts_implementation``) in the modules loaded so far; again only when more are."""
+    global _scanned_modules
+    if len(sys.modules) == _scanned_modules:
+        return
+    _scanned_modules = len(sys.modules)
+    for mod in list(sys.modules.values()):
+        ns = getattr(mod, "__dict__", None)
+        if not isinstance(ns, dict) or "use_experts_implementation" not in ns:
+            continue
+        for cls in list(ns.values()):
+            fwd = getattr(cls, "forward", None) if isinstance(cls, type) else None
+            original = getattr(fwd, "__wrapped__", None)
+            if original is None or "experts_interface" not in fwd.__code__.co_freevars:
+                continue
+            if not hasattr(original, "_capmoe_bridged"):
+                original._capmoe_bridged = bridged_forward(original)
+
+
+def why_not_bridged(fn: Callable) -> str | None:
+    """Why ``fn``'s expert loop is left as written, or None when it is bridged."""
+    bridged_forward(fn)
+    return _FAILED.get(getattr(fn, "__code__", None))
+
+
+@functools.cache
+def bridged_forward(fn: Callable) -> Callable:
+    """``fn`` with its ``for v in mask.nonzero()`` loop over experts bridged, else ``fn``."""
+    try:
+        return _bridge(fn)
+    except _NotBridged as e:
+        _FAILED[fn.__code__] = str(e)
+    except (OSError, TypeError, SyntaxError) as e:  # no source, a builtin: as written
+        _FAILED[getattr(fn, "__code__", fn)] = f"{type(e).__name__}: {e}"
+    return fn
+
+
+class _NotBridged(Exception):
+    pass
+
+
+def every_index(mask: torch.Tensor):
+    """The bridged ``mask.nonzero()``: every index of a 1-D mask, as the 1-tuples a loop over
+    ``nonzero()`` rows reads with ``v[0]``; any other mask as ``nonzero`` gives it."""
+    if mask.dim() != 1:
+        return mask.nonzero()
+    return [(i,) for i in range(mask.shape[0])]
+
+
+def _bridge(fn: Callable) -> Callable:
+    code = fn.__code__
+    if code.co_freevars:
+        raise _NotBridged("the forward is a closure")
+    src = textwrap.dedent(inspect.getsource(fn))
+    tree = ast.parse(src)
+    fdef = tree.body[0]
+    if not isinstance(fdef, ast.FunctionDef):
+        raise _NotBridged("not a plain function")
+    fdef.decorator_list = []
+    # H = <mask>.nonzero() (at top level or inside a `with`), H read only as a loop's iterable
+    hits: dict[str, ast.Assign] = {}
+    for node in ast.walk(fdef):
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute)
+            and node.value.func.attr == "nonzero"
+            and not node.value.args
+            and not node.value.keywords
+        ):
+            hits[node.targets[0].id] = node
+    loops = [
+        (i, s)
+        for i, s in enumerate(fdef.body)
+        if isinstance(s, ast.For) and isinstance(s.iter, ast.Name) and s.iter.id in hits
+    ]
+    if len(loops) != 1:
+        raise _NotBridged("no single top-level loop over a nonzero() result")
+    pos, loop = loops[0]
+    hit = loop.iter.id
+    loads = [
+        n for n in ast.walk(fdef) if isinstance(n, ast.Name) and n.id == hit and n is not loop.iter
+    ]
+    if any(isinstance(n.ctx, ast.Load) for n in loads) or len(loads) != 1:
+        raise _NotBridged(f"{hit} is used other than as the loop's iterable")
+    _loop_ok(loop, fdef.body[pos + 1 :])
+    call = hits[hit].value
+    hits[hit].value = ast.Call(
+        func=ast.Name("_capmoe_every_index", ast.Load()), args=[call.func.value], keywords=[]
+    )
+    ast.fix_missing_locations(tree)
+    # keep the source's line numbers: stack traces and explain point at the model's file
+    ast.increment_lineno(tree, code.co_firstlineno - 1)
+    compiled = compile(tree, code.co_filename, "exec")
+    new_code = next(c for c in compiled.co_consts if isinstance(c, types.CodeType))
+    # The bridged function lives in the model's own module namespace (Dynamo guards on the
+    # globals it reads through that module), which gains this one prefixed name.
+    glb = fn.__globals__
+    glb.setdefault("_capmoe_every_index", every_index)
+    new = types.FunctionType(new_code, glb, fn.__name__, fn.__defaults__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    return new
+
+
+def _loop_ok(loop: ast.For, after: list[ast.stmt]) -> None:
+    """Raise unless running ``loop``'s body for an expert with no rows changes nothing."""
+    if not isinstance(loop.target, ast.Name) or loop.orelse:
+        raise _NotBridged("the loop has a non-name target or an else clause")
+    v = loop.target.id
+    body = loop.body
+    first = body[0] if body else None
+    if not (
+        isinstance(first, ast.Assign)
+        and len(first.targets) == 1
+        and isinstance(first.targets[0], ast.Name)
+        and first.targets[0].id == v
+        and isinstance(first.value, ast.Subscript)
+        and isinstance(first.value.value, ast.Name)
+        and first.value.value.id == v
+        and isinstance(first.value.slice, ast.Constant)
+        and first.value.slice.value == 0
+    ):
+        raise _NotBridged(f"the loop body does not start with {v} = {v}[0]")
+    assigned: set[str] = {v}
+    accumulators: set[str] = set()
+    for s in body[1:]:
+        if isinstance(s, ast.If):
+            # `if v == <constant or attribute>: continue` (the sentinel index)
+            ok = (
+                isinstance(s.test, ast.Compare)
+                and isinstance(s.test.left, ast.Name)
+                and s.test.left.id == v
+                and len(s.test.ops) == 1
+                and isinstance(s.test.ops[0], ast.Eq)
+                and s.body
+                and all(isinstance(b, ast.Continue) for b in s.body)
+                and not s.orelse
+            )
+            if not ok:
+                raise _NotBridged(f"the loop body branches (line {s.lineno})")
+        elif isinstance(s, ast.Assign):
+            for t in s.targets:
+                names = t.elts if isinstance(t, ast.Tuple) else [t]
+                if not all(isinstance(n, ast.Name) for n in names):
+                    raise _NotBridged(f"the loop body writes into a tensor (line {s.lineno})")
+                assigned.update(n.id for n in names)
+        elif isinstance(s, ast.Expr) and isinstance(s.value, ast.Call):
+            f = s.value.func
+            if not (
+                isinstance(f, ast.Attribute)
+                and f.attr == "index_add_"
+                and isinstance(f.value, ast.Name)
+            ):
+                raise _NotBridged(f"the loop body calls {ast.unparse(f)} for its effect")
+            accumulators.add(f.value.id)
+        else:
+            raise _NotBridged(f"the loop body has a {type(s).__name__} (line {s.lineno})")
+        for n in ast.walk(s):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+                name = n.func.attr
+                if name in _FORBIDDEN_CALLS or (
+                    name.endswith("_") and not name.endswith("__") and name != "index_add_"
+                ):
+                    raise _NotBridged(f"the loop body calls .{name}() (line {s.lineno})")
+            if isinstance(n, (ast.Lambda, ast.NamedExpr, ast.Yield, ast.Await)):
+                raise _NotBridged(f"the loop body has a {type(n).__name__} (line {s.lineno})")
+    if accumulators & assigned:
+        raise _NotBridged("the loop rebinds its accumulator")
+    later = {n.id for s in after for n in ast.walk(s) if isinstance(n, ast.Name)}
+    leaked = sorted(later & assigned)
+    if leaked:
+        raise _NotBridged(f"names set in the loop are read after it: {', '.join(leaked)}")

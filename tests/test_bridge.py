@@ -1,0 +1,135 @@
+"""The graph-break bridges of capmoe's compiles (``capmoe_compile/bridge.py``)."""
+
+from __future__ import annotations
+
+import torch
+import torch._dynamo.config as dynamo_config
+from torch._dynamo.testing import CompileCounter
+
+from capmoe_compile import bridge
+
+
+def _flags() -> tuple[bool, bool]:
+    return dynamo_config.capture_scalar_outputs, dynamo_config.capture_dynamic_output_shape_ops
+
+
+def test_flags_only_for_capmoe_compiles():
+    """backend="capmoe" traces with both capture flags; "eager" and "inductor" compiles in the
+    same process trace without them, and nothing stays set afterwards."""
+    seen: list[tuple[bool, bool]] = []
+
+    def f(x):
+        seen.append(_flags())  # read at trace time
+        return x + 1
+
+    before = _flags()
+    x = torch.randn(4)
+    torch.compile(f, backend="capmoe")(x)
+    torch.compile(f, backend="capmoe", options={"capacity_factor": 1.0})(x)
+    torch.compile(f, backend="eager")(x)
+    torch.compile(f, backend="inductor")(x)
+    assert seen == [(True, True), (True, True), before, before]
+    assert _flags() == before
+
+
+def test_where_loop_is_one_graph_under_capmoe_only():
+    """A loop over experts with ``torch.where`` (data-dependent shapes) is one graph with the
+    capmoe bridges and breaks without them; both compute what eager computes."""
+
+    def f(x, ids):
+        out = torch.zeros_like(x)
+        for e in range(4):
+            (rows,) = torch.where(ids == e)
+            out.index_add_(0, rows, x[rows] * (e + 1))
+        return out
+
+    x, ids = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    plain, bridged = CompileCounter(), CompileCounter()
+    bridged.backend_ctx_ctor = bridge.capture_context
+    want = f(x, ids)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, backend=plain)(x, ids), want)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, backend=bridged)(x, ids), want)
+    torch._dynamo.reset()
+    assert bridged.frame_count == 1
+    assert plain.frame_count != 1  # broken up, or (a break inside a loop) not compiled at all
+
+
+# --- the eager-experts loop over hit experts --------------------------------------------------
+
+
+class _Experts(torch.nn.Module):
+    """The shape of transformers' eager experts loop (this project's own code)."""
+
+    def __init__(self, E=4, H=8, F=16):
+        super().__init__()
+        self.num_experts = E
+        self.up = torch.nn.Parameter(torch.randn(E, F, H) * 0.3)
+        self.down = torch.nn.Parameter(torch.randn(E, H, F) * 0.3)
+
+    def forward(self, x, ids, w):
+        out = torch.zeros_like(x)
+        with torch.no_grad():
+            mask = torch.nn.functional.one_hot(ids, num_classes=self.num_experts + 1)
+            mask = mask.permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit:
+            e = e[0]
+            if e == self.num_experts:
+                continue
+            slot, tok = torch.where(mask[e])
+            h = torch.relu(x[tok] @ self.up[e].t()) @ self.down[e].t()
+            out.index_add_(0, tok, h * w[tok, slot, None])
+        return out
+
+
+def _unsafe_item(self, x, ids):
+    out = torch.zeros_like(x)
+    hit = (ids.bincount(minlength=4) > 0).nonzero()
+    for e in hit:
+        e = e[0]
+        n = (ids == e).sum().item()  # would read a value for an expert with no rows
+        out.index_add_(0, (ids == e).nonzero()[:, 0], x[ids == e] * n)
+    return out
+
+
+def _unsafe_setitem(self, x, ids):
+    out = torch.zeros_like(x)
+    hit = (ids.bincount(minlength=4) > 0).nonzero()
+    for e in hit:
+        e = e[0]
+        out[ids == e] = x[ids == e] * 2
+    return out
+
+
+def _unsafe_leak(self, x, ids):
+    out = torch.zeros_like(x)
+    hit = (ids.bincount(minlength=4) > 0).nonzero()
+    for e in hit:
+        e = e[0]
+        rows = (ids == e).nonzero()[:, 0]
+        out.index_add_(0, rows, x[rows])
+    return out + rows.sum()  # the last expert's rows: the last *hit* expert's in eager
+
+
+def test_bridged_forward_equals_the_original():
+    torch.manual_seed(0)
+    m = _Experts()
+    x, ids = torch.randn(10, 8), torch.randint(0, 4, (10, 2))
+    ids[0, 0] = 4  # the sentinel index is skipped
+    ids[:, :] = ids.clamp(max=2)  # experts 3 (and the sentinel) hit by no token
+    w = torch.rand(10, 2)
+    fn = bridge.bridged_forward(_Experts.forward)
+    assert fn is not _Experts.forward, bridge.why_not_bridged(_Experts.forward)
+    assert torch.equal(fn(m, x, ids, w), m(x, ids, w))
+
+
+def test_unsafe_loops_are_not_bridged():
+    for fn, why in (
+        (_unsafe_item, ".item()"),
+        (_unsafe_setitem, "writes into a tensor"),
+        (_unsafe_leak, "read after it"),
+    ):
+        assert bridge.bridged_forward(fn) is fn
+        assert why in bridge.why_not_bridged(fn)
