@@ -84,11 +84,18 @@ def _descending_u32(key: torch.Tensor) -> torch.Tensor:
     keys must lie in ``[-2**32 + 2**31, 2**31)`` (token indices and 31-bit hashes do)."""
     if key.is_floating_point():
         f = key.float() + 0.0  # -0.0 -> +0.0
-        f = torch.where(f.isnan(), float("nan"), f)  # one canonical (positive) NaN
-        b = f.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        ascending = torch.where(b >= 0x80000000, b ^ 0xFFFFFFFF, b ^ 0x80000000)
-        return 0xFFFFFFFF - ascending
+        i = f.view(torch.int32)
+        # signed int32 in the float order: a negative float's magnitude bits flipped
+        signed = i ^ ((i >> 31) & 0x7FFFFFFF)
+        signed = torch.where(f.isnan(), _NAN_SIGNED, signed)  # one NaN, above +inf
+        return (2**31 - 1) - signed.to(torch.int64)
     return (2**31 - 1) - key.to(torch.int64)
+
+
+#: The signed float order of the canonical NaN (bits 0x7FC00000, above +inf's 0x7F800000),
+#: and ``_descending_u32(-inf)`` (bits 0xFF800000 -> signed order -0x7F800001).
+_NAN_SIGNED = 0x7FC00000
+_NEG_INF_CODE = (2**31 - 1) + 0x7F800001
 
 
 def _concrete_cpu(t: torch.Tensor) -> bool:
@@ -107,14 +114,15 @@ def _concrete_cpu(t: torch.Tensor) -> bool:
 def _keep_selected(
     key: torch.Tensor,
     ids: torch.Tensor,
-    rows_valid: torch.Tensor,
+    rows_valid: torch.Tensor | None,
     cap_g: torch.Tensor,
     G: int,
     E: int,
 ) -> torch.Tensor:
     """``keep.gather(1, ids)`` of the dense formulation, computed on the ``T*k`` selected pairs.
 
-    ``key`` [T, k] is each selected pair's ranking key. The dense form ranks every (row,
+    ``key`` [T, k] is each selected pair's ranking key; ``rows_valid`` [T] (None: every row
+    counts) marks the rows that select anything. The dense form ranks every (row,
     expert) cell of ``[G, R, E]`` with :func:`_rank_rows` (a sort of ``T*E`` keys); here only
     the selected pairs are sorted, once, by (group, expert) then key descending then row
     ascending (one stable sort of ``T*k`` int64 codes: segment in the high 32 bits, the key's
@@ -124,7 +132,8 @@ def _keep_selected(
     such ranks are corrected by the number of those rows (a second sort, only when such a key
     occurs). A row selecting an expert twice is one member: its two slots sort next to each
     other, the second one is not counted and shares the first one's decision, as ``gather``
-    does in the dense form.
+    does in the dense form. On concrete CPU tensors without either case (checked after the
+    sort), the rank is the position in the segment and the bookkeeping is a few passes.
     """
     T, k = ids.shape
     dev = ids.device
@@ -136,10 +145,22 @@ def _keep_selected(
     if n_seg >= 2**31:
         raise ValueError(f"{G} groups x {E} experts: too many segments for the pair ranking")
     t_idx = torch.arange(T, device=dev).view(-1, 1)
-    seg = torch.where(rows_valid[:, None], (t_idx // R) * E + ids, n_seg).reshape(-1)
-    code = (seg << 32) | _descending_u32(key).reshape(-1)
-    code_s, order = torch.sort(code, stable=True)
+    if rows_valid is None:  # every row counts
+        seg = ids if G == 1 else (t_idx // R) * E + ids
+    else:
+        seg = torch.where(rows_valid[:, None], (t_idx // R) * E + ids, n_seg)
+    desc = _descending_u32(key).reshape(-1)
+    code_s, order = torch.sort((seg.reshape(-1) << 32) | desc, stable=True)
     seg_s = code_s >> 32
+    cap = torch.cat([cap_g.reshape(G, 1).expand(G, E).reshape(-1), cap_g.new_zeros(1)])
+    if _concrete_cpu(code_s) and not _needs_general_rank(code_s, order, desc, k, key):
+        # No expert twice in a row and no -inf key: a member's rank is its position in its
+        # segment, so it is kept iff that position is below its segment's start + capacity
+        # (the padding segment n_seg has capacity 0).
+        counts = torch.bincount(seg_s, minlength=n_seg + 1)
+        limit = counts.cumsum(0) - counts + cap
+        keep_s = torch.arange(N, device=dev) < limit[seg_s]
+        return torch.empty(N, dtype=torch.bool, device=dev).scatter_(0, order, keep_s).view(T, k)
     row_s = order // k
     dup_s = torch.zeros(N, dtype=torch.bool, device=dev)
     dup_s[1:] = (seg_s[1:] == seg_s[:-1]) & (row_s[1:] == row_s[:-1])
@@ -148,16 +169,25 @@ def _keep_selected(
     starts = counts.cumsum(0) - counts
     rank_s = first_s.cumsum(0) - 1 - starts[seg_s]  # a duplicate gets its first slot's rank
     if key.is_floating_point():
-        neg_inf = (key.reshape(-1) == float("-inf"))[order] & (seg_s < n_seg)
+        neg_inf = (desc == _NEG_INF_CODE)[order] & (seg_s < n_seg)
         if not _concrete_cpu(neg_inf) or bool(neg_inf.any()):
             # rank among the segment's rows in row order (ties of a duplicate: one rank)
             by_row = torch.sort((seg_s << 32) | row_s, stable=True).indices
             row_rank = torch.empty_like(rank_s)
             row_rank[by_row] = first_s[by_row].cumsum(0) - 1 - starts[seg_s[by_row]]
             rank_s = torch.where(neg_inf, rank_s + row_s % R - row_rank, rank_s)
-    cap = torch.cat([cap_g.reshape(G, 1).expand(G, E).reshape(-1), cap_g.new_zeros(1)])
     keep_s = (seg_s < n_seg) & (rank_s < cap[seg_s])
     return torch.empty(N, dtype=torch.bool, device=dev).scatter_(0, order, keep_s).view(T, k)
+
+
+def _needs_general_rank(code_s, order, desc, k: int, key: torch.Tensor) -> bool:
+    """Whether the sorted codes hold a row selecting one expert twice (its two slots carry
+    equal codes, next to each other) or a float ``-inf`` key: the cases the plain positional
+    rank of :func:`_keep_selected` does not cover. Reads values: concrete CPU tensors only."""
+    tie = (code_s[1:] == code_s[:-1]).nonzero().view(-1)  # equal keys on one expert: rare
+    if tie.numel() and bool((order[tie] // k == order[tie + 1] // k).any()):
+        return True
+    return key.is_floating_point() and bool((desc == _NEG_INF_CODE).any())
 
 
 def _hash_scores(seed: int, rows: int, experts: int, device) -> torch.Tensor:
@@ -184,7 +214,7 @@ def _hash_keys(seed: int, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _token_scale(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def token_scale(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """SPEC's per-token scale ``W / P`` of the selected pairs, or 1 where they disagree."""
     p = probs.float().gather(1, ids)
     w = weights.float()
@@ -262,6 +292,7 @@ def route_reference(
     R = T // G
     dev = probs.device
     rows_valid = torch.ones(T, dtype=torch.bool, device=dev) if valid is None else valid.bool()
+    valid_rows = None if valid is None else rows_valid  # None: every row counts
 
     # Capacity per group: exact ints when every row counts, a tensor when padding is excluded.
     if valid is None:
@@ -282,7 +313,7 @@ def route_reference(
             key = torch.arange(T, device=dev).view(-1, 1).expand(T, k)
         else:  # random
             key = _hash_keys(seed, torch.arange(T, device=dev).view(-1, 1), ids)
-        kept_slot = _keep_selected(key, ids, rows_valid, cap_g, G, E)
+        kept_slot = _keep_selected(key, ids, valid_rows, cap_g, G, E)
     else:  # expanded_drop: candidates are dense (every local expert of every row)
         P = probs.float()
         # Selection S as a dense [T, E] mask (padding rows select nothing).
@@ -301,7 +332,7 @@ def route_reference(
     out_w = torch.where(kept_slot, topk_weights, torch.zeros_like(topk_weights))
 
     if policy == "expanded_drop":
-        scale = _token_scale(probs, ids, topk_weights)
+        scale = token_scale(probs, ids, topk_weights)
         n_extra = _expanded_width(k, E, local_experts) - k
         added = keep & ~sel
         e_ids = torch.arange(E, device=dev).expand(T, E)
@@ -316,7 +347,7 @@ def route_reference(
         sel &= rows_valid[:, None]
         # the kept pairs as a dense mask (a duplicated slot shares its first slot's decision)
         keep = torch.zeros_like(sel).scatter_(1, ids, kept_slot) & sel
-        scale = _token_scale(probs, ids, topk_weights)
+        scale = token_scale(probs, ids, topk_weights)
         out_ids, out_w = _reroute(P, sel, keep, out_ids, out_w, cap_g, view, scale, reroute_rounds)
 
     if renormalize:

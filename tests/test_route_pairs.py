@@ -46,11 +46,18 @@ def _case(seed, T, E, k, G, kind):
 @pytest.mark.parametrize(
     ("T", "E", "k", "G"), [(1, 4, 2, 1), (12, 4, 2, 3), (40, 8, 3, 4), (64, 16, 4, 1)]
 )
-def test_pairs_match_dense(T, E, k, G, kind):
+@pytest.mark.parametrize("path", ["auto", "general"])
+def test_pairs_match_dense(T, E, k, G, kind, path, monkeypatch):
+    """``auto``: the positional rank where no duplicate or ``-inf`` occurs (``plain`` and
+    ``int``), the general one elsewhere; ``general``: the branch-free path every traced graph
+    runs, on every input."""
+    if path == "general":
+        monkeypatch.setattr(routing, "_concrete_cpu", lambda t: False)
     for seed in range(6):
         key_te, ids, valid, cap_g = _case(seed, T, E, k, G, kind)
         want = dense_kept_slot(key_te, ids, valid, cap_g, G, E)
-        got = routing._keep_selected(key_te.gather(1, ids), ids, valid, cap_g, G, E)
+        v = None if kind == "plain" and bool(valid.all()) else valid  # None: every row counts
+        got = routing._keep_selected(key_te.gather(1, ids), ids, v, cap_g, G, E)
         assert torch.equal(got, want), (seed, ids, got, want)
 
 
