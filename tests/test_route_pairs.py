@@ -61,6 +61,21 @@ def test_pairs_match_dense(T, E, k, G, kind, path, monkeypatch):
         assert torch.equal(got, want), (seed, ids, got, want)
 
 
+@pytest.mark.parametrize("kind", ["plain", "all"])
+def test_pairs_match_dense_padded_sort(kind):
+    """T*k in [20480, 32768): the sort is padded to ATen's radix-sort size (the padding codes
+    sort last and are cut off)."""
+    T, E, k, G = 3072, 64, 8, 2
+    assert routing._RADIX_PAD_FROM <= T * k < routing._RADIX_MIN
+    key_te, ids, valid, _ = _case(7, T, E, k, G, kind)
+    cap_g = torch.tensor([150, 190]).view(G, 1, 1)  # about the mean load: keeps and drops
+    want = dense_kept_slot(key_te, ids, valid, cap_g, G, E)
+    v = None if kind == "plain" and bool(valid.all()) else valid
+    got = routing._keep_selected(key_te.gather(1, ids), ids, v, cap_g, G, E)
+    assert torch.equal(got, want)
+    assert 0 < int(got.sum()) < T * k  # capacity both keeps and drops
+
+
 def test_pairs_can_fail():
     """The comparison sees a wrong rank: a capacity one lower changes the decision."""
     key_te, ids, valid, cap_g = _case(0, 40, 8, 3, 4, "all")
