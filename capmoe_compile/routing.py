@@ -239,6 +239,10 @@ def token_scale(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -
     return torch.where(ok, ratio.mean(-1), torch.ones_like(hi))
 
 
+#: The former private name (``distributed/ep.py`` at HEAD still imports it).
+_token_scale = token_scale
+
+
 def _expanded_width(top_k: int, num_experts: int, local_experts: Sequence[int] | None) -> int:
     n_local = num_experts if local_experts is None else len(local_experts)
     return top_k + min(n_local, num_experts - top_k)
