@@ -16,9 +16,8 @@ import argparse
 
 import torch
 
-from capmoe_compile.experts import ExpertForm
+from capmoe_compile.experts import TILE, ExpertForm
 from capmoe_compile.lowering.grouped import moe_experts_grouped
-from capmoe_compile.lowering.invariant import TILE
 
 from .common import fmt_table, interleaved, json_line, machine, median, write_json
 

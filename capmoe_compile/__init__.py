@@ -12,6 +12,11 @@ from collections.abc import Sequence
 import torch
 
 from . import config
+from . import distributed as _distributed  # noqa: E402, F401
+
+# The lowerings register themselves with ``pipeline`` when imported: one device, and expert
+# parallelism (tried first; it accepts only the layers ``expert_parallel`` sharded).
+from . import lowering as _lowering  # noqa: E402, F401, I001
 from .calibrate import Calibration, calibrate
 from .declare import router
 from .explain import ExplainReport, explain

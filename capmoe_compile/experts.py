@@ -4,7 +4,7 @@ An :class:`ExpertForm` says how one expert computes from its parameters: which t
 (gate/up) projection and which the down projection, whether each is stored transposed, the
 activation, and whether the MLP is gated (SwiGLU-like). The passes do not trust names: they
 *find* the form by checking candidate forms against the model's own expert region on real and
-random inputs (see ``passes/experts.py``).
+random inputs (``passes/moe_layers.py``: ``_identify_form``).
 
 ``moe_experts(x, ids, weights, params, form)`` computes ``out[t] = sum_j weights[t, j] *
 expert_{ids[t, j]}(x[t])``, skipping the sentinel id ``E``. Parameters are either stacked
@@ -16,9 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+# Rows per tile of batch-invariant expert arithmetic (``lowering/invariant.py``). One fixed
+# value: a tile size chosen by shape would bring the shape dependence back. A multiple of 16
+# (or 1): ATen's vectorised elementwise loops finish a tensor's tail in scalar code, so with
+# other tiles an activation's bits could depend on a row's position in its tile. 64 measured
+# fastest at prefill among 16/32/64 (python -m benchmarks.batch_invariance --tile N).
+TILE = 64
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -74,28 +82,43 @@ class ExpertForm:
     def num_experts(self, params: list[torch.Tensor]) -> int:
         return params[0].shape[0] if self.stacked else len(params) // len(self.roles)
 
+    def mlp(
+        self,
+        x: torch.Tensor,
+        project: Callable[[str, torch.Tensor], torch.Tensor],
+        *,
+        act: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        inplace: bool = False,
+        split_dim: int = -1,
+    ) -> torch.Tensor:
+        """The expert MLP of this form: the one definition every path runs.
+
+        ``project(role, h)`` is a path's projection (``h @ W_role + b_role`` for one expert,
+        a grouped GEMM over many, a transposed product, ...); the form decides which
+        projections run and how they combine: a fused gate/up split in halves along
+        ``split_dim`` (``gate_first`` says which half gates), or separate gate and up, the
+        activation (``act``, default ``ACTIVATIONS[self.act]``) times up (``inplace``: into
+        the activation's buffer), or a plain MLP; then down."""
+        act = act or ACTIVATIONS[self.act]
+        if "gate_up" in self.roles:
+            a, b = project("gate_up", x).chunk(2, dim=split_dim)
+            g, u = (a, b) if self.gate_first else (b, a)
+        elif "gate" in self.roles:
+            g, u = project("gate", x), project("up", x)
+        else:
+            return project("down", act(project("up", x)))
+        return project("down", act(g).mul_(u) if inplace else act(g) * u)
+
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """One expert on rows ``x`` [n, H]."""
 
-        def lin(role: str) -> torch.Tensor:
+        def lin(role: str, h: torch.Tensor) -> torch.Tensor:
             w = p[role]
-            y = x_in[role] @ (w if role in self.transposed else w.t())
+            y = h @ (w if role in self.transposed else w.t())
             b = p.get("b_" + role)
             return y if b is None else y + b
 
-        act = ACTIVATIONS[self.act]
-        x_in = {r: x for r in ("gate_up", "gate", "up")}
-        if "gate_up" in self.roles:
-            h = lin("gate_up")
-            a, b = h.chunk(2, dim=-1)
-            g, u = (a, b) if self.gate_first else (b, a)
-            h = act(g) * u
-        elif "gate" in self.roles:
-            h = act(lin("gate")) * lin("up")
-        else:
-            h = act(lin("up"))
-        x_in["down"] = h
-        return lin("down")
+        return self.mlp(x, lin)
 
 
 def moe_experts_reference(

@@ -31,7 +31,7 @@ from .passes.moe_layers import LayerReport
 
 # Lists receiving the reports of every capmoe graph that runs (explain's collection); empty
 # outside explain, so a compiled graph pays one list check per call.
-_collecting: list[list[list[LayerReport]]] = []
+_collecting: list[list[tuple[list[LayerReport], list]]] = []
 
 
 def installed(compiled: Callable, reports: list[LayerReport]) -> Callable:
@@ -41,8 +41,10 @@ def installed(compiled: Callable, reports: list[LayerReport]) -> Callable:
 
     def run(*args: Any) -> Any:
         if _collecting:
+            # the call's inputs (boxed or not), before a boxed call consumes them
+            inputs = list(args[0]) if len(args) == 1 and isinstance(args[0], list) else list(args)
             for sink in _collecting:
-                sink.append(reports)
+                sink.append((reports, inputs))
         return compiled(*args)
 
     run.__dict__.update(getattr(compiled, "__dict__", {}))
@@ -87,6 +89,18 @@ class ExplainReport:
             lines.append("graph breaks (a router and its experts in different graphs are left):")
             lines += [f"  {b}" for b in self.graph_breaks]
         return "\n".join(lines)
+
+
+def _with_call_params(report: LayerReport, inputs: list) -> LayerReport:
+    """``report`` with the expert parameters of this call: a graph compiled for one model
+    instance runs for another of the same shapes, with that instance's parameters as inputs."""
+    if not report.matched or not report.param_inputs:
+        return report
+    params = [
+        p if i is None or i >= len(inputs) else inputs[i]
+        for p, i in zip(report.params, report.param_inputs, strict=True)
+    ]
+    return dataclasses.replace(report, params=params)
 
 
 def is_compiled(model: Any) -> bool:
@@ -139,19 +153,19 @@ def explain(model: torch.nn.Module | Callable, **options: Any) -> Callable[..., 
         )
 
     def run(*args: Any, **kwargs: Any) -> ExplainReport:
-        ran: list[list[LayerReport]] = []
+        ran: list[tuple[list[LayerReport], list]] = []
         breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
         target = model if compiled else torch.compile(model, backend=_explain_backend(options))
         _collecting.append(ran)
         try:
-            with torch.no_grad(), telemetry.record_stats() as stats:
+            with torch.no_grad(), telemetry.record_stats(warn_if_empty=False) as stats:
                 target(*args, **kwargs)
         finally:
             _collecting.remove(ran)
         graphs: list[list[LayerReport]] = []
-        for reports in ran:
+        for reports, inputs in ran:
             if not any(g is reports for g in graphs):
-                graphs.append(reports)
+                graphs.append([_with_call_params(r, inputs) for r in reports])
         reports = [r for g in graphs for r in g]
         breaks = [
             f"{reason} (x{n - breaks_before.get(reason, 0)})"

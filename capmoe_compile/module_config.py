@@ -15,7 +15,7 @@ Every change bumps ``config.version()`` so compiled graphs recompile.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
 from torch import nn
@@ -80,3 +80,28 @@ def clear(target: nn.Module | type[nn.Module] | None = None, /) -> None:
     else:
         _by_instance.pop(target, None)
     config._bump()
+
+
+def _overrides(params: list, classes: list[type]) -> dict[str, Any]:
+    """Per-module overrides for a layer: classes on its module path (outer first), then the
+    registered instances that own its parameters (outer, i.e. larger, first)."""
+    out: dict[str, Any] = {}
+    for cls in classes:
+        out.update(options_for(cls))
+    ptrs = {p.data_ptr() for p in params}
+    owners = []
+    for mod in list(_by_instance.keys()):
+        n = sum(1 for _ in mod.parameters())
+        if any(p.data_ptr() in ptrs for p in mod.parameters()):
+            owners.append((-n, mod))
+    for _, mod in sorted(owners, key=lambda t: t[0]):
+        out.update(_by_instance.get(mod, {}))
+    return out
+
+
+def resolve_layer(
+    options: Mapping[str, Any] | None, params: list, classes: list[type]
+) -> dict[str, Any]:
+    """A layer's effective options: config < ``options=`` < per-module overrides (of the
+    classes on its module path and of the modules that own its expert ``params``)."""
+    return {**config.resolve(options), **_overrides(params, classes)}

@@ -1,4 +1,4 @@
-"""torch.library custom ops of capmoe. Their eager kernels are the reference semantics.
+"""The route stage's custom ops. Their eager kernels are the reference semantics.
 
 ``capmoe::route`` wraps :func:`capmoe_compile.routing.route_reference`; its fake kernel only
 needs the output width, so the op traces with symbolic ``T``.
@@ -10,7 +10,8 @@ import warnings
 
 import torch
 
-from .lowering.invariant import TILE
+from .experts import TILE
+from .pipeline import layer as _layer
 from .routing import output_width, route_reference, route_with_options
 
 
@@ -87,45 +88,6 @@ def _route_fake(
 # raises instead of computing something else.
 
 
-class LayerHandle:
-    """What ``route_layer`` needs to know about one rewritten layer."""
-
-    def __init__(self, name, num_experts, top_k, options, params, classes, resolve):
-        self.name = name
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.compile_options = dict(options or {})
-        self.params = params  # the layer's expert weights (the compiled graph holds them too)
-        self.classes = classes
-        self._resolve = resolve  # (compile_options, params, classes) -> dict
-        self._cache: tuple[int, dict] | None = None
-
-    def options(self, anchor: torch.Tensor | None = None) -> dict:
-        """The options in force now. ``anchor`` is the layer's first expert weight as the
-        running graph sees it: two instances of one model class share a compiled graph, and
-        per-instance overrides must follow the instance actually running."""
-        from . import config
-
-        params = self.params if anchor is None else [anchor]
-        key = (config.version(), params[0].data_ptr())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._resolve(self.compile_options, params, self.classes))
-        return self._cache[1]
-
-    def width(self, opts: dict) -> int:
-        if opts["capacity_factor"] is None:
-            return self.top_k
-        return output_width(self.top_k, self.num_experts, opts["policy"], opts["local_experts"])
-
-
-_LAYERS: list[LayerHandle] = []
-
-
-def register_layer(handle: LayerHandle) -> int:
-    _LAYERS.append(handle)
-    return len(_LAYERS) - 1
-
-
 @torch.library.custom_op("capmoe::route_layer", mutates_args=())
 def route_layer(
     probs: torch.Tensor,
@@ -149,7 +111,7 @@ def route_layer(
     """
     from . import telemetry
 
-    h = _LAYERS[layer]
+    h = _layer(layer)
     opts = h.options(anchor)
     if h.width(opts) != width:
         raise RuntimeError(
@@ -162,11 +124,7 @@ def route_layer(
     ids = topk_ids.long()
     valid = padding_rows(attention_mask, T, num_sequences) if opts["exclude_padding"] else None
     scope = opts["capacity_scope"]
-    if scope == "sequence" and num_sequences < 1:
-        raise RuntimeError(
-            f"capmoe: capacity_scope='sequence' needs the [B, S] structure of layer {h.name}'s "
-            "rows, which the graph does not show (see capmoe_compile.explain)"
-        )
+    check_sequence_scope(opts, num_sequences, h.name)
     if opts["capacity_factor"] is None:
         valid = None  # capacity off: the layer runs exactly as written
         out_ids, out_w = ids.clone(), topk_weights.clone()
@@ -196,6 +154,16 @@ def route_layer(
 
 
 _WARNED_TILES: set[str] = set()
+
+
+def check_sequence_scope(opts: dict, num_sequences: int, name: str) -> None:
+    """``capacity_scope="sequence"`` routes each of the B sequences on its own: a layer whose
+    [B, S] structure the graph does not show (``num_sequences`` 0) cannot."""
+    if opts["capacity_scope"] == "sequence" and num_sequences < 1:
+        raise RuntimeError(
+            f"capmoe: capacity_scope='sequence' needs the [B, S] structure of layer {name}'s "
+            "rows, which the graph does not show (see capmoe_compile.explain)"
+        )
 
 
 def padding_rows(mask: torch.Tensor | None, rows: int, num_sequences: int) -> torch.Tensor | None:

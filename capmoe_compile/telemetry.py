@@ -85,15 +85,18 @@ def is_recording() -> bool:
 
 
 @contextlib.contextmanager
-def record_stats() -> Iterator[Stats]:
-    """Collect :class:`LayerStats` of every compiled MoE layer call inside the block."""
+def record_stats(*, warn_if_empty: bool = True) -> Iterator[Stats]:
+    """Collect :class:`LayerStats` of every compiled MoE layer call inside the block.
+
+    A block that saw no layer warns (the usual cause is a model that ran uncompiled), unless
+    ``warn_if_empty`` is False (``explain``: a model without MoE layers is an answer there)."""
     stats = Stats()
     _active.append(stats)
     try:
         yield stats
     finally:
         _active.remove(stats)
-    if not stats.layers and not _inside_explain():
+    if not stats.layers and warn_if_empty:
         warnings.warn(
             "capmoe: record_stats saw no capmoe MoE layer run. Either no layer was rewritten "
             "(capmoe_compile.explain says why), or the model ran uncompiled: "
@@ -102,14 +105,6 @@ def record_stats() -> Iterator[Stats]:
             "model.compile(backend='capmoe', options=...) and call model.generate(...)",
             stacklevel=3,
         )
-
-
-def _inside_explain() -> bool:
-    # explain runs the model inside its own record_stats; a model without MoE layers is a
-    # normal answer there, not a mistake to warn about
-    from . import explain
-
-    return bool(getattr(explain, "_collecting", None))
 
 
 def _dense(ids: torch.Tensor, E: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from capmoe_compile import config
-from capmoe_compile.distributed import EPInfo, expert_parallel, route_group
+from capmoe_compile.distributed import EPInfo, expert_parallel, layers, route_group
 from capmoe_compile.routing import capacity
 from capmoe_compile.testing import zoo
 
@@ -96,27 +96,32 @@ def _split(batch, rank, sizes):
 
 
 def _w_bookkeeping(rank, world):
-    block, _ = _block()
-    full = {n: p.detach().clone() for n, p in block.experts.named_parameters()}
-    expert_parallel(block)
+    block, model = _block()
+    full = {n: p.detach().clone() for n, p in block.named_parameters()}
+    expert_parallel(block, example_inputs=_hidden(model, 2, 8))
     info = block.experts._capmoe_ep
     assert info == EPInfo(None, rank, world, E, rank * E // world, E // world)
-    for n, p in block.experts.named_parameters():
-        assert p.shape[0] == E // world
-        torch.testing.assert_close(p.detach(), full[n][info.first_expert : info.first_expert + 2])
+    ep = layers()[block.experts._capmoe_ep_key]
+    assert sorted(ep.param_names) == ["experts.down_proj", "experts.gate_up_proj"]
+    for name, local in zip(ep.param_names, ep.local, strict=True):
+        p, before = block.get_parameter(name), full[name]
+        assert p.shape == before.shape  # the model's code still traces
+        assert p.untyped_storage().nbytes() <= p.element_size()  # its memory is gone
+        lo = info.first_expert
+        torch.testing.assert_close(local, before[lo : lo + E // world])
     assert block.gate.weight.shape[0] == E  # routers stay replicated
     with pytest.raises(ValueError, match="already sharded"):
-        expert_parallel(block)
+        expert_parallel(block, example_inputs=_hidden(model, 2, 8))
     odd = zoo.build("mixtral", num_layers=1, hidden=H, ffn=F, num_experts=3, top_k=2, vocab=64)
     with pytest.raises(ValueError, match="not divisible"):
-        expert_parallel(odd)
+        expert_parallel(odd)  # a transformers model: its dummy_inputs are the example
 
 
 def _w_equal_single_device(rank, world, sizes, seq, policies, gammas, backend="capmoe"):
     """EP (compiled) on this rank's rows == single device (compiled alike) on all rows."""
     block, model = _block()
     ref = copy.deepcopy(block)
-    expert_parallel(block)
+    expert_parallel(block, example_inputs=_hidden(model, 2, 8))
     x_all = _hidden(model, sum(sizes), seq)
     x = _split(x_all, rank, sizes)
     torch._dynamo.reset()
@@ -142,12 +147,11 @@ def _w_static(rank, world, sizes, seq, policies, gammas, backend="capmoe", check
     """The static functional-collective path (compiled per configuration) == single device on
     all rows, for every policy; with Inductor, the output code holds functional collectives."""
     from capmoe_compile.distributed import functional
-    from capmoe_compile.distributed.ep import _EP_LAYERS
 
     block, model = _block()
     ref = copy.deepcopy(block)
-    expert_parallel(block)
-    ep_layer = _EP_LAYERS[block.experts._capmoe_ep_key]
+    expert_parallel(block, example_inputs=_hidden(model, 2, 8))
+    ep_layer = layers()[block.experts._capmoe_ep_key]
     x_all = _hidden(model, sum(sizes), seq)
     x = _split(x_all, rank, sizes)
     single = torch.compile(ref, backend=passes_only, dynamic=False)
@@ -204,16 +208,14 @@ def _w_static(rank, world, sizes, seq, policies, gammas, backend="capmoe", check
 
 def _w_static_zero_tokens(rank, world):
     """A rank with zero tokens: the static layer function run as the graph would."""
-    from capmoe_compile import ops
+    from capmoe_compile import pipeline
     from capmoe_compile.distributed import functional
-    from capmoe_compile.distributed.ep import _EP_LAYERS
-    from capmoe_compile.passes import resolve_layer
 
     block, model = _block()
     ref = copy.deepcopy(block)
-    expert_parallel(block)
+    expert_parallel(block, example_inputs=_hidden(model, 2, 8))
     key = block.experts._capmoe_ep_key
-    form = _EP_LAYERS[key].form.to_str()
+    form = layers()[key].form.to_str()
     x_all = _hidden(model, 2, 8).reshape(-1, H)
     x = x_all if rank == 0 else x_all[:0]
     single = torch.compile(ref, backend=passes_only, dynamic=False)
@@ -222,13 +224,14 @@ def _w_static_zero_tokens(rank, world):
         torch._dynamo.reset()  # the reference's width changes with expanded_drop
         with torch.no_grad(), config.patch(capacity_factor=0.5, policy=policy):
             logits, W, ids = block.gate(x)
-            handle = ops.LayerHandle("gate", E, K, {}, params, [], resolve_layer)
-            layer = ops.register_layer(handle)
+            handle = pipeline.LayerHandle("gate", E, K, {}, params, [])
+            layer = pipeline.register_layer(handle)
             opts = handle.options()
             plan = functional.make_plan(layer, key, x.shape[0], K, opts, form)
             assert isinstance(plan, functional.StaticPlan), plan
             pid = len(functional._PLANS) - 1
-            got = functional.ep_moe_static(x, logits.softmax(-1), ids, W, params, pid)
+            local = layers()[key].local
+            got = functional.ep_moe_static(x, logits.softmax(-1), ids, W, local, pid)
             if rank == 0:
                 want = single(x_all.view(2, 8, H)).reshape(-1, H)
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=policy)
@@ -285,10 +288,9 @@ def _w_expanded_drop(rank, world, sizes, seq):
 
     block, model = _block()
     ref = copy.deepcopy(block)
-    expert_parallel(block)
-    from capmoe_compile.distributed.ep import _EP_LAYERS
+    expert_parallel(block, example_inputs=_hidden(model, 2, 8))
 
-    form = _EP_LAYERS[block.experts._capmoe_ep_key].form
+    form = layers()[block.experts._capmoe_ep_key].form
     x_all = _hidden(model, sum(sizes), seq)
     x = _split(x_all, rank, sizes)
     ep = torch.compile(block, backend=passes_only, dynamic=False)
@@ -303,7 +305,8 @@ def _w_expanded_drop(rank, world, sizes, seq):
         dense = _oracle_expanded(P.double(), ids, W.double(), rank_of_row, E // world, C)
         nz = dense != 0
         oid = torch.where(nz, torch.arange(E).expand_as(dense), E)
-        params = [ref.experts.gate_up_proj, ref.experts.down_proj]
+        names = layers()[block.experts._capmoe_ep_key].param_names  # in the form's role order
+        params = [ref.get_parameter(n) for n in names]
         want = moe_experts_reference(flat, oid, dense.float(), params, form)
         want = _split(want.view(sum(sizes), seq, H), rank, sizes)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -312,7 +315,9 @@ def _w_expanded_drop(rank, world, sizes, seq):
 def _w_zero_tokens(rank, world):
     block, model = _block()
     ref = copy.deepcopy(block)
-    expert_parallel(block, dispatch="opaque")  # the opaque op; static: static_zero_tokens
+    expert_parallel(
+        block, example_inputs=_hidden(model, 2, 8), dispatch="opaque"
+    )  # the opaque op; static: static_zero_tokens
     x_all = _hidden(model, 2, 8)
     x = x_all if rank == 0 else x_all[:0]
     with torch.no_grad():
@@ -320,9 +325,8 @@ def _w_zero_tokens(rank, world):
         want = ref(x_all) if rank == 0 else x_all[:0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         # the compiled layer with capacity: the group's T is rank 0's
-        from capmoe_compile import ops
-        from capmoe_compile.distributed.ep import _EP_LAYERS, ep_moe_op
-        from capmoe_compile.passes import resolve_layer
+        from capmoe_compile import pipeline
+        from capmoe_compile.distributed.ep import ep_moe_op
 
         key = block.experts._capmoe_ep_key
         ep = torch.compile(block, backend=passes_only, dynamic=False)
@@ -335,26 +339,102 @@ def _w_zero_tokens(rank, world):
                 flat = x.reshape(0, H)
                 logits, W, ids = block.gate(flat)
                 params = [block.experts.gate_up_proj, block.experts.down_proj]
-                handle = ops.LayerHandle("gate", E, K, {}, params, [], resolve_layer)
-                layer = ops.register_layer(handle)
-                out = ep_moe_op(
-                    flat,
-                    logits.softmax(-1),
-                    ids,
-                    W,
-                    layer,
-                    key,
-                    0,
-                    None,
-                    params,
-                    _EP_LAYERS[key].form.to_str(),
-                )
+                handle = pipeline.LayerHandle("gate", E, K, {}, params, [])
+                layer = pipeline.register_layer(handle)
+                out = ep_moe_op(flat, logits.softmax(-1), ids, W, layer, key, 0, None)
                 assert out.shape == (0, H)
+
+
+class OwnNamesMoE(torch.nn.Module):
+    """An MoE layer written as no library writes it: its own names, a 3-D router input, expert
+    weights as stacked parameters on the layer itself, stored [in, out], gathered per pair."""
+
+    def __init__(self, hidden=H, ffn=F, experts=E, k=K, seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.scorer = torch.nn.Linear(hidden, experts, bias=False)
+        with torch.no_grad():
+            self.scorer.weight.copy_(torch.randn(experts, hidden, generator=gen))
+        self.w_in = torch.nn.Parameter(torch.randn(experts, hidden, 2 * ffn, generator=gen) / 6)
+        self.w_out = torch.nn.Parameter(torch.randn(experts, ffn, hidden, generator=gen) / 8)
+        self.k = k
+
+    def forward(self, h):
+        B, S, D = h.shape
+        x = h.reshape(-1, D)
+        probs = self.scorer(x).softmax(-1)
+        top_w, top_i = probs.topk(self.k, -1)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        a, b = torch.einsum("th,tkhf->tkf", x, self.w_in[top_i]).chunk(2, -1)
+        y = torch.einsum("tkf,tkfh->tkh", torch.nn.functional.silu(a) * b, self.w_out[top_i])
+        return (y * top_w[..., None]).sum(1).reshape(B, S, D)
+
+
+def _compare_policies(rank, ep, single, x, x_all, sizes):
+    """EP on this rank's rows == single device on all rows: capacity off, then every policy
+    whose semantics do not depend on the rank (expanded_drop's local experts do: its own
+    scenario checks it against an oracle)."""
+    with torch.no_grad():
+        out = lambda o: o.logits if hasattr(o, "logits") else o  # noqa: E731
+        want = _split(out(single(x_all)), rank, sizes)
+        torch.testing.assert_close(out(ep(x)), want, atol=1e-5, rtol=1e-4)
+        for policy in ("score", "order", "reverse", "random", "reroute"):
+            with config.patch(capacity_factor=0.5, policy=policy, min_tokens=2):
+                want = _split(out(single(x_all)), rank, sizes)
+                got = out(ep(x))
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=policy)
+
+
+def _w_family(rank, world, family):
+    """A transformers model with 2 MoE layers, its layers found through the passes.
+
+    ``filter_fn`` chooses layer 1 alone: only its experts are sharded, and capacity off the
+    model computes what it did. Then every layer sharded: compiled EP == single-device
+    compiled for every policy (a layer left replicated routes with capacity over its rank's
+    tokens only, so equality with one device needs every layer sharded)."""
+    build = lambda: zoo.build(  # noqa: E731
+        family, num_layers=2, hidden=H, ffn=F, num_experts=E, top_k=K, vocab=64
+    )
+    ids_all = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(1))
+    ids = _split(ids_all, rank, [2, 2])
+    ref = build()
+    single = torch.compile(ref, backend=passes_only, dynamic=False)
+
+    model = build()
+    expert_parallel(model, filter_fn=lambda module, name: name.endswith("1.mlp"))
+    sharded = {n for n, p in model.named_parameters() if hasattr(p, "_capmoe_ep_key")}
+    assert len(sharded) == 2 and all(".layers.1." in n for n in sharded), sharded
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend=passes_only, dynamic=False)(ids).logits
+        torch.testing.assert_close(got, _split(single(ids_all).logits, rank, [2, 2]))
+
+    model = build()
+    expert_parallel(model)
+    torch._dynamo.reset()
+    ep = torch.compile(model, backend=passes_only, dynamic=False)
+    _compare_policies(rank, ep, single, ids, ids_all, [2, 2])
+
+
+def _w_own_names(rank, world):
+    """A plain module with names of its own: sharded, compiled EP == single device; eager
+    calls of the sharded layer raise (its own code would read experts this rank lacks)."""
+    model, ref = OwnNamesMoE(), OwnNamesMoE()
+    x_all = torch.randn(4, 5, H, generator=torch.Generator().manual_seed(2))
+    expert_parallel(model, example_inputs=(x_all[:1],))
+    assert model._capmoe_ep.num_local == E // world
+    x = _split(x_all, rank, [3, 1])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="sharded by expert_parallel"):
+        model(x)
+    torch._dynamo.reset()
+    single = torch.compile(ref, backend=passes_only, dynamic=False)
+    ep = torch.compile(model, backend=passes_only, dynamic=False)
+    _compare_policies(rank, ep, single, x, x_all, [3, 1])
 
 
 def _w_mismatch(rank, world):
     block, model = _block()
-    expert_parallel(block)
+    expert_parallel(block, example_inputs=_hidden(model, 2, 8))
     x = _hidden(model, 2, 8)
     ep = torch.compile(block, backend=passes_only, dynamic=False)
     with torch.no_grad(), config.patch(capacity_factor=1.0 if rank == 0 else 2.0):
@@ -364,7 +444,7 @@ def _w_mismatch(rank, world):
 
 def _w_dead_rank(rank, world):
     block, model = _block()
-    expert_parallel(block)
+    expert_parallel(block, example_inputs=_hidden(model, 2, 8))
     x = _hidden(model, 2, 8)
     if rank == 1:
         os._exit(0)  # dies without a word
@@ -401,6 +481,9 @@ SCENARIOS = {
     ),
     "static_inductor": (_w_static, ([2, 2], 8, ["score", "expanded_drop"], [0.5], "capmoe", True)),
     "static_zero_tokens": (_w_static_zero_tokens, ()),
+    "mixtral_model": (_w_family, ("mixtral",)),
+    "qwen3_moe_model": (_w_family, ("qwen3_moe",)),
+    "own_names": (_w_own_names, ()),
     "mismatch": (_w_mismatch, ()),  # last: both ranks raise, the group stays usable
 }
 
@@ -457,6 +540,18 @@ def test_ep_expanded_drop_uses_rank_local_experts(suite):
 
 def test_ep_rank_with_zero_tokens(suite):
     _check(suite, "zero_tokens")
+
+
+def test_ep_transformers_mixtral_found_by_the_passes(suite):
+    _check(suite, "mixtral_model")
+
+
+def test_ep_transformers_qwen3_moe_found_by_the_passes(suite):
+    _check(suite, "qwen3_moe_model")
+
+
+def test_ep_layer_with_names_of_its_own(suite):
+    _check(suite, "own_names")
 
 
 def test_static_functional_path_every_policy(suite):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from capmoe_compile import config
-from capmoe_compile.experts import ExpertForm, moe_experts_reference
+from capmoe_compile.experts import TILE, ExpertForm, moe_experts_reference
 from capmoe_compile.lowering.grouped import moe_experts_grouped
-from capmoe_compile.lowering.invariant import TILE, tiled_grouped_mm
+from capmoe_compile.lowering.invariant import tiled_grouped_mm
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
 

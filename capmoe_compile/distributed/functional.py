@@ -40,16 +40,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
+from .. import pipeline
 from ..lowering import grouped
 from ..routing import capacity
+from . import group as ep_group
+from .group import route_group, starts
 
 
 @dataclasses.dataclass(frozen=True)
 class StaticPlan:
     """Everything the static layer bakes in when the graph is compiled."""
 
-    layer: int  # ops._LAYERS index (options)
-    key: int  # ep._EP_LAYERS index
+    layer: int  # pipeline layer handle (options)
+    key: int  # EP layer (distributed.group)
     name: str
     counts: tuple[int, ...]  # T_s of every rank
     capacity: int  # C over the group's T
@@ -95,15 +98,13 @@ def why_not_static(opts: dict, mask_used: bool, dtype: torch.dtype, form) -> str
 def make_plan(layer: int, key: int, T: int, k: int, opts: dict, form_str: str) -> StaticPlan | str:
     """The static plan of EP layer ``key`` (a collective: every rank calls it while compiling),
     or the reason it cannot be static."""
-    from .ep import _EP_LAYERS, _check_agreement, _fingerprint
-
-    ep = _EP_LAYERS[key]
+    ep = ep_group.get(key)
     info = ep.info
-    fp_opts = _fingerprint([{k: v for k, v in opts.items() if k != "local_experts"}])
+    fp_opts = ep_group.options_fingerprint(opts)
     # The same eager header all-gather the opaque op makes: ranks that compiled with other
     # options raise here, at compile time, on every rank.
-    head = torch.tensor([T, _fingerprint([ep.name, form_str, fp_opts, "static"]), 1, 0])
-    got = _check_agreement(info, head, f"layer {ep.name}")
+    head = torch.tensor([T, ep_group.fingerprint([ep.name, form_str, fp_opts, "static"]), 1, 0])
+    got = ep_group.check_agreement(info, head, f"layer {ep.name}")
     counts = tuple(int(c) for c in got[:, 0].tolist())
     total = sum(counts)
     if total < opts["min_tokens"]:
@@ -121,7 +122,7 @@ def make_plan(layer: int, key: int, T: int, k: int, opts: dict, form_str: str) -
     )
     width = k + El if opts["policy"] == "expanded_drop" else k
     chunks = tuple(min(El * min(C, c), c * min(width, El)) for c in counts)
-    fp = _fingerprint([ep.name, form_str, fp_opts, counts, "static"])
+    fp = ep_group.fingerprint([ep.name, form_str, fp_opts, counts, "static"])
     plan = StaticPlan(
         layer, key, ep.name, counts, C, width, chunks, fp, fp_opts, dict(opts), form_str, info.group
     )
@@ -133,9 +134,6 @@ def make_plan(layer: int, key: int, T: int, k: int, opts: dict, form_str: str) -
 def ep_static_check(header: torch.Tensor, plan: int) -> torch.Tensor:
     """Raise on every rank if the group's headers do not match what plan ``plan`` baked in;
     returns a zero that later steps depend on (so this runs before any other collective)."""
-    from .. import ops
-    from .ep import _fingerprint
-
     pl = _PLANS[plan]
     fps = header[:, 1].tolist()
     if len(set(fps)) != 1:
@@ -145,8 +143,7 @@ def ep_static_check(header: torch.Tensor, plan: int) -> torch.Tensor:
             "options and the same token counts"
         )
     counts = tuple(int(c) for c in header[:, 0].tolist())
-    opts = ops._LAYERS[pl.layer].options()
-    fp_now = _fingerprint([{k: v for k, v in opts.items() if k != "local_experts"}])
+    fp_now = ep_group.options_fingerprint(pipeline.layer(pl.layer).options())
     if counts != pl.counts or fp_now != pl.opts_fingerprint:
         what = (
             f"token counts per rank {list(counts)} (compiled for {list(pl.counts)})"
@@ -172,11 +169,10 @@ def _ep_static_check_fake(header, plan):
 def ep_observe(ids: torch.Tensor, routed: torch.Tensor, plan: int) -> torch.Tensor:
     """Telemetry of the group's routing (when ``record_stats`` is on); returns ``routed``."""
     from .. import telemetry
-    from .ep import _EP_LAYERS
 
     if telemetry.is_recording():
         pl = _PLANS[plan]
-        E = _EP_LAYERS[pl.key].info.num_experts
+        E = ep_group.get(pl.key).info.num_experts
         telemetry.record(pl.name, ids, routed, E, pl.opts, None, 1)
     return routed.clone()
 
@@ -195,61 +191,30 @@ def ep_moe_static(
     plan: int,
 ) -> torch.Tensor:
     """A rewritten EP layer with static shapes (module docstring). Traceable torch code."""
-    from .ep import _EP_LAYERS, route_group
-
     pl = _PLANS[plan]
-    info = _EP_LAYERS[pl.key].info
+    info = ep_group.get(pl.key).info
     grp = _group(info)
-    W, E, El, r = info.world, info.num_experts, info.num_local, info.rank
+    W, r = info.world, info.rank
     counts, S = pl.counts, pl.chunks
     Tr, H = x.shape
-    k = ids.shape[1]
     kp = pl.width
     off = sum(counts[:r])
 
-    # 1. header + checks
+    # 1. header + checks; 2. the group's routing metadata; 3. the policy on the group's rows
     zero = ep_static_check(_header_exchange(info, Tr, pl.fingerprint), plan)
-
-    # 2. the group's routing metadata (exact in float64 for P, ids, W of any float dtype)
-    packed = torch.cat([probs.double(), ids.double(), weights.double()], 1)
-    packed = packed + zero.double()  # after the check
-    Tmax = max(counts)
-    if Tmax > Tr:
-        packed = torch.nn.functional.pad(packed, (0, 0, 0, Tmax - Tr))
-    gathered = fc.all_gather_tensor(packed, 0, grp)
-    g = torch.cat([gathered[s * Tmax : s * Tmax + c] for s, c in enumerate(counts)])
-    gP = g[:, :E].to(probs.dtype)
-    g_ids = g[:, E : E + k].long()
-    gW = g[:, E + k : E + 2 * k].to(weights.dtype)
-    rank_of_row = torch.cat(
-        [torch.full((c,), s, dtype=torch.long, device=x.device) for s, c in enumerate(counts)]
-    )
-
-    # 3. the policy on the group's rows (the same code as the opaque op)
+    gP, g_ids, gW, rank_of_row = _gather_routing(probs, ids, weights, zero, pl, info)
     g_out_i, g_out_w = route_group(
         gP, g_ids, gW, rank_of_row, info, pl.opts, list(counts), [1] * W, None
     )
     g_out_i = ep_observe(g_ids, g_out_i, plan)
 
     # 4. destination and position inside its (source, destination) chunk of every kept pair
-    fe = g_out_i.reshape(-1)  # [T * k'], rows in rank order
-    kept = fe < E
-    dest = torch.where(kept, torch.div(fe, El, rounding_mode="floor"), W)
-    onehot = torch.nn.functional.one_hot(dest, W + 1)[:, :W]
-    csum = onehot.cumsum(0)  # inclusive count of pairs per destination
-    zeros_w = torch.zeros(1, W, dtype=csum.dtype, device=x.device)
-    base = torch.cat(
-        [zeros_w] + [csum[o * kp - 1 : o * kp] if o > 0 else zeros_w for o in _starts(counts)[1:]]
-    )  # [W, W]: pairs per destination before each source's first row
-    src = torch.repeat_interleave(rank_of_row, kp)
-    dclamp = dest.clamp_max(W - 1)
-    q = (csum - 1 - base[src]).gather(1, dclamp[:, None]).squeeze(1)
+    fe, kept, dest, q, src = _chunk_positions(g_out_i, rank_of_row, pl, info)
 
     # 5. dispatch: this rank's pairs into W chunks of S[r] rows each
     mine = slice(off * kp, (off + Tr) * kp)
-    m_kept, m_dest, m_q = kept[mine], dclamp[mine], q[mine]
     trash_s = W * S[r]
-    send_idx = torch.where(m_kept, m_dest * S[r] + m_q, trash_s)  # [Tr * k']
+    send_idx = torch.where(kept[mine], dest[mine].clamp_max(W - 1) * S[r] + q[mine], trash_s)
     slot_pair = torch.full((trash_s + 1,), Tr * kp, dtype=torch.long, device=x.device)
     slot_pair = slot_pair.index_put((send_idx,), torch.arange(Tr * kp, device=x.device))
     tok = torch.cat(
@@ -258,17 +223,8 @@ def ep_moe_static(
     x_pad = torch.cat([x, x.new_zeros(1, H)])
     send = x_pad[tok[slot_pair[:trash_s]]]
     recv = fc.all_to_all_single(send, [S[s] for s in range(W)], [S[r]] * W, grp)
-
-    # the local expert id of every received row (padding: sentinel E_l)
-    R = sum(S)
-    recv_base = torch.tensor(_starts(list(S)), dtype=torch.long, device=x.device)
-    to_me = kept & (dest == r)
-    recv_idx = torch.where(to_me, recv_base[src] + q, R)
-    local_e = (fe - r * El).clamp(0, El)
-    recv_eid = torch.full((R + 1,), El, dtype=torch.long, device=x.device)
-    recv_eid = recv_eid.index_put((recv_idx,), torch.where(to_me, local_e, El))[:R]
-    ones = torch.ones(R, 1, dtype=x.dtype, device=x.device)
-    y = grouped.moe_experts_grouped(recv, recv_eid[:, None], ones, params, pl.form)
+    recv_eid = _received_expert_ids(fe, kept, dest, q, src, pl, info)
+    y = ep_group.apply_local_experts(recv, recv_eid, params, pl.form)
 
     # 6. back to the tokens' ranks, weighted combine (a gather, dropped pairs read zeros)
     back = fc.all_to_all_single(y, [S[r]] * W, [S[s] for s in range(W)], grp)
@@ -278,9 +234,48 @@ def ep_moe_static(
     return (rows * w_mine[:, :, None]).sum(1).to(x.dtype)
 
 
-def _starts(counts) -> list[int]:
-    out, s = [], 0
-    for c in counts:
-        out.append(s)
-        s += c
-    return out
+def _gather_routing(probs, ids, weights, zero, pl: StaticPlan, info):
+    """The group's ``(P, S, W)`` in rank order (exact in float64 for any float dtype), and
+    the rank of every row. ``zero`` (the check's result) orders this after the check."""
+    counts, E, k = pl.counts, info.num_experts, ids.shape[1]
+    packed = torch.cat([probs.double(), ids.double(), weights.double()], 1) + zero.double()
+    Tmax = max(counts)
+    if Tmax > ids.shape[0]:
+        packed = torch.nn.functional.pad(packed, (0, 0, 0, Tmax - ids.shape[0]))
+    gathered = fc.all_gather_tensor(packed, 0, _group(info))
+    g = torch.cat([gathered[s * Tmax : s * Tmax + c] for s, c in enumerate(counts)])
+    rank_of_row = torch.cat(
+        [torch.full((c,), s, dtype=torch.long, device=ids.device) for s, c in enumerate(counts)]
+    )
+    gP = g[:, :E].to(probs.dtype)
+    return gP, g[:, E : E + k].long(), g[:, E + k : E + 2 * k].to(weights.dtype), rank_of_row
+
+
+def _chunk_positions(g_out_i, rank_of_row, pl: StaticPlan, info):
+    """For every (row, slot) pair of the group: its expert ``fe``, whether it is kept, its
+    destination rank (``W`` when dropped), its position ``q`` in its (source, destination)
+    chunk, and its source rank."""
+    W, E, El, kp = info.world, info.num_experts, info.num_local, pl.width
+    fe = g_out_i.reshape(-1)  # [T * k'], rows in rank order
+    kept = fe < E
+    dest = torch.where(kept, torch.div(fe, El, rounding_mode="floor"), W)
+    csum = torch.nn.functional.one_hot(dest, W + 1)[:, :W].cumsum(0)  # pairs per destination
+    zeros_w = torch.zeros(1, W, dtype=csum.dtype, device=fe.device)
+    base = torch.cat(
+        [zeros_w] + [csum[o * kp - 1 : o * kp] if o > 0 else zeros_w for o in starts(pl.counts)[1:]]
+    )  # [W, W]: pairs per destination before each source's first row
+    src = torch.repeat_interleave(rank_of_row, kp)
+    q = (csum - 1 - base[src]).gather(1, dest.clamp_max(W - 1)[:, None]).squeeze(1)
+    return fe, kept, dest, q, src
+
+
+def _received_expert_ids(fe, kept, dest, q, src, pl: StaticPlan, info) -> torch.Tensor:
+    """The local expert id of every row this rank receives (padding rows: sentinel ``E_l``)."""
+    r, El, S = info.rank, info.num_local, pl.chunks
+    R = sum(S)
+    recv_base = torch.tensor(starts(list(S)), dtype=torch.long, device=fe.device)
+    to_me = kept & (dest == r)
+    recv_idx = torch.where(to_me, recv_base[src] + q, R)
+    local_e = (fe - r * El).clamp(0, El)
+    recv_eid = torch.full((R + 1,), El, dtype=torch.long, device=fe.device)
+    return recv_eid.index_put((recv_idx,), torch.where(to_me, local_e, El))[:R]

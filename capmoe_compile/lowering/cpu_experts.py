@@ -143,15 +143,11 @@ def _expert(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None, out=None) -> tor
     """Expert ``e`` on rows ``h`` [n, H] -> [n, H] in ``h``'s dtype (the math of
     ``ExpertForm.apply``, with the activation and the gating product in place); the result
     goes into ``out`` (a contiguous [n, H]) when given."""
-    if "gate_up" in f.roles:
-        a, b = _lin(h, p, f, "gate_up", e, ws).chunk(2, dim=-1)
-        g, u = (a, b) if f.gate_first else (b, a)
-        inner = _act_(f.act, g).mul_(u)
-    elif "gate" in f.roles:
-        inner = _act_(f.act, _lin(h, p, f, "gate", e, ws)).mul_(_lin(h, p, f, "up", e, ws))
-    else:
-        inner = _act_(f.act, _lin(h, p, f, "up", e, ws))
-    return _lin(inner, p, f, "down", e, ws, out)
+
+    def project(role: str, v: torch.Tensor) -> torch.Tensor:
+        return _lin(v, p, f, role, e, ws, out if role == "down" else None)
+
+    return f.mlp(h, project, act=functools.partial(_act_, f.act), inplace=True)
 
 
 def _expert_t(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None) -> torch.Tensor:
@@ -163,17 +159,14 @@ def _expert_t(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None) -> torch.Tenso
     was 1.3-3x slower for 2..8 rows (one thread; ``benchmarks/moe_layer.py`` notes), so the
     activation's ``[F, n]`` result is copied to ``[n, F]`` (a few KiB) before the down GEMM.
     The same arithmetic per element; returns a [n, H] view."""
-    h_t = h.t()
-    if "gate_up" in f.roles:
-        a, b = _lin_t(h_t, p, f, "gate_up", e, ws).chunk(2, dim=0)
-        g, u = (a, b) if f.gate_first else (b, a)
-        inner = _act_(f.act, g).mul_(u)
-    elif "gate" in f.roles:
-        inner = _act_(f.act, _lin_t(h_t, p, f, "gate", e, ws)).mul_(_lin_t(h_t, p, f, "up", e, ws))
-    else:
-        inner = _act_(f.act, _lin_t(h_t, p, f, "up", e, ws))
-    rows = _scratch("it", (inner.shape[1], inner.shape[0]), inner.dtype).copy_(inner.t())
-    return _lin_t(rows.t(), p, f, "down", e, ws).t()
+
+    def project(role: str, v_t: torch.Tensor) -> torch.Tensor:
+        if role != "down":
+            return _lin_t(v_t, p, f, role, e, ws)
+        rows = _scratch("it", (v_t.shape[1], v_t.shape[0]), v_t.dtype).copy_(v_t.t())
+        return _lin_t(rows.t(), p, f, "down", e, ws)
+
+    return f.mlp(h.t(), project, act=functools.partial(_act_, f.act), inplace=True, split_dim=0).t()
 
 
 #: Group sizes computed by :func:`_expert_t` with two or more intra-op threads (measured

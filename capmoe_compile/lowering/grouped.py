@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..experts import ACTIVATIONS, ExpertForm
+from ..experts import ExpertForm
 from .cpu_experts import experts_cpu
 from .invariant import tiled_grouped_mm
 
@@ -157,16 +157,7 @@ def moe_experts_traced(
         b = p.get("b_" + role)
         return y if b is None else y + b[eb]
 
-    act = ACTIVATIONS[f.act]
-    if "gate_up" in f.roles:
-        a, b = proj("gate_up", xs).chunk(2, dim=-1)
-        g, u = (a, b) if f.gate_first else (b, a)
-        h = act(g) * u
-    elif "gate" in f.roles:
-        h = act(proj("gate", xs)) * proj("up", xs)
-    else:
-        h = act(proj("up", xs))
-    y = proj("down", h)
+    y = f.mlp(xs, proj)
     # Combine as a gather: each token reads its k rows back from expert order, weighted and
     # masked in token order, one reduction over k that Inductor fuses (an index_add_ would be
     # per-element atomics, and weighting in expert order a second [T*k, H] buffer).

@@ -23,12 +23,6 @@ from __future__ import annotations
 
 import torch
 
-# Rows per tile. One fixed value: a tile size chosen by shape would bring the shape dependence
-# back. A multiple of 16 (or 1): ATen's vectorised elementwise loops finish a tensor's tail in
-# scalar code, so with other tiles an activation's bits could depend on a row's position in
-# its tile. 64 measured fastest at prefill among 16/32/64 (python -m benchmarks.batch_invariance --tile N).
-TILE = 64
-
 
 def tiled_grouped_mm(
     a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, tile: int
