@@ -103,7 +103,9 @@ def measure(args) -> dict:
         model(ids)
     hook.remove()
     x = got["x"]
-    expert_parallel(block, dispatch="opaque" if args.dispatch == "opaque" else "auto")
+    expert_parallel(
+        block, example_inputs=(x,), dispatch="opaque" if args.dispatch == "opaque" else "auto"
+    )
 
     configs = [(None, "score")] + [
         (g, p) for g in GAMMAS if g is not None for p in POLICIES if p in args.policies

@@ -54,6 +54,8 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from .routing import POLICIES, SCOPES
+
 capacity_factor: float | None = None
 policy: str = "score"
 local_experts: tuple[int, ...] | None = None
@@ -83,8 +85,6 @@ KNOBS: Mapping[str, Any] = types.MappingProxyType(
         "batch_invariant": batch_invariant,
     }
 )
-POLICIES: tuple[str, ...] = ("score", "order", "reverse", "random", "expanded_drop", "reroute")
-SCOPES: tuple[str, ...] = ("batch", "sequence")
 
 _version = 0
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -227,6 +227,15 @@ def _hash_keys(seed: int, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def renormalized(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``after`` (a row's weights once pairs were dropped or added) rescaled to the sum of
+    ``before`` (the model's weights of that row); rows left with no weight stay as they are."""
+    b = before.float().sum(-1, keepdim=True)
+    a = after.float().sum(-1, keepdim=True)
+    factor = torch.where(a != 0, b / torch.where(a != 0, a, 1.0), 1.0)
+    return (after.float() * factor).to(after.dtype)
+
+
 def token_scale(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """SPEC's per-token scale ``W / P`` of the selected pairs, or 1 where they disagree."""
     p = probs.float().gather(1, ids)
@@ -237,10 +246,6 @@ def token_scale(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -
     hi, lo = ratio.amax(-1), ratio.amin(-1)
     ok = (p > 0).all(-1) & ((hi - lo) <= tol * hi.abs())
     return torch.where(ok, ratio.mean(-1), torch.ones_like(hi))
-
-
-#: The former private name (``distributed/ep.py`` at HEAD still imports it).
-_token_scale = token_scale
 
 
 def _expanded_width(top_k: int, num_experts: int, local_experts: Sequence[int] | None) -> int:
@@ -368,10 +373,7 @@ def route_reference(
         out_ids, out_w = _reroute(P, sel, keep, out_ids, out_w, cap_g, view, scale, reroute_rounds)
 
     if renormalize:
-        before = topk_weights.float().sum(-1, keepdim=True)
-        after = out_w.float().sum(-1, keepdim=True)
-        factor = torch.where(after != 0, before / torch.where(after != 0, after, 1.0), 1.0)
-        out_w = (out_w.float() * factor).to(out_w.dtype)
+        out_w = renormalized(topk_weights, out_w)
 
     if valid is not None and min_tokens > 0:
         # Data-dependent count: choose with where, no host sync.

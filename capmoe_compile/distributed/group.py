@@ -22,7 +22,13 @@ import torch.distributed as dist
 
 from ..experts import ExpertForm, moe_experts_reference
 from ..lowering import grouped
-from ..routing import capacity, route_reference, route_with_options, token_scale
+from ..routing import (
+    capacity,
+    renormalized,
+    route_reference,
+    route_with_options,
+    token_scale,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,8 +314,5 @@ def _expanded_drop_ep(P, ids, W, rank_of_row, info, opts, valid, nseq):
     oi = torch.cat([oi[:, :k], extra_i], 1)
     ow = torch.cat([ow[:, :k], extra_w], 1)
     if opts["renormalize"]:
-        before = W.float().sum(-1, keepdim=True)
-        after = ow.float().sum(-1, keepdim=True)
-        factor = torch.where(after != 0, before / torch.where(after != 0, after, 1.0), 1.0)
-        ow = (ow.float() * factor).to(ow.dtype)
+        ow = renormalized(W, ow)
     return oi, ow
