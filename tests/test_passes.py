@@ -26,18 +26,19 @@ def test_unmatched_layers_compute_as_written(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_eager_experts_implementation_is_left_as_written():
-    """transformers' `eager` experts loop breaks the graph on nonzero, so router and experts are
-    in different graphs: the passes must say so and leave the model computing eager's result."""
+def test_eager_experts_implementation_is_matched():
+    """transformers' `eager` experts loop (over the experts hit, from nonzero) is bridged into
+    one graph under capmoe (capmoe_compile/bridge.py): both layers are matched, and with
+    capacity off the compiled model computes eager's result."""
     torch._dynamo.reset()
-    model = zoo.build("mixtral", experts_implementation="eager", seed=6)
+    model = zoo.build("mixtral", experts_implementation="eager", num_experts=4, seed=6)
     ids = zoo.random_input_ids(model, 2, 16, seed=6)
-    report = cc.explain(model, capacity_factor=0.5)(ids)
-    assert report.layers == []
-    assert report.unmatched and all("leave the graph" in r.reason for r in report.unmatched)
-    compiled = torch.compile(model, backend="capmoe", options={"capacity_factor": 0.5})
+    compiled = torch.compile(model, backend="capmoe")
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    report = cc.explain(compiled)(ids)  # the graphs that ran, not traced again
+    assert len(report.layers) == 2 and not report.unmatched, report
+    assert report.graphs == 1
     torch._dynamo.reset()
 
 
