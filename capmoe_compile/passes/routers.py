@@ -200,6 +200,19 @@ def softmax_top1(site: TopKSite) -> RouterMatch | None:
     return dataclasses.replace(m, kind="softmax_top1") if m else None
 
 
+def softmax_bias_topk(site: TopKSite) -> RouterMatch | None:
+    """softmax over experts, then a selection bias or mask, then top-k (Ernie-4.5's
+    ``e_score_correction_bias`` on the softmax output).
+
+    P is the softmax output: SPEC.md's P is the score function before any selection bias;
+    the bias only shapes the model's selection S (the weights are gathered from P or from
+    the biased scores, whichever the model reads: W is found in the region, not assumed)."""
+    n = _upstream(site, _SOFTMAX)
+    if n is not None and _last_dim_softmax(n):
+        return RouterMatch("softmax_bias_topk", site, n)
+    return None
+
+
 def sigmoid_bias_grouped_topk(site: TopKSite) -> RouterMatch | None:
     """sigmoid scores (+ selection bias, group-limited masking) -> top-k (DeepSeek-V3 style).
 
@@ -247,6 +260,7 @@ ROUTER_PATTERNS: list[Callable[[TopKSite], RouterMatch | None]] = [
     declared,
     softmax_top1,
     softmax_topk,
+    softmax_bias_topk,
     sigmoid_bias_grouped_topk,
     logits_topk_softmax,
 ]
