@@ -515,6 +515,271 @@ def _reused(reuse: Calibration, policies, gammas, batches) -> tuple[_Pass, dict]
     return base, rec["sensitivity"]
 
 
+def _reporter(progress: bool, t0: float):
+    """``say(msg)``: prints ``msg`` with the seconds since ``t0`` if ``progress``, else nothing."""
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"[calibrate {time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
+
+    return say
+
+
+def _check_arguments(
+    target: float | None,
+    max_ppl_increase: float | None,
+    policies: Sequence[str],
+    gammas: Sequence[float] | str,
+    batches: Iterable[Any],
+) -> tuple[tuple[str, ...], list[float] | str, list[Any]]:
+    """:func:`calibrate`'s goal, policies, gammas and batches, checked; gammas as a list,
+    largest first (or ``"auto"``), and the batches as a list."""
+    if (target is None) == (max_ppl_increase is None):
+        raise ValueError("calibrate needs exactly one of target= or max_ppl_increase=")
+    if target is not None and not (_positive(target) and target >= 1):
+        raise ValueError(f"target speedup must be a number >= 1, got {target!r}")
+    if max_ppl_increase is not None and not _positive(max_ppl_increase):
+        raise ValueError(f"max_ppl_increase must be a positive number, got {max_ppl_increase!r}")
+    policies = tuple(config.validate("policy", p) for p in policies)
+    if not policies:
+        raise ValueError("calibrate needs at least one policy")
+    if "expanded_drop" in policies:
+        raise ValueError(
+            "calibrate does not search expanded_drop: it changes a layer's output width, fixed "
+            "when the graph is compiled, so it cannot be mixed per layer with other policies"
+        )
+    if gammas != "auto":
+        if isinstance(gammas, str) or not gammas:
+            raise ValueError(f"gammas must be 'auto' or a sequence of numbers, got {gammas!r}")
+        gammas = sorted({float(config.validate("capacity_factor", g)) for g in gammas})[::-1]
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate needs at least one batch")
+    return policies, gammas, batches
+
+
+@dataclass
+class _Combination:
+    """Step 3 of the search, solved once for every budget: per layer, the choices ``(loss
+    increase, max_after, sensitivity row or None for off)``, and the knapsack's answer."""
+
+    choices: dict[str, list[tuple[float, int, Any]]]
+    total_before: int
+    best: list[float]  # least predicted loss increase within b buckets
+    picks: list[list[int]]  # per layer, the choice made at each bucket
+    fastest: int  # the fewest buckets any combination fits in
+    reachable: float  # the largest predicted speedup
+
+    @classmethod
+    def solve(cls, base: _Pass, table: dict[str, list[dict[str, Any]]]) -> _Combination:
+        total_before = sum(base.max_before.values())
+        # the tiny max_after term breaks ties between equal losses towards the faster choice
+        choices = {
+            name: [(0.0, base.max_before[name], None)]
+            + [
+                (r["loss_increase"] + 1e-12 * r["max_after"] / total_before, r["max_after"], r)
+                for r in table[name]
+            ]
+            for name in base.max_before
+        }
+        best, picks = _solve(choices, total_before)
+        fastest = next(i for i, v in enumerate(best) if v < float("inf"))
+        reachable = _BUCKETS / fastest if fastest else float("inf")
+        return cls(choices, total_before, best, picks, fastest, reachable)
+
+    def pick(self, goal: int | None, loss_budget: float | None) -> tuple[dict[str, int], int]:
+        """Each layer's choice (an index into ``choices``) and the bucket it was made at: at
+        ``goal`` buckets, or with ``goal=None`` the fewest buckets within ``loss_budget``."""
+        if goal is None:
+            b = next(i for i, v in enumerate(self.best) if v <= loss_budget)
+        else:
+            b = goal
+        return _backtrack(self.choices, self.picks, b, self.total_before), b
+
+    def layers_of(self, sel: dict[str, int], policies: Sequence[str]) -> dict[str, dict]:
+        """The per-layer options of a selection, as :class:`Calibration` ``layers``."""
+        out = {}
+        for name, idx in sel.items():
+            row = self.choices[name][idx][2]
+            out[name] = (
+                {"capacity_factor": None, "policy": policies[0]}
+                if row is None
+                else {"capacity_factor": row["capacity_factor"], "policy": row["policy"]}
+            )
+        return out
+
+
+def _target_buckets(
+    target: float | None, comb: _Combination, policies: Sequence[str]
+) -> int | None:
+    """The first goal of a ``target`` search, in buckets (``None`` for a quality budget)."""
+    if target is None:
+        return None
+    goal = math.floor(_BUCKETS / target + 1e-9)
+    if goal < comb.fastest:
+        raise ValueError(
+            f"calibrate: target {target}x is out of reach with the gammas tried and "
+            f"policies {list(policies)}: at most {comb.reachable:.3f}x predicted"
+        )
+    return goal
+
+
+def _check_pass(compiled, root: nn.Module, batches, layers: dict[str, dict]) -> _Pass:
+    """Step 4's pass: every layer of ``layers`` configured at once, cleared after."""
+    for name, opts in layers.items():
+        module_config.configure(_submodule(root, name), **opts)
+    res = _run(compiled, batches)
+    for name in layers:
+        module_config.clear(_submodule(root, name))
+    return res
+
+
+def _tighter_goal(bucket: int, speedup: float, target: float, fastest: int) -> int | None:
+    """The next goal of a ``target`` search whose check measured ``speedup`` at ``bucket``,
+    tightened by the shortfall (the layers after a capped one saw other loads); ``None``
+    when the target is met or no combination is faster."""
+    if speedup >= target - 1e-9:
+        return None
+    new_goal = math.floor(bucket * speedup / target)
+    if new_goal >= bucket:
+        new_goal = bucket - 1
+    if new_goal < fastest:
+        return None
+    return new_goal
+
+
+def _tighter_budget(
+    loss_budget: float, predicted: float, measured: float, max_ppl_increase: float
+) -> float | None:
+    """The next predicted-loss budget of a quality search: if the layers together cost more
+    than their sum, shrunk by the overshoot; ``None`` when the check is within budget."""
+    full = math.log1p(max_ppl_increase)
+    if measured <= full or predicted <= 0:
+        return None
+    return min(loss_budget * 0.999, predicted * full / measured)
+
+
+@dataclass
+class _Checked:
+    """Step 4's outcome: the last round's choice, its prediction and its check pass."""
+
+    layers: dict[str, dict[str, Any]]
+    predicted_loss: float
+    predicted_after: dict[str, int]
+    res: _Pass
+    rounds: list[dict[str, Any]]
+
+
+def _check_and_repair(
+    compiled,
+    root: nn.Module,
+    batches: list[Any],
+    base: _Pass,
+    comb: _Combination,
+    *,
+    policies: tuple[str, ...],
+    target: float | None,
+    max_ppl_increase: float | None,
+    repair_rounds: int,
+    say,
+) -> _Checked:
+    """Steps 3 and 4 in rounds: pick a combination, check it with one pass, and (up to
+    ``repair_rounds`` times) tighten the goal and pick again."""
+    loss_budget = None if max_ppl_increase is None else math.log1p(max_ppl_increase)
+    goal = _target_buckets(target, comb, policies)
+    rounds = []
+    while True:
+        sel, bucket = comb.pick(goal, loss_budget)
+        layers = comb.layers_of(sel, policies)
+        predicted_loss = sum(comb.choices[n][i][0] for n, i in sel.items())
+        predicted_after = {n: comb.choices[n][i][1] for n, i in sel.items()}
+        res = _check_pass(compiled, root, batches, layers)
+        speedup = model_speedup(base.max_before, res.max_after)
+        rounds.append(
+            {
+                "layers": layers,
+                "predicted_speedup": model_speedup(base.max_before, predicted_after),
+                "measured_speedup": speedup,
+                "measured_loss_increase": res.loss - base.loss,
+            }
+        )
+        say(f"check: speedup {speedup:.3f}x, d loss {res.loss - base.loss:+.4f}")
+        if len(rounds) > repair_rounds:
+            break
+        if target is None:
+            measured = res.loss - base.loss
+            loss_budget = _tighter_budget(loss_budget, predicted_loss, measured, max_ppl_increase)
+            if loss_budget is None:
+                break
+            continue
+        goal = _tighter_goal(bucket, speedup, target, comb.fastest)
+        if goal is None:
+            break
+    return _Checked(layers, predicted_loss, predicted_after, res, rounds)
+
+
+def _calibration(
+    base: _Pass,
+    table: dict[str, list[dict[str, Any]]],
+    comb: _Combination,
+    checked: _Checked,
+    *,
+    target: float | None,
+    max_ppl_increase: float | None,
+    policies: tuple[str, ...],
+    gammas: list[float] | str,
+    seed: int,
+    stop_loss: float,
+    passes: int,
+    batches: int,
+    t0: float,
+    reused: bool,
+) -> Calibration:
+    """The :class:`Calibration` a finished search returns: the last round's choice, what
+    was predicted and measured, and the search's record (``seconds`` since ``t0``)."""
+    last = checked.rounds[-1]
+    return Calibration(
+        layers=checked.layers,
+        target=target,
+        max_ppl_increase=max_ppl_increase,
+        tokens_per_call=base.tokens_per_call,
+        predicted={
+            "speedup": last["predicted_speedup"],
+            "loss_increase": checked.predicted_loss,
+            "ppl_change": math.expm1(checked.predicted_loss),
+            "max_after": checked.predicted_after,
+        },
+        measured={
+            "loss_off": base.loss,
+            "loss": base.loss + last["measured_loss_increase"],
+            "ppl_change": math.expm1(last["measured_loss_increase"]),
+            "speedup": last["measured_speedup"],
+            "max_before": base.max_before,
+            "max_after": checked.res.max_after,
+            "tokens_scored": base.tokens,
+        },
+        search={
+            "policies": list(policies),
+            "gammas": gammas,
+            "seed": seed,
+            "stop_loss": stop_loss,
+            "forward_passes": passes,
+            "batches": batches,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "max_predicted_speedup": comb.reachable,
+            "reused": reused,
+            "baseline": {
+                "loss": base.loss,
+                "tokens_scored": base.tokens,
+                "tokens_per_call": base.tokens_per_call,
+                "max_before": base.max_before,
+            },
+            "rounds": checked.rounds,
+            "sensitivity": table,
+        },
+    )
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
@@ -548,167 +813,49 @@ def calibrate(
     see the module docstring. Deterministic for fixed inputs and ``seed`` (one compile, no
     timing; the loss is reduced in float64 in a fixed order).
     """
-    if (target is None) == (max_ppl_increase is None):
-        raise ValueError("calibrate needs exactly one of target= or max_ppl_increase=")
-    if target is not None and not (_positive(target) and target >= 1):
-        raise ValueError(f"target speedup must be a number >= 1, got {target!r}")
-    if max_ppl_increase is not None and not _positive(max_ppl_increase):
-        raise ValueError(f"max_ppl_increase must be a positive number, got {max_ppl_increase!r}")
-    policies = tuple(config.validate("policy", p) for p in policies)
-    if not policies:
-        raise ValueError("calibrate needs at least one policy")
-    if "expanded_drop" in policies:
-        raise ValueError(
-            "calibrate does not search expanded_drop: it changes a layer's output width, fixed "
-            "when the graph is compiled, so it cannot be mixed per layer with other policies"
-        )
-    if gammas != "auto":
-        if isinstance(gammas, str) or not gammas:
-            raise ValueError(f"gammas must be 'auto' or a sequence of numbers, got {gammas!r}")
-        gammas = sorted({float(config.validate("capacity_factor", g)) for g in gammas})[::-1]
-    batches = list(batches)
-    if not batches:
-        raise ValueError("calibrate needs at least one batch")
+    policies, gammas, batches = _check_arguments(
+        target, max_ppl_increase, policies, gammas, batches
+    )
     t0 = time.perf_counter()
     root = _unwrap(model)
     if compiled is None:
         compiled = torch.compile(root, backend="capmoe", dynamic=False)
-    passes = 0
 
-    def say(msg: str) -> None:
-        if progress:
-            print(f"[calibrate {time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
-
+    say = _reporter(progress, t0)
     with _own_overrides(root), config.patch(capacity_factor=None, seed=seed):
         if reuse is not None:
             base, table = _reused(reuse, policies, gammas, batches)
+            passes = 0
         else:
-            base, table, n = _measure(compiled, root, batches, policies, gammas, stop_loss, say)
-            passes += n
-        names = list(base.max_before)
-
-        total_before = sum(base.max_before.values())
-        choices = {
-            name: [(0.0, base.max_before[name], None)]
-            + [
-                (r["loss_increase"] + 1e-12 * r["max_after"] / total_before, r["max_after"], r)
-                for r in table[name]
-            ]
-            for name in names
-        }
-        best, picks = _solve(choices, total_before)
-        fastest = next(i for i, v in enumerate(best) if v < float("inf"))
-        reachable = _BUCKETS / fastest if fastest else float("inf")
-
-        loss_budget = None if max_ppl_increase is None else math.log1p(max_ppl_increase)
-
-        def pick(goal_buckets: int | None) -> tuple[dict[str, int], int]:
-            if goal_buckets is None:  # quality budget: the fewest buckets within it
-                b = next(i for i, v in enumerate(best) if v <= loss_budget)
-            else:
-                b = goal_buckets
-            return _backtrack(choices, picks, b, total_before), b
-
-        def layers_of(sel: dict[str, int]) -> dict[str, dict[str, Any]]:
-            out = {}
-            for name, idx in sel.items():
-                row = choices[name][idx][2]
-                out[name] = (
-                    {"capacity_factor": None, "policy": policies[0]}
-                    if row is None
-                    else {"capacity_factor": row["capacity_factor"], "policy": row["policy"]}
-                )
-            return out
-
-        goal = None
-        if target is not None:
-            goal = math.floor(_BUCKETS / target + 1e-9)
-            if goal < fastest:
-                raise ValueError(
-                    f"calibrate: target {target}x is out of reach with the gammas tried and "
-                    f"policies {list(policies)}: at most {reachable:.3f}x predicted"
-                )
-        rounds = []
-        while True:
-            sel, bucket = pick(goal)
-            layers = layers_of(sel)
-            predicted_loss = sum(choices[n][i][0] for n, i in sel.items())
-            predicted_after = {n: choices[n][i][1] for n, i in sel.items()}
-            for name, opts in layers.items():
-                module_config.configure(_submodule(root, name), **opts)
-            res = _run(compiled, batches)
-            passes += 1
-            for name in layers:
-                module_config.clear(_submodule(root, name))
-            speedup = model_speedup(base.max_before, res.max_after)
-            rounds.append(
-                {
-                    "layers": layers,
-                    "predicted_speedup": model_speedup(base.max_before, predicted_after),
-                    "measured_speedup": speedup,
-                    "measured_loss_increase": res.loss - base.loss,
-                }
+            base, table, passes = _measure(
+                compiled, root, batches, policies, gammas, stop_loss, say
             )
-            say(f"check: speedup {speedup:.3f}x, d loss {res.loss - base.loss:+.4f}")
-            if len(rounds) > repair_rounds:
-                break
-            if target is None:
-                # quality budget: if the layers together cost more than their sum, shrink the
-                # predicted budget by the overshoot
-                measured = res.loss - base.loss
-                full = math.log1p(max_ppl_increase)
-                if measured <= full or predicted_loss <= 0:
-                    break
-                loss_budget = min(loss_budget * 0.999, predicted_loss * full / measured)
-                continue
-            if speedup >= target - 1e-9:
-                break
-            # tighten by the shortfall (the layers after a capped one saw other loads)
-            new_goal = math.floor(bucket * speedup / target)
-            if new_goal >= bucket:
-                new_goal = bucket - 1
-            if new_goal < fastest:
-                break
-            goal = new_goal
-
-    cal_tokens = base.tokens
-    return Calibration(
-        layers=layers,
+        comb = _Combination.solve(base, table)
+        checked = _check_and_repair(
+            compiled,
+            root,
+            batches,
+            base,
+            comb,
+            policies=policies,
+            target=target,
+            max_ppl_increase=max_ppl_increase,
+            repair_rounds=repair_rounds,
+            say=say,
+        )
+    return _calibration(
+        base,
+        table,
+        comb,
+        checked,
         target=target,
         max_ppl_increase=max_ppl_increase,
-        tokens_per_call=base.tokens_per_call,
-        predicted={
-            "speedup": rounds[-1]["predicted_speedup"],
-            "loss_increase": predicted_loss,
-            "ppl_change": math.expm1(predicted_loss),
-            "max_after": predicted_after,
-        },
-        measured={
-            "loss_off": base.loss,
-            "loss": base.loss + rounds[-1]["measured_loss_increase"],
-            "ppl_change": math.expm1(rounds[-1]["measured_loss_increase"]),
-            "speedup": rounds[-1]["measured_speedup"],
-            "max_before": base.max_before,
-            "max_after": res.max_after,
-            "tokens_scored": cal_tokens,
-        },
-        search={
-            "policies": list(policies),
-            "gammas": gammas,
-            "seed": seed,
-            "stop_loss": stop_loss,
-            "forward_passes": passes,
-            "batches": len(batches),
-            "seconds": round(time.perf_counter() - t0, 2),
-            "max_predicted_speedup": reachable,
-            "reused": reuse is not None,
-            "baseline": {
-                "loss": base.loss,
-                "tokens_scored": base.tokens,
-                "tokens_per_call": base.tokens_per_call,
-                "max_before": base.max_before,
-            },
-            "rounds": rounds,
-            "sensitivity": table,
-        },
+        policies=policies,
+        gammas=gammas,
+        seed=seed,
+        stop_loss=stop_loss,
+        passes=passes + len(checked.rounds),
+        batches=len(batches),
+        t0=t0,
+        reused=reuse is not None,
     )
