@@ -29,6 +29,7 @@ Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (that is how CI test
 """
 
 import types
+from typing import NamedTuple
 
 import torch
 from torch.library import wrap_triton
@@ -391,36 +392,23 @@ def _bias_strides(b: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if b is None else (b.stride(0), b.stride(1))
 
 
-def _impl(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    params: list[torch.Tensor],
-    form: str,
-) -> torch.Tensor:
-    f = ExpertForm.from_str(form)
-    p = dict(zip(f.roles, params, strict=True))
-    T, H = x.shape
-    k_slots = ids.shape[1]
-    E = params[0].shape[0]
-    N = T * k_slots
-    if N == 0:
-        return x.new_zeros(T, H)
-    cfg = pick_config(N, E)
-    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    prec = _precision(x.dtype)
-    # Triton's interpreter multiplies the raw bit patterns in a bf16 tl.dot (it stores bf16 as
-    # uint16; triton-lang/triton#11584, "not supported yet"): there, the operands go to fp32
-    # first, which gives the same products as the GPU's bf16 dot with an fp32 accumulator.
-    dot_f32 = interpreted() and x.dtype == torch.bfloat16
+class _Operands(NamedTuple):
+    """An expert form's parameters as kernel operands: every weight as its logical
+    ``[E, in, out]`` view, the biases (``None`` where the form has none) and the experts'
+    intermediate width ``F``. A fused ``gate_up`` becomes two column slices; without a gate,
+    ``wg`` is ``wu`` (never read)."""
 
-    ids = ids.contiguous()
-    rw = weights.contiguous().reshape(-1)
-    slot_pair, block_expert = align_by_expert(ids, E, BM)
-    S = slot_pair.shape[0]
+    wg: torch.Tensor
+    wu: torch.Tensor
+    bg: torch.Tensor | None
+    bu: torch.Tensor | None
+    wd: torch.Tensor
+    bd: torch.Tensor | None
+    F: int
 
-    # gate / up as [E, in, out] views; a fused gate_up is split into two column slices
+
+def _operands(f: ExpertForm, p: dict[str, torch.Tensor]) -> _Operands:
+    """The kernel operands of form ``f`` with parameters ``p`` (by role): views only."""
     bg = bu = None
     if "gate_up" in f.roles:
         wgu = _logical(p["gate_up"], "gate_up" in f.transposed)
@@ -441,47 +429,124 @@ def _impl(
         Fd = wu.shape[2]
         bu = p.get("b_up")
     wd = _logical(p["down"], "down" in f.transposed)
-    bd = p.get("b_down")
+    return _Operands(wg, wu, bg, bu, wd, p.get("b_down"), Fd)
 
-    # wrap_triton makes each launch visible to make_fx / Inductor (a triton_kernel_wrapper
-    # node); in eager, triton_op turns it off and the kernels launch directly.
-    h = torch.empty(S, Fd, dtype=x.dtype, device=x.device)
-    grid1 = (S // BM, triton.cdiv(Fd, BN))
-    wrap_triton(_gate_up_kernel)[grid1](
-        x, wg, wu, _or(bg, wu), _or(bu, wu), h, slot_pair, block_expert,
-        N, k_slots, H, Fd, E,
+
+class _Slots(NamedTuple):
+    """What the two GEMM launches share: the slot layout of :func:`align_by_expert`, the
+    sizes, the tile config and how ``tl.dot`` runs."""
+
+    slot_pair: torch.Tensor
+    block_expert: torch.Tensor
+    num_pairs: int
+    num_experts: int
+    cfg: dict[str, int]
+    precision: str
+    dot_f32: bool
+
+    def tiles(self) -> dict[str, int]:
+        """The block sizes and launch options, as kernel keyword arguments."""
+        c = self.cfg
+        return dict(
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+            num_warps=c["num_warps"], num_stages=c["num_stages"],
+        )  # fmt: skip
+
+    def grid(self, cols: int) -> tuple[int, int]:
+        """One program per block of slots and per ``BLOCK_N`` output columns."""
+        return (
+            self.slot_pair.shape[0] // self.cfg["BLOCK_M"],
+            triton.cdiv(cols, self.cfg["BLOCK_N"]),
+        )
+
+
+# wrap_triton makes each launch visible to make_fx / Inductor (a triton_kernel_wrapper node);
+# in eager, triton_op turns it off and the kernels launch directly.
+
+
+def _launch_gate_up(
+    x: torch.Tensor, w: _Operands, f: ExpertForm, k_slots: int, s: _Slots
+) -> torch.Tensor:
+    """Step 2: ``h [slots, F]``, the activation of each slot's token row (see the module
+    docstring)."""
+    h = torch.empty(s.slot_pair.shape[0], w.F, dtype=x.dtype, device=x.device)
+    wg, wu, bg, bu = w.wg, w.wu, w.bg, w.bu
+    wrap_triton(_gate_up_kernel)[s.grid(w.F)](
+        x, wg, wu, _or(bg, wu), _or(bu, wu), h, s.slot_pair, s.block_expert,
+        s.num_pairs, k_slots, x.shape[1], w.F, s.num_experts,
         x.stride(0), x.stride(1),
         wg.stride(0), wg.stride(1), wg.stride(2),
         wu.stride(0), wu.stride(1), wu.stride(2),
         *_bias_strides(bg), *_bias_strides(bu),
         h.stride(0), h.stride(1),
         GATED=f.gated, HAS_BIAS_G=bg is not None, HAS_BIAS_U=bu is not None,
-        ACT=_ACT_IDS[f.act], PRECISION=prec, DOT_F32=dot_f32,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **launch,
+        ACT=_ACT_IDS[f.act], PRECISION=s.precision, DOT_F32=s.dot_f32, **s.tiles(),
     )  # fmt: skip
+    return h
 
-    y = torch.empty(N, H, dtype=x.dtype, device=x.device)
-    grid2 = (S // BM, triton.cdiv(H, BN))
-    wrap_triton(_down_kernel)[grid2](
-        h, wd, _or(bd, wd), rw, y, slot_pair, block_expert,
-        N, Fd, H, E,
+
+def _launch_down(
+    h: torch.Tensor, w: _Operands, rw: torch.Tensor, H: int, s: _Slots
+) -> torch.Tensor:
+    """Step 3: ``y [N, H]``, each pair's expert output times its routing weight ``rw``."""
+    y = torch.empty(s.num_pairs, H, dtype=h.dtype, device=h.device)
+    wd, bd = w.wd, w.bd
+    wrap_triton(_down_kernel)[s.grid(H)](
+        h, wd, _or(bd, wd), rw, y, s.slot_pair, s.block_expert,
+        s.num_pairs, w.F, H, s.num_experts,
         h.stride(0), h.stride(1),
         wd.stride(0), wd.stride(1), wd.stride(2),
         *_bias_strides(bd),
         y.stride(0), y.stride(1),
-        HAS_BIAS=bd is not None, PRECISION=prec, DOT_F32=dot_f32,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **launch,
+        HAS_BIAS=bd is not None, PRECISION=s.precision, DOT_F32=s.dot_f32, **s.tiles(),
     )  # fmt: skip
+    return y
 
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    grid3 = (triton.cdiv(T, COMBINE_BLOCK_T), triton.cdiv(H, COMBINE_BLOCK_H))
-    wrap_triton(_combine_kernel)[grid3](
+
+def _launch_combine(y: torch.Tensor, ids: torch.Tensor, T: int, E: int) -> torch.Tensor:
+    """Step 4: ``out [T, H]``, the sum of each token's kept rows of ``y``."""
+    k_slots, H = ids.shape[1], y.shape[1]
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    grid = (triton.cdiv(T, COMBINE_BLOCK_T), triton.cdiv(H, COMBINE_BLOCK_H))
+    wrap_triton(_combine_kernel)[grid](
         y, ids, out,
         T, k_slots, H, E,
         y.stride(0), y.stride(1), out.stride(0), out.stride(1),
         BLOCK_T=COMBINE_BLOCK_T, BLOCK_H=COMBINE_BLOCK_H, num_warps=4,
     )  # fmt: skip
     return out
+
+
+def _impl(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    params: list[torch.Tensor],
+    form: str,
+) -> torch.Tensor:
+    f = ExpertForm.from_str(form)
+    p = dict(zip(f.roles, params, strict=True))
+    T, H = x.shape
+    k_slots = ids.shape[1]
+    E = params[0].shape[0]
+    N = T * k_slots
+    if N == 0:
+        return x.new_zeros(T, H)
+    cfg = pick_config(N, E)
+    prec = _precision(x.dtype)
+    # Triton's interpreter multiplies the raw bit patterns in a bf16 tl.dot (it stores bf16 as
+    # uint16; triton-lang/triton#11584, "not supported yet"): there, the operands go to fp32
+    # first, which gives the same products as the GPU's bf16 dot with an fp32 accumulator.
+    dot_f32 = interpreted() and x.dtype == torch.bfloat16
+
+    ids = ids.contiguous()
+    rw = weights.contiguous().reshape(-1)
+    slot_pair, block_expert = align_by_expert(ids, E, cfg["BLOCK_M"])
+    s = _Slots(slot_pair, block_expert, N, E, cfg, prec, dot_f32)
+    w = _operands(f, p)
+    h = _launch_gate_up(x, w, f, k_slots, s)
+    y = _launch_down(h, w, rw, H, s)
+    return _launch_combine(y, ids, T, E)
 
 
 if HAS_TRITON:
