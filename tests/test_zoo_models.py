@@ -45,7 +45,11 @@ def test_family_builds_and_runs(family):
 
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_family_is_deterministic_by_seed(family):
-    a, b, c = _build(family), _build(family), _build(family, seed=1)
+    # built from scratch each time: zoo.build keeps small models and hands out copies
+    zoo.clear_build_cache()
+    a = _build(family)
+    zoo.clear_build_cache()
+    b, c = _build(family), _build(family, seed=1)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -60,6 +64,7 @@ def test_build_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
+    zoo.clear_build_cache()  # a real build, not a copy of a kept one
     zoo.build("mixtral")
     assert torch.equal(torch.rand(3), expected)
 
@@ -136,6 +141,18 @@ def test_bf16_build():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     with torch.no_grad():
         assert torch.isfinite(model(_ids(model)).logits.float()).all()
+
+
+def test_build_hands_out_copies():
+    a = zoo.build("mixtral")
+    with torch.no_grad():
+        next(a.parameters()).add_(1.0)
+    b = zoo.build("mixtral")
+    assert b is not a and not torch.equal(next(a.parameters()), next(b.parameters()))
+    zoo.clear_build_cache()
+    sa, sb = b.state_dict(), zoo.build("mixtral").state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # the copy is the model built afresh
+    assert torch.equal(b.zoo_shared_direction, zoo.build("mixtral").zoo_shared_direction)
 
 
 def test_unknown_family():

@@ -16,6 +16,7 @@ Random routers are nearly balanced; trained ones are not (the straggler effect t
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -31,6 +32,7 @@ __all__ = [
     "MoELayer",
     "PLAIN_KINDS",
     "build",
+    "clear_build_cache",
     "expert_loads",
     "load_ratio",
     "moe_layers",
@@ -265,11 +267,50 @@ def build(
     The same arguments give bit-identical weights (the global RNG is left as it was).
     ``skew`` is the strength given to :func:`skew_router_` (``None`` or 0: balanced routing).
     ``experts_implementation`` is ``"grouped_mm"``, ``"batched_mm"`` or ``"eager"``.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
 
+    Every call returns a new model. Small models are built once per process and deep-copied
+    afterwards (the skew calibration runs a 1024-token forward); :func:`clear_build_cache`
+    forgets them, so that a test of the build itself builds afresh.
+    """
     if family not in _FAMILY_KWARGS:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    key = (family, experts_implementation, num_layers, hidden, ffn, num_experts, top_k, vocab)
+    key += (seed, skew, dtype)
+    model = _BUILT.get(key)
+    if model is None:
+        args = (experts_implementation, num_layers, hidden, ffn, num_experts, top_k, vocab)
+        model = _build(family, *args, seed, skew, dtype)
+        if sum(p.numel() for p in model.parameters()) > _CACHE_MAX_PARAMS:
+            return model
+        _BUILT[key] = model
+    return copy.deepcopy(model)
+
+
+#: Pristine models :func:`build` made, by its arguments (never handed out: callers get copies).
+_BUILT: dict[tuple, nn.Module] = {}
+_CACHE_MAX_PARAMS = 1 << 20
+
+
+def clear_build_cache() -> None:
+    """Forget the models :func:`build` kept: the next call of each builds from scratch."""
+    _BUILT.clear()
+
+
+def _build(
+    family,
+    experts_implementation,
+    num_layers,
+    hidden,
+    ffn,
+    num_experts,
+    top_k,
+    vocab,
+    seed,
+    skew,
+    dtype,
+) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     kwargs = _FAMILY_KWARGS[family](hidden, ffn, num_experts, top_k, num_layers, vocab)
     config = AutoConfig.for_model(family, **kwargs)
     with torch.random.fork_rng(devices=[]):
