@@ -33,6 +33,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),  # squared ReLU (Primer, Nemotron-H)
 }
 
 
@@ -50,6 +51,21 @@ class ExpertForm:
     transposed: tuple[str, ...] = ()
     gate_first: bool = True  # for gate_up: which half is the gate
     stacked: bool = True  # params carry a leading expert dim; else per-expert concatenation
+    # Clamped / scaled gating (GPT-OSS): gate and up alternate columns of gate_up
+    # (``interleaved``), the gate is clamped to at most ``limit`` and up to [-limit, limit],
+    # the activation is ``g * sigmoid(alpha * g)`` (act "silu" only) and multiplies
+    # ``up + up_shift``. The defaults are the plain gated MLP.
+    interleaved: bool = False
+    limit: float | None = None
+    alpha: float = 1.0
+    up_shift: float = 0.0
+
+    @property
+    def plain_gate(self) -> bool:
+        """No clamp, scale, shift or interleaving: what every lowering handles."""
+        return (
+            not self.interleaved and self.limit is None and self.alpha == 1.0 and not self.up_shift
+        )
 
     @property
     def gated(self) -> bool:
@@ -67,12 +83,25 @@ class ExpertForm:
             transposed=tuple(d["transposed"]),
             gate_first=d["gate_first"],
             stacked=d["stacked"],
+            interleaved=d.get("interleaved", False),
+            limit=d.get("limit"),
+            alpha=d.get("alpha", 1.0),
+            up_shift=d.get("up_shift", 0.0),
         )
 
     def describe(self) -> str:
         kind = "swiglu" if self.gated and self.act == "silu" else ("glu" if self.gated else "mlp")
         bias = "+bias" if any(r.startswith("b_") for r in self.roles) else ""
-        return f"{kind}({self.act}){bias}"
+        extra = []
+        if self.interleaved:
+            extra.append("interleaved")
+        if self.limit is not None:
+            extra.append(f"limit {self.limit:g}")
+        if self.alpha != 1.0:
+            extra.append(f"alpha {self.alpha:g}")
+        if self.up_shift:
+            extra.append(f"up+{self.up_shift:g}")
+        return f"{kind}({self.act}){bias}" + (f"[{', '.join(extra)}]" if extra else "")
 
     def expert_params(self, params: list[torch.Tensor], e: int) -> dict[str, torch.Tensor]:
         n = len(self.roles)
@@ -101,12 +130,23 @@ class ExpertForm:
         the activation's buffer), or a plain MLP; then down."""
         act = act or ACTIVATIONS[self.act]
         if "gate_up" in self.roles:
-            a, b = project("gate_up", x).chunk(2, dim=split_dim)
+            h = project("gate_up", x)
+            if self.interleaved:  # gate, up, gate, up, ... along split_dim
+                pair = split_dim + 1 if split_dim >= 0 else split_dim
+                a, b = h.unflatten(split_dim, (-1, 2)).unbind(pair)
+            else:
+                a, b = h.chunk(2, dim=split_dim)
             g, u = (a, b) if self.gate_first else (b, a)
         elif "gate" in self.roles:
             g, u = project("gate", x), project("up", x)
         else:
             return project("down", act(project("up", x)))
+        if not self.plain_gate:
+            if self.limit is not None:
+                g = g.clamp(max=self.limit)
+                u = u.clamp(min=-self.limit, max=self.limit)
+            a = g * torch.sigmoid(g * self.alpha) if self.alpha != 1.0 else act(g)
+            return project("down", a * (u + self.up_shift) if self.up_shift else a * u)
         return project("down", act(g).mul_(u) if inplace else act(g) * u)
 
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -66,3 +66,64 @@ def test_softmax_bias_router_matched_p_is_the_softmax():
         want = m.experts(xf, ids2, w2).view_as(x)
     torch._dynamo.reset()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# --- expert forms: clamped / interleaved GPT-OSS gating, squared ReLU -------------------------
+
+
+def _passes_reports(module, x):
+    from benchmarks.coverage import PassesBackend
+
+    be = PassesBackend()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(module, backend=be)(x)
+        want = module(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    return be.reports
+
+
+def test_clamped_gating_form_keeps_the_clamp():
+    """At small activations the clamp of GPT-OSS gating never binds, so an unclamped form
+    reproduces the real selection too; the verifier's large-activation trial rejects it and
+    the form holds the region's own limit."""
+    import moe_styles
+
+    m = moe_styles.build("gptoss_clamped_swiglu")
+    (rep,) = _passes_reports(m, moe_styles.hidden(m))
+    assert rep.matched, rep.reason
+    assert "interleaved" in rep.experts and f"limit {m.limit:g}" in rep.experts, rep.experts
+    assert f"alpha {m.alpha:g}" in rep.experts and "up+1" in rep.experts, rep.experts
+
+
+def test_squared_relu_form():
+    import moe_styles
+
+    m = moe_styles.build("squared_relu")
+    (rep,) = _passes_reports(m, moe_styles.hidden(m))
+    assert rep.matched and rep.experts == "mlp(relu2)", (rep.experts, rep.reason)
+
+
+def test_interleaved_split_dims_agree():
+    """The CPU op runs the MLP on transposed rows (``split_dim=0``): interleaved gate/up must
+    pick the same columns there as on rows (``split_dim=-1``)."""
+    from capmoe_compile.experts import ExpertForm
+
+    form = ExpertForm(("gate_up", "down"), "silu", (), True, True, True, 7.0, 1.702, 1.0)
+    torch.manual_seed(0)
+    x, wgu, wd = torch.randn(5, H), torch.randn(2 * FF, H), torch.randn(H, FF)
+    w = {"gate_up": wgu, "down": wd}
+
+    def rows(role, h):
+        return h @ w[role].t()
+
+    def cols(role, h):  # h is [in, n]: W @ h
+        return w[role] @ h
+
+    a = form.mlp(x, rows)
+    b = form.mlp(x.t(), cols, split_dim=0).t()
+    torch.testing.assert_close(a, b)
+    g, u = (x @ wgu.t())[:, ::2], (x @ wgu.t())[:, 1::2]
+    g, u = g.clamp(max=7.0), u.clamp(-7.0, 7.0)
+    torch.testing.assert_close(a, ((u + 1) * (g * torch.sigmoid(g * 1.702))) @ wd.t())

@@ -74,7 +74,7 @@ CONFIGS: dict[str, dict[str, int]] = {
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
 COMBINE_BLOCK_T, COMBINE_BLOCK_H = 16, 128
 
-_ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+_ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
 assert set(_ACT_IDS) == set(ACTIVATIONS)
 
 
@@ -104,7 +104,7 @@ def supports(form: ExpertForm, dtype: torch.dtype, device: torch.device | str) -
     parameters, fp32/bf16/fp16, a CUDA device (or a CPU tensor under the interpreter)."""
     if not HAS_TRITON or not form.stacked or dtype not in SUPPORTED_DTYPES:
         return False
-    if form.act not in _ACT_IDS:
+    if form.act not in _ACT_IDS or not form.plain_gate:  # clamped/interleaved gating: traced
         return False
     dev = torch.device(device)
     return dev.type == "cuda" or (dev.type == "cpu" and interpreted())
@@ -125,8 +125,11 @@ def _activation(g, ACT: tl.constexpr):
     elif ACT == 2:  # gelu, tanh approximation; tanh(z) = 2 * sigmoid(2z) - 1
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         return g * tl.sigmoid(2.0 * z)  # 0.5 * g * (1 + tanh(z)) == g * sigmoid(2z)
-    else:  # relu
+    elif ACT == 3:  # relu
         return tl.maximum(g, 0.0)
+    else:  # squared relu
+        r = tl.maximum(g, 0.0)
+        return r * r
 
 
 @triton.jit

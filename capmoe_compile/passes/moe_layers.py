@@ -435,8 +435,41 @@ def _extract(region: Region) -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), g)
 
 
-def _candidate_forms(params: list[torch.Tensor], H: int) -> list[ExpertForm]:
-    """Every expert form the parameter shapes admit (stacked parameters, leading dim E)."""
+def _gate_variants(nodes: list[fx.Node]) -> list[tuple[float | None, float]]:
+    """Clamp limits and gate scales the region's own code holds, as (limit, alpha) pairs for
+    the clamped/scaled gating forms (GPT-OSS: ``clamp(max=7)``, ``sigmoid(g * 1.702)``).
+
+    Only candidates: a form built from them passes only if it reproduces the region."""
+    limits: set[float | None] = {None}
+    alphas: set[float] = {1.0}
+    for n in nodes:
+        name = str(getattr(n.target, "__name__", n.target))
+        if name in ("clamp", "clip", "clamp_max"):
+            for v in (*n.args[1:], *n.kwargs.values()):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    limits.add(abs(float(v)))
+        elif name in ("mul", "__mul__"):
+            for v in n.args:
+                if isinstance(v, float) and v not in (0.0, 1.0):
+                    alphas.add(v)
+    # The region's own constants first: a trial whose activations never reach a clamp cannot
+    # tell a clamped form from an unclamped one (the "large" trial tries to), and the form
+    # built from what the code holds is the faithful one.
+    out = [
+        (lim, a)
+        for lim in sorted(limits, key=lambda v: 0 if v is None else -v)
+        for a in sorted(alphas, key=lambda v: v == 1.0)
+    ]
+    return out[:16]  # a handful of constants in any real expert
+
+
+def _candidate_forms(
+    params: list[torch.Tensor], H: int, gates: list[tuple[float | None, float]] = ()
+) -> list[ExpertForm]:
+    """Every expert form the parameter shapes admit (stacked parameters, leading dim E).
+
+    ``gates``: (limit, alpha) pairs for clamped/scaled gated forms (:func:`_gate_variants`),
+    tried after the plain forms, with gate/up interleaved or split and ``up`` shifted by 0 or 1."""
     mats = [i for i, p in enumerate(params) if p.dim() == 3]
     vecs = [i for i, p in enumerate(params) if p.dim() == 2]
     if len(mats) not in (2, 3) or len(vecs) > len(mats):
@@ -470,9 +503,31 @@ def _candidate_forms(params: list[torch.Tensor], H: int) -> list[ExpertForm]:
                     by_index = dict(zip(order, names, strict=True))
                     full = tuple(by_index[i] for i in range(len(params)))
                     transposed = tuple(r for r, t in zip(roles, trs, strict=True) if t)
+                    gfs = (True, False) if "gate_up" in roles else (True,)
                     for act in ACTIVATIONS:
-                        for gf in (True, False) if "gate_up" in roles else (True,):
+                        for gf in gfs:
                             forms.append(ExpertForm(full, act, transposed, gf, True))
+                    if "down" not in roles or not ({"gate_up", "gate"} & set(roles)):
+                        continue
+                    for limit, alpha in gates:
+                        for inter in (False, True) if "gate_up" in roles else (False,):
+                            for shift in (0.0, 1.0):
+                                if limit is None and alpha == 1.0 and not inter and not shift:
+                                    continue  # the plain form, above
+                                for gf in gfs:
+                                    forms.append(
+                                        ExpertForm(
+                                            full,
+                                            "silu",
+                                            transposed,
+                                            gf,
+                                            True,
+                                            inter,
+                                            limit,
+                                            alpha,
+                                            shift,
+                                        )
+                                    )
     return forms
 
 
@@ -541,6 +596,9 @@ def _trials(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, E: int) -> list
         _Trial("halves", x, sel(half), skew_w),
         _Trial("halves swapped", x, sel(swapped), skew_w),
     ]
+    # activations well past any clamp or saturation of the expert's gating (GPT-OSS clamps
+    # at 7): forms that differ only there are told apart
+    out.append(_Trial("large", x * 32, ids, w))
     for what, perm in (
         ("reversed", torch.arange(T).flip(0)),
         ("shuffled", torch.randperm(T, generator=gen)),
@@ -616,7 +674,8 @@ def _identify_form(region: Region, values: dict[fx.Node, Any]) -> ExpertForm:
     real = trials["real"]
     screen = torch.arange(min(x.shape[0], 16))
     passing: list[tuple[float, ExpertForm]] = []
-    for form in _candidate_forms(stacked if per_expert else params, x.shape[1]):
+    gates = _gate_variants(region.expert_nodes)
+    for form in _candidate_forms(stacked if per_expert else params, x.shape[1], gates):
         if per_expert:  # the same roles, read off each expert's own tensors
             form = dataclasses.replace(form, stacked=False)
         try:
@@ -638,7 +697,10 @@ def _identify_form(region: Region, values: dict[fx.Node, Any]) -> ExpertForm:
     if passing:
         # in bf16 close forms (gelu / gelu-tanh) may both pass: the closest one
         return min(passing, key=lambda p: p[0])[1]
-    raise Unmatched("no known expert form (SwiGLU/GLU/MLP, silu/gelu/relu) reproduces the experts")
+    raise Unmatched(
+        "no known expert form (SwiGLU/GLU/MLP; silu/gelu/relu/relu2; clamped/interleaved "
+        "GPT-OSS gating) reproduces the experts"
+    )
 
 
 def _stack_per_expert(params: list[torch.Tensor], E: int) -> list[torch.Tensor] | None:
@@ -800,6 +862,7 @@ def rewrite_moe_layers(
         reports.append(rep)
     routers.strip_declared(graph)
     _erase_dead(graph, touched)
+    _check_no_stale_reads(graph, example)
     graph.lint()
     gm.recompile()
     return reports
@@ -877,6 +940,29 @@ def _rewrite_layer(
     layer = pipeline.register_layer(handle)
     plan = _plan(graph, region, rep.name, form, params, layer, handle.width(opts), seq, mask)
     rep.lowering = _rewrite(graph, region, plan)
+
+
+def _check_no_stale_reads(graph: fx.Graph, example: dict[fx.Node, Any]) -> None:
+    """Raise if the graph still reads expert parameters someone changed after verifying them
+    (``pipeline.known_form``: expert parallelism empties the weights it shards). Only a
+    rewritten layer may use them; any other reader (a layer the passes left, an expert MLP
+    Dynamo compiled in a graph of its own after a graph break) would compute with weights
+    that are gone."""
+    stale = [
+        n.name
+        for n in graph.nodes
+        if n.op in ("placeholder", "get_attr")
+        and n.users
+        and isinstance(example.get(n), torch.Tensor)
+        and pipeline.known_form([example[n]]) is not None
+    ]
+    if stale:
+        raise RuntimeError(
+            f"capmoe: this graph reads expert weights that were sharded or changed after "
+            f"verification ({', '.join(stale)}) outside a rewritten MoE layer: the layer's "
+            "router and experts must be in one graph the passes rewrite (see "
+            "capmoe_compile.explain for graph breaks and the reasons layers were left)"
+        )
 
 
 def _refusal(e: Exception) -> str:
