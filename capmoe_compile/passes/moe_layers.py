@@ -897,7 +897,7 @@ def _find_layers(
         name = _site_name(site.node)
         match = routers.match_router(site)
         if match is None:
-            why = "top-k over scores no router pattern recognises"
+            why = "top-k over scores no router pattern recognises" + _scores_origin(site)
             reports.append(LayerReport(name, False, why, site.num_experts, site.k))
             continue
         try:
@@ -963,6 +963,16 @@ def _check_no_stale_reads(graph: fx.Graph, example: dict[fx.Node, Any]) -> None:
             "router and experts must be in one graph the passes rewrite (see "
             "capmoe_compile.explain for graph breaks and the reasons layers were left)"
         )
+
+
+def _scores_origin(site: routers.TopKSite) -> str:
+    """What computed the scores a top-k ranked, for the reason a site is left: a router's
+    scores come from a softmax or sigmoid over experts (or their logits); an attention
+    indexer's or a product-key lookup's from something else, and saying which tells them
+    apart."""
+    n = routers._skip_value_preserving(site.scores)
+    op = getattr(n.target, "__name__", str(n.target)) if n.op != "placeholder" else "an input"
+    return f" (the ranked scores [.., {site.num_experts}] come from {op}, k={site.k})"
 
 
 def _refusal(e: Exception) -> str:
