@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from capmoe_compile import config
+from capmoe_compile.bridge import capture_context
 from capmoe_compile.distributed import EPInfo, expert_parallel, layers, route_group
 from capmoe_compile.routing import capacity
 from capmoe_compile.testing import zoo
@@ -84,6 +85,9 @@ def passes_only(gm, example_inputs):
 
     run_passes(gm, example_inputs, {})
     return gm.forward
+
+
+passes_only.backend_ctx_ctor = capture_context  # the capmoe backend's graph-break bridges
 
 
 def _split(batch, rank, sizes):
@@ -432,6 +436,35 @@ def _w_own_names(rank, world):
     _compare_policies(rank, ep, single, x, x_all, [3, 1])
 
 
+def _w_modulelist(rank, world):
+    """Experts as an nn.ModuleList, looped over with torch.where: each rank keeps its own
+    experts' modules; compiled EP == single device; eager calls raise."""
+    build = lambda: zoo.skew_router_(zoo.plain_moe("modulelist_loop", hidden=H, ffn=F))  # noqa: E731
+    model, ref = build(), build()
+    x_all = torch.randn(4, 5, H, generator=torch.Generator().manual_seed(3))
+    expert_parallel(model, example_inputs=(x_all[:1],))
+    ep_layer = layers()[model.experts._capmoe_ep_key]  # the ModuleList holds them
+    assert not ep_layer.form.stacked
+    n = len(ep_layer.form.roles)
+    assert len(ep_layer.local) == n * ep_layer.info.num_local
+    x = _split(x_all, rank, [2, 2])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="sharded by expert_parallel"):
+        model(x)
+    torch._dynamo.reset()
+    single = torch.compile(ref, backend=passes_only, dynamic=False)
+    ep = torch.compile(model, backend=passes_only, dynamic=False)
+    _compare_policies(rank, ep, single, x, x_all, [2, 2])
+    # Without the graph-break bridge each expert MLP is a graph of its own, which would read
+    # the emptied weights: the passes refuse to compile it (no silent garbage).
+    torch._dynamo.reset()
+
+    def no_bridge(gm, example_inputs):
+        return passes_only(gm, example_inputs)
+
+    with torch.no_grad(), pytest.raises(Exception, match="sharded or changed after"):
+        torch.compile(model, backend=no_bridge, dynamic=False)(x)
+
+
 def _w_mismatch(rank, world):
     block, model = _block()
     expert_parallel(block, example_inputs=_hidden(model, 2, 8))
@@ -484,6 +517,7 @@ SCENARIOS = {
     "mixtral_model": (_w_family, ("mixtral",)),
     "qwen3_moe_model": (_w_family, ("qwen3_moe",)),
     "own_names": (_w_own_names, ()),
+    "modulelist": (_w_modulelist, ()),
     "mismatch": (_w_mismatch, ()),  # last: both ranks raise, the group stays usable
 }
 
@@ -552,6 +586,10 @@ def test_ep_transformers_qwen3_moe_found_by_the_passes(suite):
 
 def test_ep_layer_with_names_of_its_own(suite):
     _check(suite, "own_names")
+
+
+def test_ep_modulelist_experts(suite):
+    _check(suite, "modulelist")
 
 
 def test_static_functional_path_every_policy(suite):

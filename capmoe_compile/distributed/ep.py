@@ -3,10 +3,10 @@
 Design, in one paragraph. :func:`expert_parallel` finds the model's MoE layers the way the
 compile passes do, by tracing one call (``explain``): whatever their attribute names, router
 or forward signature, a layer is sharded when the passes matched and verified it (its expert
-form checked by running it) and its expert weights are stacked ``[E, ...]`` parameters of the
-model. Rank ``r`` keeps its experts ``[r*E/W, (r+1)*E/W)`` in the layer's :class:`EPLayer`;
-the model's parameters keep their shapes but no longer their memory (a stride-0 view of one
-element), so Dynamo traces the model's code as before. The passes recognise the sharded
+form checked by running it) and its expert weights are parameters of the model (stacked
+``[E, ...]``, or per-expert modules). Rank ``r`` keeps its experts ``[r*E/W, (r+1)*E/W)`` in
+the layer's :class:`EPLayer`; the model's parameters keep their shapes but no longer their
+memory (a stride-0 view of one element), so Dynamo traces the model's code as before. The passes recognise the sharded
 parameters (``pipeline.known_form``: nothing to verify again on weights that are gone) and the
 EP lowering (``lowering.py``) replaces the layer's experts by all-to-all dispatch, this rank's
 experts and combine, with capacity over the whole group's tokens.
@@ -54,8 +54,9 @@ def expert_parallel(
     The layers are found by tracing one call of ``model`` on ``example_inputs`` (a tuple of
     positional arguments, a dict of keyword arguments, or one tensor; default: the model's
     ``dummy_inputs``, as transformers models have) through the capmoe passes: every layer the
-    passes match and verify is sharded if its expert weights are stacked ``[E, ...]``
-    parameters and ``E`` is a multiple of the group size. ``filter_fn(module, name)`` chooses
+    passes match and verify is sharded if its expert weights are parameters of the model
+    (stacked ``[E, ...]`` tensors, or one module per expert) and ``E`` is a multiple of the
+    group size. ``filter_fn(module, name)`` chooses
     among them (``name``: the layer's path as ``explain`` prints it, ``module``: that
     submodule or None). Layers left replicated are logged with their reason.
 
@@ -131,8 +132,10 @@ def _why_not_shardable(r, names: dict[int, str], world: int) -> str:
         return "the passes recorded no verified expert form"
     if any(id(p) not in names for p in r.params):
         return "its expert weights are not parameters of the model (buffers or computed)"
-    if not r.form.stacked or any(p.shape[0] != r.num_experts for p in r.params):
-        return "its experts are separate modules (nn.ModuleList): only stacked [E, ...] expert parameters are sharded"
+    if r.form.stacked and any(p.shape[0] != r.num_experts for p in r.params):
+        return "its stacked expert parameters do not all have E rows"
+    if not r.form.stacked and len(r.params) != r.num_experts * len(r.form.roles):
+        return "its per-expert parameters are not one set per expert"
     if r.num_experts % world:
         return f"E={r.num_experts} experts, not divisible by the group's {world} ranks"
     return ""
@@ -141,23 +144,34 @@ def _why_not_shardable(r, names: dict[int, str], world: int) -> str:
 def _shard(model, r, qualnames: list[str], info: EPInfo, dispatch: str) -> None:
     """Keep this rank's experts of layer ``r`` in its EPLayer; free the model's copies."""
     lo, hi = info.first_expert, info.first_expert + info.num_local
-    local = [p.detach()[lo:hi].clone() for p in r.params]
+    if r.form.stacked:  # [E, ...] tensors: this rank's rows of each
+        local = [p.detach()[lo:hi].clone() for p in r.params]
+    else:  # per-expert modules (nn.ModuleList): this rank's experts' tensors
+        n = len(r.form.roles)
+        local = [p.detach().clone() for p in r.params[lo * n : hi * n]]
     key = grp.register(EPLayer(r.name, info, r.form, local, tuple(qualnames), dispatch))
     owner_name = _common_module(qualnames)
     owner = model.get_submodule(owner_name) if owner_name else model
     eager = _has_experts_convention(owner, r.params, r.form)
     for p in r.params:
         # Shape kept (Dynamo traces the model's own code as before), memory gone: every
-        # element reads one zero. The EP lowering never reads it; eager code must not either.
-        p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+        # element reads one NaN. The EP lowering never reads it; code that still would (a
+        # layer the compiled graph did not rewrite) computes NaN, never a plausible number.
+        fill = float("nan") if p.dtype.is_floating_point else 0
+        p.data = torch.full((), fill, dtype=p.dtype, device=p.device).expand(p.shape)
         p._capmoe_ep_key = key
     owner._capmoe_ep = info
     owner._capmoe_ep_key = key
     if eager:
         owner._capmoe_ep_params = tuple(n.rsplit(".", 1)[-1] for n in qualnames)
         owner.forward = types.MethodType(_ep_experts_forward, owner)
-    else:
-        owner.register_forward_pre_hook(_compiled_only(r.name))
+        return
+    # Everything that could run the layer's own code eagerly refuses to: the layer, the
+    # module(s) holding the expert weights (e.g. each expert of an nn.ModuleList).
+    guarded = [_submodule(model, r.name) or model, owner]
+    guarded += [model.get_submodule(n.rpartition(".")[0]) for n in qualnames if "." in n]
+    for module in {id(m): m for m in guarded}.values():
+        module.register_forward_pre_hook(_compiled_only(r.name))
 
 
 def _common_module(qualnames: list[str]) -> str:
@@ -175,7 +189,11 @@ def _has_experts_convention(owner, params: list[torch.Tensor], form: ExpertForm)
     """Whether ``owner(x, ids, weights)`` computes the experts of ``form`` (the transformers
     experts-module convention), checked by running it on random selections."""
     own = list(owner.parameters(recurse=False))
-    if len(own) != len(params) or any(all(p is not q for q in own) for p in params):
+    if (
+        not form.stacked
+        or len(own) != len(params)
+        or any(all(p is not q for q in own) for p in params)
+    ):
         return False
     down = params[form.roles.index("down")]
     H = down.shape[-1] if "down" in form.transposed else down.shape[-2]
