@@ -14,7 +14,7 @@ goes through it). Every figure is checked against an eager run:
 The serving sequence (prompts of 3 lengths, batch sizes 1, 3 and 8, left padding) runs 8 new
 tokens per prompt here rather than 20, to keep the file cheap: decode steps past the second
 reuse the same graphs (the cache length is already symbolic), so more steps add time, not
-graphs; likewise more prompt lengths (the prefill length is symbolic after the first). The
+graphs; likewise more prompt lengths (the prefill length is symbolic under dynamic=True). The
 graph bound it checks is the one the README states.
 """
 
