@@ -59,12 +59,19 @@ class ExpertForm:
     limit: float | None = None
     alpha: float = 1.0
     up_shift: float = 0.0
+    # Softcapped SwiGLU (Inkling-2): ``cap(g, c) = tanh(g / c) * c``; the inner product is
+    # ``cap(g, c_gate) * sigmoid(g) * cap(up, c_up)``, in float32, cast back. (c_gate, c_up)
+    softcap: tuple[float, float] | None = None
 
     @property
     def plain_gate(self) -> bool:
-        """No clamp, scale, shift or interleaving: what every lowering handles."""
+        """No clamp, scale, shift, softcap or interleaving: what every lowering handles."""
         return (
-            not self.interleaved and self.limit is None and self.alpha == 1.0 and not self.up_shift
+            not self.interleaved
+            and self.limit is None
+            and self.alpha == 1.0
+            and not self.up_shift
+            and self.softcap is None
         )
 
     @property
@@ -87,6 +94,7 @@ class ExpertForm:
             limit=d.get("limit"),
             alpha=d.get("alpha", 1.0),
             up_shift=d.get("up_shift", 0.0),
+            softcap=tuple(d["softcap"]) if d.get("softcap") else None,
         )
 
     def describe(self) -> str:
@@ -101,6 +109,8 @@ class ExpertForm:
             extra.append(f"alpha {self.alpha:g}")
         if self.up_shift:
             extra.append(f"up+{self.up_shift:g}")
+        if self.softcap:
+            extra.append("softcap {:g}/{:g}".format(*self.softcap))
         return f"{kind}({self.act}){bias}" + (f"[{', '.join(extra)}]" if extra else "")
 
     def expert_params(self, params: list[torch.Tensor], e: int) -> dict[str, torch.Tensor]:
@@ -141,6 +151,11 @@ class ExpertForm:
             g, u = project("gate", x), project("up", x)
         else:
             return project("down", act(project("up", x)))
+        if self.softcap is not None:
+            cg, cu = self.softcap
+            gf, uf = g.float(), u.float()
+            inner = torch.tanh(gf / cg) * cg * torch.sigmoid(gf) * (torch.tanh(uf / cu) * cu)
+            return project("down", inner.to(g.dtype))
         if not self.plain_gate:
             if self.limit is not None:
                 g = g.clamp(max=self.limit)

@@ -133,3 +133,18 @@ def test_interleaved_split_dims_agree():
     g, u = (x @ wgu.t())[:, ::2], (x @ wgu.t())[:, 1::2]
     g, u = g.clamp(max=7.0), u.clamp(-7.0, 7.0)
     torch.testing.assert_close(a, ((u + 1) * (g * torch.sigmoid(g * 1.702))) @ wd.t())
+
+
+def test_softcapped_swiglu_form():
+    """Inkling-2's gating: cap(g, 4) * sigmoid(g) * cap(up, 25), cap(v, c) = tanh(v / c) * c."""
+    from capmoe_compile.experts import ExpertForm
+
+    form = ExpertForm(("gate_up", "down"), "silu", (), True, True, softcap=(4.0, 25.0))
+    assert ExpertForm.from_str(form.to_str()) == form and not form.plain_gate
+    torch.manual_seed(0)
+    x, wgu, wd = torch.randn(5, H) * 8, torch.randn(2 * FF, H), torch.randn(H, FF)
+    w = {"gate_up": wgu, "down": wd}
+    got = form.mlp(x, lambda role, h: h @ w[role].t())
+    g, u = (x @ wgu.t()).chunk(2, -1)
+    want = (torch.tanh(g / 4) * 4 * torch.sigmoid(g) * (torch.tanh(u / 25) * 25)) @ wd.t()
+    torch.testing.assert_close(got, want)

@@ -463,8 +463,24 @@ def _gate_variants(nodes: list[fx.Node]) -> list[tuple[float | None, float]]:
     return out[:16]  # a handful of constants in any real expert
 
 
+def _softcaps(nodes: list[fx.Node]) -> list[tuple[float, float]]:
+    """(gate, up) softcap pairs from the float divisors the region's code holds (Inkling-2's
+    ``tanh(x / c) * c``), for the softcapped gating forms; candidates only."""
+    divs = []
+    for n in nodes:
+        name = str(getattr(n.target, "__name__", n.target))
+        if name in ("truediv", "div", "__truediv__") and len(n.args) > 1:
+            v = n.args[1]
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and v not in divs:
+                divs.append(float(v))
+    return [(a, b) for a in divs[:4] for b in divs[:4]]
+
+
 def _candidate_forms(
-    params: list[torch.Tensor], H: int, gates: list[tuple[float | None, float]] = ()
+    params: list[torch.Tensor],
+    H: int,
+    gates: list[tuple[float | None, float]] = (),
+    softcaps: list[tuple[float, float]] = (),
 ) -> list[ExpertForm]:
     """Every expert form the parameter shapes admit (stacked parameters, leading dim E).
 
@@ -509,6 +525,11 @@ def _candidate_forms(
                             forms.append(ExpertForm(full, act, transposed, gf, True))
                     if "down" not in roles or not ({"gate_up", "gate"} & set(roles)):
                         continue
+                    for cap in softcaps:
+                        for gf in gfs:
+                            forms.append(
+                                ExpertForm(full, "silu", transposed, gf, True, softcap=cap)
+                            )
                     for limit, alpha in gates:
                         for inter in (False, True) if "gate_up" in roles else (False,):
                             for shift in (0.0, 1.0):
@@ -675,7 +696,8 @@ def _identify_form(region: Region, values: dict[fx.Node, Any]) -> ExpertForm:
     screen = torch.arange(min(x.shape[0], 16))
     passing: list[tuple[float, ExpertForm]] = []
     gates = _gate_variants(region.expert_nodes)
-    for form in _candidate_forms(stacked if per_expert else params, x.shape[1], gates):
+    caps = _softcaps(region.expert_nodes)
+    for form in _candidate_forms(stacked if per_expert else params, x.shape[1], gates, caps):
         if per_expert:  # the same roles, read off each expert's own tensors
             form = dataclasses.replace(form, stacked=False)
         try:
@@ -699,7 +721,7 @@ def _identify_form(region: Region, values: dict[fx.Node, Any]) -> ExpertForm:
         return min(passing, key=lambda p: p[0])[1]
     raise Unmatched(
         "no known expert form (SwiGLU/GLU/MLP; silu/gelu/relu/relu2; clamped/interleaved "
-        "GPT-OSS gating) reproduces the experts"
+        "GPT-OSS gating; softcapped SwiGLU) reproduces the experts"
     )
 
 
