@@ -50,11 +50,50 @@ class SoftmaxBiasRouter(nn.Module):
         return (y * w[..., None]).sum(1).view(B, S, H)
 
 
+class ScoresBiasRouter(SoftmaxBiasRouter):
+    """top-k over (scores + a correction bias); the weights read the scores at the selected
+    experts. ``score`` None: raw logits, sigmoid of the selected (Kolibri-1; P = softmax of
+    the logits, SPEC's rule for a top-k on raw logits); else that score function first
+    (DeepSeek-V4's sqrt-softplus; P = its output)."""
+
+    def __init__(self, score=None):
+        super().__init__()
+        self.score = score
+
+    def route(self, x):
+        logits = self.gate(x)
+        scores = logits if self.score is None else self.score(logits)
+        _, ids = torch.topk(scores + self.bias, K, dim=-1)
+        w = scores.gather(1, ids)
+        if self.score is None:
+            w = w.sigmoid()
+            P = torch.softmax(logits, dim=-1)
+        else:
+            P = scores
+        return P, ids, w / w.sum(-1, keepdim=True)
+
+
+def _sqrt_softplus(v):
+    return torch.sqrt(F.softplus(v))
+
+
 def test_softmax_bias_router_matched_p_is_the_softmax():
+    _check_router(SoftmaxBiasRouter, "softmax_bias_topk")
+
+
+def test_logits_bias_router_p_is_softmax_of_logits():
+    _check_router(ScoresBiasRouter, "logits_bias_topk")
+
+
+def test_score_fn_bias_router_p_is_the_score():
+    _check_router(lambda: ScoresBiasRouter(_sqrt_softplus), "scores_bias_topk")
+
+
+def _check_router(make, kind):
     from benchmarks.coverage import PassesBackend
 
     torch.manual_seed(0)
-    m = SoftmaxBiasRouter().eval()
+    m = make().eval()
     x = torch.randn(2, 16, H)
     x[:, :, :4] += 2.0  # skew: some experts overflow at gamma 0.5
     be = PassesBackend()  # the passes' rewrite, run as FX (Inductor's lowering: elsewhere)
@@ -62,7 +101,7 @@ def test_softmax_bias_router_matched_p_is_the_softmax():
     with torch.no_grad():
         compiled = torch.compile(m, backend=be)
         torch.testing.assert_close(compiled(x), m(x), atol=1e-5, rtol=1e-5)
-        assert [r.router for r in be.reports if r.matched] == ["softmax_bias_topk"], be.reports
+        assert [r.router for r in be.reports if r.matched] == [kind], be.reports
         with capmoe_compile.config.patch(capacity_factor=0.5, policy="score"):
             got = compiled(x)
         xf = x.reshape(-1, H)

@@ -249,6 +249,54 @@ def logits_topk_softmax(site: TopKSite) -> RouterMatch | None:
     return None
 
 
+_ADD = {operator.add, torch.add, "add", "__add__"}
+
+
+def _token_independent(node: fx.Node) -> bool:
+    """Computed from parameters and buffers only (a selection bias): every graph input it
+    reads is a module's parameter or buffer (by Dynamo's input names), none is activation."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            if "_parameters_" not in n.name and "_buffers_" not in n.name:
+                return False
+        elif n.op not in ("get_attr",):
+            todo.extend(n.all_input_nodes)
+    return True
+
+
+def scores_bias_topk(site: TopKSite) -> RouterMatch | None:
+    """top-k over scores plus a token-independent selection bias (Kolibri-1: raw logits + bias,
+    sigmoid of the selected; DeepSeek-V4: another score function + bias). SPEC's generic rule,
+    with the bias identified and excluded: P is the scores the bias is added to, or their
+    softmax over all experts where they are raw logits (``linear`` output)."""
+    src = _skip_value_preserving(site.scores)
+    if not _is(src, _ADD) or len(src.args) != 2:
+        return None
+    a, b = src.args
+    shape = _shape(site.scores)
+    for x, bias in ((a, b), (b, a)):
+        if not isinstance(x, fx.Node) or not isinstance(bias, fx.Node):
+            continue
+        bshape = _shape(bias)
+        if not same_shape(_shape(x), shape) or bshape is None:
+            continue
+        n = 1
+        for d in bshape:
+            n = n * d
+        if not known_equal(n, site.num_experts) or not _token_independent(bias):
+            continue
+        inner = _skip_value_preserving(x)
+        if _is(inner, _LINEAR):
+            return RouterMatch("logits_bias_topk", site, x, score_of_logits="softmax")
+        return RouterMatch("scores_bias_topk", site, x)
+    return None
+
+
 def declared(site: TopKSite) -> RouterMatch | None:
     """A routing function decorated with ``@capmoe_compile.router(top_k=k, score=...)``."""
     if _declared(site.node):
@@ -263,6 +311,7 @@ ROUTER_PATTERNS: list[Callable[[TopKSite], RouterMatch | None]] = [
     softmax_bias_topk,
     sigmoid_bias_grouped_topk,
     logits_topk_softmax,
+    scores_bias_topk,
 ]
 
 
