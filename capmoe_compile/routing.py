@@ -119,11 +119,17 @@ def _keep_selected(
     key: torch.Tensor,
     ids: torch.Tensor,
     rows_valid: torch.Tensor | None,
-    cap_g: torch.Tensor,
+    cap_g: torch.Tensor | None,
     G: int,
     E: int,
+    member: torch.Tensor | None = None,
+    cap_seg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``keep.gather(1, ids)`` of the dense formulation, computed on the ``T*k`` selected pairs.
+
+    ``member`` [T, k] (None: every pair of a valid row) limits the competing pairs (the other
+    pairs are never kept and rank like cells outside the selection); ``cap_seg`` [G * E]
+    (None: ``cap_g`` [G, 1, 1] for every expert of a group) is a capacity per (group, expert).
 
     ``key`` [T, k] is each selected pair's ranking key; ``rows_valid`` [T] (None: every row
     counts) marks the rows that select anything. The dense form ranks every (row,
@@ -149,10 +155,12 @@ def _keep_selected(
     if n_seg >= 2**31:
         raise ValueError(f"{G} groups x {E} experts: too many segments for the pair ranking")
     t_idx = torch.arange(T, device=dev).view(-1, 1)
-    if rows_valid is None:  # every row counts
-        seg = ids if G == 1 else (t_idx // R) * E + ids
-    else:
-        seg = torch.where(rows_valid[:, None], (t_idx // R) * E + ids, n_seg)
+    seg = ids if G == 1 else (t_idx // R) * E + ids
+    if rows_valid is not None or member is not None:
+        counts_in = torch.ones_like(ids, dtype=torch.bool) if member is None else member
+        if rows_valid is not None:
+            counts_in = counts_in & rows_valid[:, None]
+        seg = torch.where(counts_in, seg, n_seg)
     desc = _descending_u32(key).reshape(-1)
     code = (seg.reshape(-1) << 32) | desc
     if dev.type == "cpu" and _RADIX_PAD_FROM <= N < _RADIX_MIN:
@@ -165,7 +173,9 @@ def _keep_selected(
     code_s, order = torch.sort(code, stable=True)
     code_s, order = code_s[:N], order[:N]
     seg_s = code_s >> 32
-    cap = torch.cat([cap_g.reshape(G, 1).expand(G, E).reshape(-1), cap_g.new_zeros(1)])
+    if cap_seg is None:
+        cap_seg = cap_g.reshape(G, 1).expand(G, E).reshape(-1)
+    cap = torch.cat([cap_seg.reshape(-1).to(torch.int64), cap_seg.new_zeros(1, dtype=torch.int64)])
     if _concrete_cpu(code_s) and not _needs_general_rank(code_s, order, desc, k, key):
         # No expert twice in a row and no -inf key: a member's rank is its position in its
         # segment, so it is kept iff that position is below its segment's start + capacity
@@ -364,13 +374,19 @@ def route_reference(
         out_ids = torch.cat([out_ids, extra], 1)
         out_w = torch.cat([out_w, torch.where(got, pe, 0.0).to(out_w.dtype)], 1)
     elif policy == "reroute" and reroute_rounds > 0:
-        P = probs.float()
-        sel = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, ids, True)
-        sel &= rows_valid[:, None]
-        # the kept pairs as a dense mask (a duplicated slot shares its first slot's decision)
-        keep = torch.zeros_like(sel).scatter_(1, ids, kept_slot) & sel
         scale = token_scale(probs, ids, topk_weights)
-        out_ids, out_w = _reroute(P, sel, keep, out_ids, out_w, cap_g, view, scale, reroute_rounds)
+        out_ids, out_w = _reroute(
+            probs.float(),
+            ids,
+            kept_slot,
+            rows_valid,
+            out_ids,
+            out_w,
+            cap_g,
+            G,
+            scale,
+            reroute_rounds,
+        )
 
     if renormalize:
         out_w = renormalized(topk_weights, out_w)
@@ -418,8 +434,68 @@ def _unchanged(ids, weights, k, E, policy, local_experts):
     )
 
 
-def _reroute(P, sel, keep, out_ids, out_w, cap_g, view, scale, rounds):
-    """SPEC's Token Reroute rounds, after ``score`` produced ``keep``."""
+def _reroute(P, ids, kept_slot, rows_valid, out_ids, out_w, cap_g, G: int, scale, rounds):
+    """SPEC's Token Reroute rounds after ``score`` kept ``kept_slot`` [T, k] of ``ids``: what
+    :func:`_reroute_dense` computes, with every count taken from the pairs (not summed over
+    ``[T, E]`` masks), each row's proposals taken by one ``topk`` of ``min(k, E)`` unique
+    (key, expert) codes (the first ones of the stable descending sort of the row's ``E``
+    columns, unavailable experts as ``-inf``) and the experts' acceptance ranked on the
+    ``T * min(k, E)`` proposal pairs (:func:`_keep_selected`), not by a sort of ``T * E``."""
+    T, E = P.shape
+    k = ids.shape[1]
+    dev = P.device
+    view = (G, T // G, E)
+    m = min(k, E)
+    ebits = max(1, (E - 1).bit_length())
+    e_col = torch.arange(E, device=dev)
+    j_col = torch.arange(m, device=dev)
+    g_of = (torch.arange(T, device=dev) // (T // G)).view(T, 1)
+    # a row's distinct experts: slot j counts unless an earlier slot holds the same expert
+    later = torch.ones(k, k, dtype=torch.bool, device=dev).triu(1)  # [i, j]: i < j
+    first = ~((ids[:, :, None] == ids[:, None, :]) & later).any(1)
+    member = first & rows_valid[:, None]
+    kept_n = torch.zeros(G * E, dtype=torch.int64, device=dev).scatter_add_(
+        0, (g_of * E + ids).reshape(-1), (member & kept_slot).reshape(-1).long()
+    )
+    spare = (cap_g.reshape(G, 1) - kept_n.view(G, E)).clamp_min(0)  # [G, E]
+    want = (member & ~kept_slot).sum(-1)  # proposals each token may still make
+    # selected or already proposed to: never available again (assigned experts are either)
+    blocked = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, ids, True)
+    # codes ascend as the stable descending sort of P orders a row's columns (ties: smaller
+    # expert); an unavailable expert takes -inf's code, as the dense form masks it to -inf
+    base = ((_descending_u32(P) << ebits) | e_col).view(view)
+    inf_code = (_NEG_INF_CODE << ebits) | e_col
+    for _ in range(rounds):
+        unavail = blocked.view(view) | (spare <= 0).view(G, 1, E)
+        code = torch.where(unavail, inf_code, base).view(T, E)
+        e_prop = torch.topk(code, m, dim=-1, largest=False, sorted=True).indices  # [T, m]
+        propose = (~unavail.view(T, E)).gather(1, e_prop) & (j_col < want[:, None])
+        accept = propose & _keep_selected(
+            P.gather(1, e_prop), e_prop, None, None, G, E, member=propose, cap_seg=spare
+        )
+        blocked = blocked.scatter(1, e_prop, propose | blocked.gather(1, e_prop))
+        acc_n = torch.zeros(G * E, dtype=torch.int64, device=dev).scatter_add_(
+            0, (g_of * E + e_prop).reshape(-1), accept.reshape(-1).long()
+        )
+        spare = spare - acc_n.view(G, E)
+        n_acc = accept.sum(-1)
+        want = want - n_acc
+        # Fill the token's still-dropped slots, in slot order, with its accepted experts in
+        # order of preference (accepted proposals first, in proposal order).
+        acc_e = e_prop.gather(1, torch.sort((~accept).to(torch.uint8), dim=-1, stable=True).indices)
+        hole = out_ids == E  # only valid rows with dropped slots have n_acc > 0
+        nth = hole.long().cumsum(-1) - 1
+        fill = hole & (nth < n_acc[:, None])
+        new_e = acc_e.gather(1, nth.clamp(0, m - 1))
+        out_ids = torch.where(fill, new_e, out_ids)
+        new_w = (P.gather(1, new_e) * scale[:, None]).to(out_w.dtype)
+        out_w = torch.where(fill, new_w, out_w)
+    return out_ids, out_w
+
+
+def _reroute_dense(P, sel, keep, out_ids, out_w, cap_g, view, scale, rounds):
+    """SPEC's Token Reroute rounds over the dense ``[T, E]`` view (a sort of ``T * E`` per
+    round): :func:`_reroute`'s reference (``tests/test_route_pairs.py``)."""
     T, E = P.shape
     dev = P.device
     assigned = keep.clone()
