@@ -196,8 +196,10 @@ def _find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node
             outs.append(c)
     if not outs:
         raise Unmatched(
-            "the top-k's results leave the graph before any [T, H] output combines them "
-            "(a graph break between router and experts, or router outputs returned)"
+            "no single [T, H] tensor combines all of the top-k's results: they leave the graph "
+            "another way (a graph break between router and experts, router outputs returned "
+            "from the layer) or feed several results (a second router stage, a per-sequence "
+            "[B, N, E, C] dispatch)"
         )
     # The first [T, *] node all routing flows through may be a dense [T, E] weight matrix
     # (experts combined by a one-hot einsum): then a later one is the layer's output.

@@ -131,7 +131,10 @@ def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
             continue
         is_topk = _is(node, {torch.topk, "topk"})
         is_max = _is(node, {torch.max, "max"}) and (len(node.args) > 1 or "dim" in node.kwargs)
-        if not (is_topk or is_max):
+        is_argmax = _is(node, {torch.argmax, "argmax"}) and (
+            len(node.args) > 1 or "dim" in node.kwargs
+        )
+        if not (is_topk or is_max or is_argmax):
             continue
         scores = node.args[0]
         shape = _shape(scores)
@@ -141,10 +144,13 @@ def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
         if is_topk:
             k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
-        else:
+        else:  # max(dim) / argmax(dim): top-1
             k = 1
             dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
         if not isinstance(k, int) or dim not in (-1, len(shape) - 1) or _feeds_declared(node):
+            continue
+        if is_argmax:  # top-1 by argmax (GShard, Switch): the indices alone, no values
+            sites.append(TopKSite(node, None, node, 1, shape[-1], scores))
             continue
         outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
         if 1 not in outs:
