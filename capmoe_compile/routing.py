@@ -321,71 +321,26 @@ def route_reference(
     G = num_sequences if capacity_scope == "sequence" else 1
     if T % G:
         raise ValueError(f"T={T} rows do not split into num_sequences={G} equal sequences")
-    R = T // G
-    dev = probs.device
-    rows_valid = torch.ones(T, dtype=torch.bool, device=dev) if valid is None else valid.bool()
-    valid_rows = None if valid is None else rows_valid  # None: every row counts
+    rows_valid = (
+        torch.ones(T, dtype=torch.bool, device=probs.device) if valid is None else valid.bool()
+    )
+    cap_g = _group_capacity(
+        valid, rows_valid, G, E, k, capacity_factor, min_capacity, capacity_align
+    )
 
-    # Capacity per group: exact ints when every row counts, a tensor when padding is excluded.
-    if valid is None:
-        cap = capacity(R, E, k, capacity_factor, min_capacity, capacity_align)
-        cap_g = torch.full((G, 1, 1), cap, dtype=torch.int64, device=dev)
-    else:
-        counts = rows_valid.view(G, R).sum(1)
-        cap_g = capacity(counts, E, k, capacity_factor, min_capacity, capacity_align).view(G, 1, 1)
-
-    view = (G, R, E)
     if policy in PAIR_POLICIES:
         # Ranked on the T*k selected pairs (_keep_selected): cost grows with T*k, not T*E.
-        if policy in ("score", "reroute"):
-            key = probs.gather(1, ids).float()
-        elif policy == "order":
-            key = -torch.arange(T, device=dev).view(-1, 1).expand(T, k)
-        elif policy == "reverse":
-            key = torch.arange(T, device=dev).view(-1, 1).expand(T, k)
-        else:  # random
-            key = _hash_keys(seed, torch.arange(T, device=dev).view(-1, 1), ids)
-        kept_slot = _keep_selected(key, ids, valid_rows, cap_g, G, E)
+        key = _pair_keys(policy, probs, ids, seed)
+        kept_slot = _keep_selected(key, ids, None if valid is None else rows_valid, cap_g, G, E)
+        out_ids = torch.where(kept_slot, ids, torch.full_like(ids, E))
+        out_w = torch.where(kept_slot, topk_weights, torch.zeros_like(topk_weights))
+        if policy == "reroute" and reroute_rounds > 0:
+            scale = token_scale(probs, ids, topk_weights)
+            args = (out_ids, out_w, cap_g, G, scale, reroute_rounds)
+            out_ids, out_w = _reroute(probs.float(), ids, kept_slot, rows_valid, *args)
     else:  # expanded_drop: candidates are dense (every local expert of every row)
-        P = probs.float()
-        # Selection S as a dense [T, E] mask (padding rows select nothing).
-        sel = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, ids, True)
-        sel &= rows_valid[:, None]
-        local = torch.zeros(E, dtype=torch.bool, device=dev)
-        if local_experts is None:
-            local[:] = True
-        else:
-            local[list(local_experts)] = True
-        cand = sel | (local[None, :] & rows_valid[:, None])
-        keep = cand & (_rank_rows(P.view(view), cand.view(view)) < cap_g).reshape(T, E)
-        kept_slot = keep.gather(1, ids)
-
-    out_ids = torch.where(kept_slot, ids, torch.full_like(ids, E))
-    out_w = torch.where(kept_slot, topk_weights, torch.zeros_like(topk_weights))
-
-    if policy == "expanded_drop":
-        scale = token_scale(probs, ids, topk_weights)
-        n_extra = _expanded_width(k, E, local_experts) - k
-        added = keep & ~sel
-        e_ids = torch.arange(E, device=dev).expand(T, E)
-        extra = torch.where(added, e_ids, torch.full_like(e_ids, E)).sort(-1).values[:, :n_extra]
-        got = extra < E
-        pe = P.gather(1, extra.clamp_max(E - 1)) * scale[:, None]
-        out_ids = torch.cat([out_ids, extra], 1)
-        out_w = torch.cat([out_w, torch.where(got, pe, 0.0).to(out_w.dtype)], 1)
-    elif policy == "reroute" and reroute_rounds > 0:
-        scale = token_scale(probs, ids, topk_weights)
-        out_ids, out_w = _reroute(
-            probs.float(),
-            ids,
-            kept_slot,
-            rows_valid,
-            out_ids,
-            out_w,
-            cap_g,
-            G,
-            scale,
-            reroute_rounds,
+        out_ids, out_w = _expanded_drop(
+            probs, ids, topk_weights, rows_valid, cap_g, G, local_experts
         )
 
     if renormalize:
@@ -397,6 +352,64 @@ def route_reference(
         same_ids, same_w = _unchanged(ids, topk_weights, k, E, policy, local_experts)
         out_ids = torch.where(small, same_ids, out_ids)
         out_w = torch.where(small, same_w, out_w)
+    return out_ids, out_w
+
+
+def _group_capacity(valid, rows_valid, G, E, k, gamma, min_capacity, align) -> torch.Tensor:
+    """``C`` of each of the ``G`` groups as a ``[G, 1, 1]`` tensor: exact ints when every row
+    counts, computed from each group's real rows when padding is excluded."""
+    R = rows_valid.shape[0] // G
+    if valid is None:
+        cap = capacity(R, E, k, gamma, min_capacity, align)
+        return torch.full((G, 1, 1), cap, dtype=torch.int64, device=rows_valid.device)
+    counts = rows_valid.view(G, R).sum(1)
+    return capacity(counts, E, k, gamma, min_capacity, align).view(G, 1, 1)
+
+
+def _pair_keys(policy: str, probs: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """The ranking key of every selected pair ``[T, k]`` (larger is kept first)."""
+    T, k = ids.shape
+    dev = ids.device
+    if policy in ("score", "reroute"):
+        return probs.gather(1, ids).float()
+    if policy == "order":
+        return -torch.arange(T, device=dev).view(-1, 1).expand(T, k)
+    if policy == "reverse":
+        return torch.arange(T, device=dev).view(-1, 1).expand(T, k)
+    return _hash_keys(seed, torch.arange(T, device=dev).view(-1, 1), ids)  # random
+
+
+def _expanded_drop(probs, ids, topk_weights, rows_valid, cap_g, G, local_experts):
+    """SPEC's expanded_drop: candidates S plus every local expert of every real row; each
+    expert keeps its ``C`` candidates of largest P; the added pairs go in extra columns with
+    weight ``P * scale`` (the token's ``W / P``)."""
+    T, E = probs.shape
+    k = ids.shape[1]
+    dev = probs.device
+    P = probs.float()
+    # Selection S as a dense [T, E] mask (padding rows select nothing).
+    sel = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, ids, True)
+    sel &= rows_valid[:, None]
+    local = torch.zeros(E, dtype=torch.bool, device=dev)
+    if local_experts is None:
+        local[:] = True
+    else:
+        local[list(local_experts)] = True
+    cand = sel | (local[None, :] & rows_valid[:, None])
+    view = (G, T // G, E)
+    keep = cand & (_rank_rows(P.view(view), cand.view(view)) < cap_g).reshape(T, E)
+    kept_slot = keep.gather(1, ids)
+    out_ids = torch.where(kept_slot, ids, torch.full_like(ids, E))
+    out_w = torch.where(kept_slot, topk_weights, torch.zeros_like(topk_weights))
+    scale = token_scale(probs, ids, topk_weights)
+    n_extra = _expanded_width(k, E, local_experts) - k
+    added = keep & ~sel
+    e_ids = torch.arange(E, device=dev).expand(T, E)
+    extra = torch.where(added, e_ids, torch.full_like(e_ids, E)).sort(-1).values[:, :n_extra]
+    got = extra < E
+    pe = P.gather(1, extra.clamp_max(E - 1)) * scale[:, None]
+    out_ids = torch.cat([out_ids, extra], 1)
+    out_w = torch.cat([out_w, torch.where(got, pe, 0.0).to(out_w.dtype)], 1)
     return out_ids, out_w
 
 
