@@ -255,6 +255,7 @@ def _loop_ok(loop: ast.For, after: list[ast.stmt]) -> None:
         raise _NotBridged(f"the loop body does not start with {v} = {v}[0]")
     assigned: set[str] = {v}
     accumulators: set[str] = set()
+    sentinel = False
     for s in body[1:]:
         if isinstance(s, ast.If):
             # `if v == <constant or attribute>: continue` (the sentinel index)
@@ -270,6 +271,7 @@ def _loop_ok(loop: ast.For, after: list[ast.stmt]) -> None:
             )
             if not ok:
                 raise _NotBridged(f"the loop body branches (line {s.lineno})")
+            sentinel = True
         elif isinstance(s, ast.Assign):
             for t in s.targets:
                 names = t.elts if isinstance(t, ast.Tuple) else [t]
@@ -302,3 +304,7 @@ def _loop_ok(loop: ast.For, after: list[ast.stmt]) -> None:
     leaked = sorted(later & assigned)
     if leaked:
         raise _NotBridged(f"names set in the loop are read after it: {', '.join(leaked)}")
+    if not sentinel:
+        # every index of the mask runs the body: the one past the last expert (one_hot over
+        # E + 1 classes) would index the expert weights out of bounds without this skip
+        raise _NotBridged(f"the loop body has no `if {v} == <sentinel>: continue`")

@@ -115,6 +115,17 @@ def _unsafe_leak(self, x, ids):
     return out + rows.sum()  # the last expert's rows: the last *hit* expert's in eager
 
 
+def _no_sentinel_skip(self, x, ids, w):
+    out = torch.zeros_like(x)
+    mask = torch.nn.functional.one_hot(ids, num_classes=self.num_experts + 1).permute(2, 1, 0)
+    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for e in hit:
+        e = e[0]  # index E (the sentinel column) would reach self.up[E] when every index runs
+        slot, tok = torch.where(mask[e])
+        out.index_add_(0, tok, (x[tok] @ self.up[e].t()) @ self.down[e].t() * w[tok, slot, None])
+    return out
+
+
 def test_bridged_forward_equals_the_original():
     torch.manual_seed(0)
     m = _Experts()
@@ -132,6 +143,7 @@ def test_unsafe_loops_are_not_bridged():
         (_unsafe_item, ".item()"),
         (_unsafe_setitem, "writes into a tensor"),
         (_unsafe_leak, "read after it"),
+        (_no_sentinel_skip, "sentinel"),
     ):
         assert bridge.bridged_forward(fn) is fn
         assert why in bridge.why_not_bridged(fn)
