@@ -221,13 +221,40 @@ def _region_through(
 ) -> Region:
     """The expert region from ``match``'s top-k to ``out``, its [T, H] result."""
     site = match.site
-    T = site.rows
     region = _descendants([site.node], stop=out) | {out}
+    ids, weights = _selection(site, region, order)
+    router_side = _ancestors([ids, weights])
+    # The experts are what the selection feeds, minus the router's tail that computes W from
+    # the ids (DeepSeek-V3 gathers W from the scores at the selected ids).
+    expert_set = (_descendants([ids]) | _descendants([weights])) & region
+    expert_set -= router_side
+    support, sizes, x_nodes = _close_experts(expert_set, ids, weights, router_side, kind)
+    x = _token_input(x_nodes, expert_set, out, site.rows)
+    for n in expert_set:
+        if n.op == "call_method" and str(n.target).endswith("_") or n.target in _INPLACE_FUNCS:
+            target = n.args[0] if n.args else None
+            # the experts' own accumulator (``out = torch.zeros(T, H)`` then ``index_add_``):
+            # created from no input, recomputed inside the region on every run
+            own = target in support and _is_fresh(target)
+            if isinstance(target, fx.Node) and target not in expert_set and not own:
+                raise Unmatched(f"the experts mutate {target.name}, a tensor from outside")
+    roots = [a for a in support if a.op in ("placeholder", "get_attr")] + sorted(
+        sizes, key=order.__getitem__
+    )
+    # parameters in a fixed order: per-expert modules (``experts.3.w1``) grouped by expert
+    params = sorted((a for a in roots if kind[a] == "param"), key=_param_key)
+    nodes = sorted(expert_set | (support - set(roots)), key=order.__getitem__)
+    removable = sorted(region - {ids, weights}, key=order.__getitem__)
+    return Region(site, match, out, x, ids, weights, nodes, removable, params, roots)
 
-    # ids: the indices (through casts); W: the last [T, k] float node of the router tail.
-    # A [T, k] float computed through a dispatch op (``w * (ids == e)``: one expert's share in
-    # a loop over experts; weights in sorted order) is the experts' use of W, not W.
-    tk = (T, site.k)
+
+def _selection(site, region: set[fx.Node], order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node]:
+    """The selection ``S`` the experts consume (the top-k's indices through casts and views)
+    and its gate weights ``W`` (the last [T, k] float node of the router's tail).
+
+    A [T, k] float computed through a dispatch op (``w * (ids == e)``: one expert's share in a
+    loop over experts; weights in sorted order) is the experts' use of W, not W."""
+    tk = (site.rows, site.k)
     ids = site.indices
     weights = None
     masked = _descendants([n for n in region if _is_dispatch(n)])
@@ -245,19 +272,19 @@ def _region_through(
         raise Unmatched("no [T, k] gate weights found between the router and the experts")
     if not same_shape(_shape(ids), tk):
         raise Unmatched(f"the top-k's indices never take the shape [T, k] = {tk}")
+    return ids, weights
 
-    router_side = _ancestors([ids, weights])
-    # The experts are what the selection feeds, minus the router's tail that computes W from
-    # the ids (DeepSeek-V3 gathers W from the scores at the selected ids).
-    expert_set = (_descendants([ids]) | _descendants([weights])) & region
-    expert_set -= router_side
-    # Pull in what the experts need: parameter/constant computations (recomputed inside the
-    # subgraph) and activations derived from the token input off the router's path (e.g. a
-    # repeat_interleave of x). Stop at the router's own ancestors: one of them is x.
+
+def _close_experts(expert_set, ids, weights, router_side, kind):
+    """Pull into ``expert_set`` (in place) what the experts need: parameter/constant
+    computations (``support``, recomputed inside the subgraph) and activations derived from
+    the token input off the router's path (e.g. a repeat_interleave of x). Stops at the
+    router's own ancestors and the graph's inputs (``x_nodes``: one of them is x); sizes read
+    off activations (x.shape under dynamic shapes) become inputs of the subgraph."""
     support: set[fx.Node] = set()
-    sizes: set[fx.Node] = set()  # inputs of the subgraph taken as values of the call
-    todo = [a for n in expert_set for a in n.all_input_nodes]
+    sizes: set[fx.Node] = set()
     x_nodes: set[fx.Node] = set()
+    todo = [a for n in expert_set for a in n.all_input_nodes]
     while todo:
         a = todo.pop()
         if a in expert_set or a in support or a in (ids, weights):
@@ -266,14 +293,19 @@ def _region_through(
             support.add(a)
             todo.extend(a.all_input_nodes)
         elif a.op != "placeholder" and _is_size(_val(a)):
-            sizes.add(a)  # a size read off an activation (x.shape under dynamic shapes)
+            sizes.add(a)
         elif a in router_side or a.op == "placeholder":
             x_nodes.add(a)
         else:
             expert_set.add(a)
             todo.extend(a.all_input_nodes)
+    return support, sizes, x_nodes
+
+
+def _token_input(x_nodes: set[fx.Node], expert_set: set[fx.Node], out: fx.Node, T) -> fx.Node:
+    """The one [T, H] activation the experts read (``expert_set`` loses the flattening view
+    when the experts flatten the block's [B, S, H] input themselves)."""
     if len(x_nodes) == 1 and not same_shape(_shape(next(iter(x_nodes))), _shape(out)):
-        # The experts flatten the block's [B, S, H] input themselves: that view is x.
         (src,) = x_nodes
         views = [
             n
@@ -294,22 +326,7 @@ def _region_through(
     x = hidden[0]
     if not same_shape(_shape(x), _shape(out)) or not known_equal(_shape(x)[0], T):
         raise Unmatched(f"token input {_shape(x)} and output {_shape(out)} disagree")
-    for n in expert_set:
-        if n.op == "call_method" and str(n.target).endswith("_") or n.target in _INPLACE_FUNCS:
-            target = n.args[0] if n.args else None
-            # the experts' own accumulator (``out = torch.zeros(T, H)`` then ``index_add_``):
-            # created from no input, recomputed inside the region on every run
-            own = target in support and _is_fresh(target)
-            if isinstance(target, fx.Node) and target not in expert_set and not own:
-                raise Unmatched(f"the experts mutate {target.name}, a tensor from outside")
-    roots = [a for a in support if a.op in ("placeholder", "get_attr")] + sorted(
-        sizes, key=order.__getitem__
-    )
-    # parameters in a fixed order: per-expert modules (``experts.3.w1``) grouped by expert
-    params = sorted((a for a in roots if kind[a] == "param"), key=_param_key)
-    nodes = sorted(expert_set | (support - set(roots)), key=order.__getitem__)
-    removable = sorted(region - {ids, weights}, key=order.__getitem__)
-    return Region(site, match, out, x, ids, weights, nodes, removable, params, roots)
+    return x
 
 
 _FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full}
