@@ -83,7 +83,7 @@ class capture_context:  # noqa: N801 - used as a function: Dynamo calls backend_
     compiled model, so entering and leaving must cost microseconds (``config.patch`` costs
     tens of them)."""
 
-    __slots__ = ("_prev", "_interface")
+    __slots__ = ("_prev", "_interface", "_swapped")
 
     def __enter__(self) -> None:
         cfg = torch._dynamo.config
@@ -96,8 +96,16 @@ class capture_context:  # noqa: N801 - used as a function: Dynamo calls backend_
             _scan()
             interface._local_mapping["eager"] = _eager_experts
             self._interface = interface
+        # experts classes without the decorator whose own forward has the loop: their class
+        # runs the bridged forward for the duration of the call (restored on exit)
+        first = _SWAPS[0] if _SWAPS else None
+        self._swapped = tuple(_SWAPS) if first and first[0].forward is first[1] else ()
+        for cls, _, bridged in self._swapped:
+            cls.forward = bridged
 
     def __exit__(self, *exc) -> None:
+        for cls, original, _ in self._swapped:
+            cls.forward = original
         if self._interface is not None:
             self._interface._local_mapping.pop("eager", None)
         cfg = torch._dynamo.config
@@ -133,17 +141,36 @@ def _scan() -> None:
     if len(sys.modules) == _scanned_modules:
         return
     _scanned_modules = len(sys.modules)
-    for mod in list(sys.modules.values()):
+    for name, mod in list(sys.modules.items()):
         ns = getattr(mod, "__dict__", None)
-        if not isinstance(ns, dict) or "use_experts_implementation" not in ns:
+        if not isinstance(ns, dict):
+            continue
+        decorated = "use_experts_implementation" in ns
+        if not decorated and not name.startswith("transformers.models."):
             continue
         for cls in list(ns.values()):
             fwd = getattr(cls, "forward", None) if isinstance(cls, type) else None
-            original = getattr(fwd, "__wrapped__", None)
-            if original is None or "experts_interface" not in fwd.__code__.co_freevars:
+            if fwd is None or getattr(cls, "__module__", None) != name:
                 continue
-            if not hasattr(original, "_capmoe_bridged"):
-                original._capmoe_bridged = bridged_forward(original)
+            original = getattr(fwd, "__wrapped__", None)
+            if original is not None and "experts_interface" in fwd.__code__.co_freevars:
+                if not hasattr(original, "_capmoe_bridged"):
+                    original._capmoe_bridged = bridged_forward(original)
+            elif (
+                original is None
+                and cls.__name__.endswith("Experts")
+                and issubclass(cls, torch.nn.Module)
+                and "forward" in cls.__dict__
+                and all(c is not cls for c, _, _ in _SWAPS)
+            ):
+                # an experts class transformers did not decorate (Step-3.5's)
+                bridged = bridged_forward(fwd)
+                if bridged is not fwd:
+                    _SWAPS.append((cls, fwd, bridged))
+
+
+# (class, its forward, the bridged forward): undecorated experts classes swapped per call
+_SWAPS: list[tuple[type, Callable, Callable]] = []
 
 
 def why_not_bridged(fn: Callable) -> str | None:
