@@ -63,16 +63,23 @@ class ExpertForm:
     # ``cap(g, c_gate) * sigmoid(g) * cap(up, c_up)``, in float32, cast back. (c_gate, c_up)
     softcap: tuple[float, float] | None = None
 
-    @property
-    def plain_gate(self) -> bool:
-        """No clamp, scale, shift, softcap or interleaving: what every lowering handles."""
-        return (
+    def __post_init__(self) -> None:
+        # Decided once, a bool: Dynamo tracing a call that takes a form as an input would
+        # make its float fields symbolic under dynamic=True (and restart to specialise them)
+        # if the plain case read them.
+        plain = (
             not self.interleaved
             and self.limit is None
             and self.alpha == 1.0
             and not self.up_shift
             and self.softcap is None
         )
+        object.__setattr__(self, "_plain", plain)
+
+    @property
+    def plain_gate(self) -> bool:
+        """No clamp, scale, shift, softcap or interleaving: what every lowering handles."""
+        return self._plain
 
     @property
     def gated(self) -> bool:
