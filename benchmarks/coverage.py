@@ -351,6 +351,22 @@ def experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
+def _plain_experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Experts modules transformers did not decorate but that take the same arguments
+    (``forward(hidden_states, top_k_index, top_k_weights)``, Step-3.5's): the oracle hooks
+    them the same way."""
+    import inspect
+
+    out = {}
+    for name, m in model.named_modules():
+        if not type(m).__name__.endswith("Experts"):
+            continue
+        params = list(inspect.signature(type(m).forward).parameters)
+        if params[1:4] == ["hidden_states", "top_k_index", "top_k_weights"]:
+            out[name] = m
+    return out
+
+
 def build_family(
     family: str, impl: str, builder: str = "causal_lm", seed: int = 0, num_layers: int = 2
 ):
@@ -558,7 +574,7 @@ class Oracle:
         self.model = model
         self.capacity_factor = capacity_factor
         self.policy = policy
-        self.mods = experts_modules(model)
+        self.mods = experts_modules(model) or _plain_experts_modules(model)
         self.hooked: dict[str, str] = {}  # experts path -> matched layer name
         for path in self.mods:
             for name in layer_paths:
@@ -1039,7 +1055,7 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
         if "WRONG" in verdict(e):
             return "**" + verdict(e) + "**"
         left = e.get("explain", {}).get("left", [])
-        reasons = sorted({_reason_key(r["reason"])[:90] for r in left})
+        reasons = sorted({_reason_key(r["reason"])[:150] for r in left})
         text = st if not reasons else f"{st}: " + "; ".join(reasons)
         if e.get("off", {}).get("error"):
             text += " (compile failed)"
