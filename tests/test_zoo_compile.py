@@ -452,11 +452,6 @@ def test_dynamic_shapes_compile_once_and_add_no_graph(suite):
 # ---------------------------------------------------------------------------------------------
 
 PLAIN_UNMATCHED = {
-    "modulelist_loop": (
-        "not handled: the Python loop over experts with data-dependent torch.where makes "
-        "Dynamo skip the layer's frame (explain: 0 layers, 0 unmatched, 3 graphs: only the "
-        "expert MLPs reach the backend), so the router is never seen"
-    ),
     "stacked_bmm": (
         "not handled: explain says 'topk: no known expert form (SwiGLU/GLU/MLP, silu/gelu/relu) "
         "reproduces the experts'. The experts run densely on every token (bmm) before the "
