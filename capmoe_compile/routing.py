@@ -496,14 +496,22 @@ def _reroute(P, ids, kept_slot, rows_valid, out_ids, out_w, cap_g, G: int, scale
         # Fill the token's still-dropped slots, in slot order, with its accepted experts in
         # order of preference (accepted proposals first, in proposal order).
         acc_e = e_prop.gather(1, torch.sort((~accept).to(torch.uint8), dim=-1, stable=True).indices)
-        hole = out_ids == E  # only valid rows with dropped slots have n_acc > 0
-        nth = hole.long().cumsum(-1) - 1
-        fill = hole & (nth < n_acc[:, None])
-        new_e = acc_e.gather(1, nth.clamp(0, m - 1))
-        out_ids = torch.where(fill, new_e, out_ids)
-        new_w = (P.gather(1, new_e) * scale[:, None]).to(out_w.dtype)
-        out_w = torch.where(fill, new_w, out_w)
+        out_ids, out_w = _fill_dropped(out_ids, out_w, acc_e, n_acc, P, scale)
     return out_ids, out_w
+
+
+def _fill_dropped(out_ids, out_w, acc_e, n_acc, P, scale):
+    """A reroute round's result: each token's still-dropped slots (id ``E``), in slot order,
+    take its first ``n_acc`` accepted experts ``acc_e`` (in order of preference), weighted
+    ``P * scale``."""
+    E = P.shape[1]
+    hole = out_ids == E  # only valid rows with dropped slots have n_acc > 0
+    nth = hole.long().cumsum(-1) - 1
+    fill = hole & (nth < n_acc[:, None])
+    new_e = acc_e.gather(1, nth.clamp(0, acc_e.shape[1] - 1))
+    out_ids = torch.where(fill, new_e, out_ids)
+    new_w = (P.gather(1, new_e) * scale[:, None]).to(out_w.dtype)
+    return out_ids, torch.where(fill, new_w, out_w)
 
 
 def _reroute_dense(P, sel, keep, out_ids, out_w, cap_g, view, scale, rounds):
@@ -537,11 +545,5 @@ def _reroute_dense(P, sel, keep, out_ids, out_w, cap_g, view, scale, rounds):
         # order of preference.
         acc_key = torch.where(accept, prank, torch.full_like(prank, E))
         acc_e = e_idx.gather(1, acc_key.sort(dim=-1, stable=True).indices)
-        hole = out_ids == E  # only valid rows with dropped slots have n_acc > 0
-        nth = hole.long().cumsum(-1) - 1
-        fill = hole & (nth < n_acc[:, None])
-        new_e = acc_e.gather(1, nth.clamp(0, E - 1))
-        out_ids = torch.where(fill, new_e, out_ids)
-        new_w = (P.gather(1, new_e) * scale[:, None]).to(out_w.dtype)
-        out_w = torch.where(fill, new_w, out_w)
+        out_ids, out_w = _fill_dropped(out_ids, out_w, acc_e, n_acc, P, scale)
     return out_ids, out_w

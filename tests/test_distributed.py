@@ -389,6 +389,19 @@ def _compare_policies(rank, ep, single, x, x_all, sizes):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=policy)
 
 
+def _eager_refused_compiled_equal(rank, model, ref, x_all, sizes):
+    """A sharded layer with no transformers experts convention: eager calls raise, compiled EP
+    on this rank's rows equals the single-device compile on all rows. Returns the rows."""
+    x = _split(x_all, rank, sizes)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="sharded by expert_parallel"):
+        model(x)
+    torch._dynamo.reset()
+    single = torch.compile(ref, backend=passes_only, dynamic=False)
+    ep = torch.compile(model, backend=passes_only, dynamic=False)
+    _compare_policies(rank, ep, single, x, x_all, sizes)
+    return x
+
+
 def _w_family(rank, world, family):
     """A transformers model with 2 MoE layers, its layers found through the passes.
 
@@ -427,13 +440,7 @@ def _w_own_names(rank, world):
     x_all = torch.randn(4, 5, H, generator=torch.Generator().manual_seed(2))
     expert_parallel(model, example_inputs=(x_all[:1],))
     assert model._capmoe_ep.num_local == E // world
-    x = _split(x_all, rank, [3, 1])
-    with torch.no_grad(), pytest.raises(RuntimeError, match="sharded by expert_parallel"):
-        model(x)
-    torch._dynamo.reset()
-    single = torch.compile(ref, backend=passes_only, dynamic=False)
-    ep = torch.compile(model, backend=passes_only, dynamic=False)
-    _compare_policies(rank, ep, single, x, x_all, [3, 1])
+    _eager_refused_compiled_equal(rank, model, ref, x_all, [3, 1])
 
 
 def _w_modulelist(rank, world):
@@ -447,13 +454,7 @@ def _w_modulelist(rank, world):
     assert not ep_layer.form.stacked
     n = len(ep_layer.form.roles)
     assert len(ep_layer.local) == n * ep_layer.info.num_local
-    x = _split(x_all, rank, [2, 2])
-    with torch.no_grad(), pytest.raises(RuntimeError, match="sharded by expert_parallel"):
-        model(x)
-    torch._dynamo.reset()
-    single = torch.compile(ref, backend=passes_only, dynamic=False)
-    ep = torch.compile(model, backend=passes_only, dynamic=False)
-    _compare_policies(rank, ep, single, x, x_all, [2, 2])
+    x = _eager_refused_compiled_equal(rank, model, ref, x_all, [2, 2])
     # Without the graph-break bridge each expert MLP is a graph of its own, which would read
     # the emptied weights: the passes refuse to compile it (no silent garbage).
     torch._dynamo.reset()

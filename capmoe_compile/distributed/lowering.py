@@ -12,7 +12,6 @@ every rank compiles the same graph at the same call.
 from __future__ import annotations
 
 from torch import fx
-from torch._dynamo.source import ConstantSource
 
 from .. import pipeline
 from . import functional
@@ -70,6 +69,8 @@ def _local_params(graph: fx.Graph, key: int, ep: grp.EPLayer) -> list[fx.Node]:
             # AOTAutograd asks Dynamo's graph module where each of its buffers came from
             sources = getattr(gm, "_param_name_to_source", None)
             if sources is not None:
+                from torch._dynamo.source import ConstantSource  # compiling: Dynamo is loaded
+
                 sources[name] = ConstantSource(f"capmoe_ep_layer_{key}_weight_{i}")
         nodes.append(graph.get_attr(name))
     return nodes
