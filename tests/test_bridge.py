@@ -119,11 +119,73 @@ def _no_sentinel_skip(self, x, ids, w):
     out = torch.zeros_like(x)
     mask = torch.nn.functional.one_hot(ids, num_classes=self.num_experts + 1).permute(2, 1, 0)
     hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    up, down = self.up, self.down
     for e in hit:
-        e = e[0]  # index E (the sentinel column) would reach self.up[E] when every index runs
+        e = e[0]  # index E (the sentinel column) would reach up[E] when every index runs
         slot, tok = torch.where(mask[e])
-        out.index_add_(0, tok, (x[tok] @ self.up[e].t()) @ self.down[e].t() * w[tok, slot, None])
+        out.index_add_(0, tok, (x[tok] @ up[e].t()) @ down[e].t() * w[tok, slot, None])
     return out
+
+
+def _rows_not_from_mask(self, x, ids, w):
+    out = torch.zeros_like(x)
+    mask = torch.nn.functional.one_hot(ids, num_classes=self.num_experts + 1).permute(2, 1, 0)
+    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for e in hit:
+        e = e[0]
+        if e == self.num_experts:
+            continue
+        rows = torch.arange(x.shape[0])  # every row, hit or not: an unhit expert would add
+        out.index_add_(0, rows, x @ self.up[e].t() @ self.down[e].t())
+    return out
+
+
+def _mask_not_one_hot(self, x, ids, w):
+    out = torch.zeros_like(x)
+    mask = (torch.nn.functional.one_hot(ids, self.num_experts + 1) - 1).permute(2, 1, 0)
+    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()  # negative entries: sums cancel
+    for e in hit:
+        e = e[0]
+        if e == self.num_experts:
+            continue
+        slot, tok = torch.where(mask[e])
+        out.index_add_(0, tok, x[tok] @ self.up[e].t() @ self.down[e].t())
+    return out
+
+
+def _empty_skip_of_other_rows(self, x, ids, w):
+    out = torch.zeros_like(x)
+    mask = torch.nn.functional.one_hot(ids, self.num_experts + 1).permute(2, 1, 0)
+    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().squeeze(-1)
+    for e in hit:
+        e = e.item()
+        slot, tok = torch.where(mask[e])
+        if slot.numel() == 0:
+            continue
+        out.index_add_(0, tok, x[tok] @ self.up[e].t() @ self.down[e].t())
+        out.index_add_(0, slot, x[slot])
+    return out
+
+
+class _NemotronStyle(_Experts):
+    """Nemotron-H's eager loop: ``nonzero().squeeze(-1)`` read with ``.item()``, no sentinel
+    skip (the weights indexed by the expert bound the loop), an empty-selection skip."""
+
+    def forward(self, x, ids, w):
+        out = torch.zeros_like(x, dtype=w.dtype)
+        with torch.no_grad():
+            mask = torch.nn.functional.one_hot(ids, num_classes=self.num_experts + 1)
+            mask = mask.permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().squeeze(-1)
+        for e in hit:
+            e = e.item()
+            slot, tok = torch.where(mask[e])
+            if tok.numel() == 0:
+                continue
+            h = torch.relu(F.linear(x[tok], self.up[e])) ** 2
+            h = F.linear(h, self.down[e]) * w[tok, slot, None]
+            out.index_add_(0, tok, h.to(out.dtype))
+        return out.to(x.dtype)
 
 
 def test_bridged_forward_equals_the_original():
@@ -138,12 +200,49 @@ def test_bridged_forward_equals_the_original():
     assert torch.equal(fn(m, x, ids, w), m(x, ids, w))
 
 
+def test_nemotron_style_loop_bridged_and_equal():
+    """A loop with no sentinel skip runs every index below the expert weights' length (the
+    sentinel column past them is never hit by a valid top-k); the empty skip is dropped."""
+    torch.manual_seed(0)
+    m = _NemotronStyle()
+    fn = bridge.bridged_forward(_NemotronStyle.forward)
+    assert fn is not _NemotronStyle.forward, bridge.why_not_bridged(_NemotronStyle.forward)
+    x, w = torch.randn(10, 8), torch.rand(10, 2)
+    ids = torch.randint(0, 4, (10, 2)).clamp(max=2)  # expert 3 hit by no token
+    assert torch.equal(fn(m, x, ids, w), m(x, ids, w))
+    # no sentinel, no weights indexed (a local alias): left as written
+    assert bridge.bridged_forward(_no_sentinel_skip) is _no_sentinel_skip
+
+
+def test_nemotron_style_loop_one_graph():
+    """The Nemotron-style loop traces into one graph under the capmoe bridges, equal to eager."""
+    torch.manual_seed(1)
+    m = _NemotronStyle()
+    cnt = CompileCounter()
+    cnt.backend_ctx_ctor = bridge.capture_context
+    x, w, ids = torch.randn(12, 8), torch.rand(12, 2), torch.randint(0, 4, (12, 2))
+
+    fn = bridge.bridged_forward(_NemotronStyle.forward)
+
+    def run(x, ids, w):
+        return fn(m, x, ids, w)
+
+    torch._dynamo.reset()
+    got = torch.compile(run, backend=cnt, fullgraph=True)(x, ids, w)
+    torch._dynamo.reset()
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(got, m(x, ids, w))
+
+
 def test_unsafe_loops_are_not_bridged():
     for fn, why in (
         (_unsafe_item, ".item()"),
         (_unsafe_setitem, "writes into a tensor"),
         (_unsafe_leak, "read after it"),
         (_no_sentinel_skip, "sentinel"),
+        (_rows_not_from_mask, "rows other than torch.where(mask[e])"),
+        (_mask_not_one_hot, "not a one_hot"),
+        (_empty_skip_of_other_rows, "empty selection"),
     ):
         assert bridge.bridged_forward(fn) is fn
         assert why in bridge.why_not_bridged(fn)

@@ -182,8 +182,9 @@ def test_family_capacity_on_equals_oracle(results, name):
 
 
 # experts_implementation="eager": transformers' loop over the experts hit (``nonzero``), which
-# the capmoe compiles bridge into one graph (capmoe_compile/bridge.py). These must be matched.
-EAGER_MATCHED = ("mixtral", "deepseek_v3")
+# the capmoe compiles bridge into one graph (capmoe_compile/bridge.py). These must be matched
+# (Nemotron-H's loop: no sentinel skip, ``.item()`` indices, an empty-selection skip).
+EAGER_MATCHED = ("mixtral", "deepseek_v3", "nemotron_h")
 # and these compiled and compared (left as written where their experts have no known form)
 EAGER_FAMILIES = (*EAGER_MATCHED, "gpt_oss")
 
