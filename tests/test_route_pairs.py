@@ -86,9 +86,10 @@ def test_pairs_can_fail():
     assert not torch.equal(got, want)
 
 
+@pytest.mark.parametrize("form", ["pairs", "dense"])
 @pytest.mark.parametrize("policy", ["score", "reroute", "order", "random"])
 @pytest.mark.parametrize("tracer", ["make_fx", "aot"])
-def test_pairs_trace_with_static_shapes(policy, tracer):
+def test_pairs_trace_with_static_shapes(policy, tracer, form, monkeypatch):
     """``route_reference`` traced under fake tensors with static shapes (as AOTAutograd traces
     the static EP layer of ``distributed/functional.py``) reads no value off a tensor, and the
     traced graph equals eager, ``-inf`` keys (the rank correction) and padding included. Reading
@@ -98,6 +99,7 @@ def test_pairs_trace_with_static_shapes(policy, tracer):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     T, E, k, G = 24, 8, 2, 2
+    monkeypatch.setattr(routing, "DENSE_CELLS", -1 if form == "pairs" else T * E)
     key_te, ids, valid, _ = _case(3, T, E, k, G, "special")
     probs = torch.where(key_te.isnan(), 0.5, key_te)  # -inf, +inf, -0.0 and ties stay
     assert bool((probs.gather(1, ids) == float("-inf")).any())
@@ -133,6 +135,9 @@ def test_pairs_trace_with_static_shapes(policy, tracer):
 
 
 def _reroute_with(dense: bool, probs, ids, w, valid, G, rounds, gamma, monkeypatch):
+    # the pair ranking and rounds whatever the size (route_reference's size dispatch would
+    # take the dense form at these sizes); ``dense``: the dense rounds behind the pair ranking
+    monkeypatch.setattr(routing, "DENSE_CELLS", -1)
     if dense:
 
         def d(P, ids, kept_slot, rows_valid, out_ids, out_w, cap_g, G_, scale, r):
@@ -200,3 +205,43 @@ def test_reroute_pairs_match_dense(T, E, k, G, kind, monkeypatch):
         )
         changed += not torch.equal(a[0], score[0])
     assert changed  # the rounds re-routed something
+
+
+@pytest.mark.parametrize("policy", routing.PAIR_POLICIES)
+@pytest.mark.parametrize(
+    ("T", "E", "k", "G", "dense"),
+    # routing.DENSE_CELLS = 8192 T*E cells: the dense form at and below, the pairs above
+    [(16, 8, 2, 1, True), (1024, 8, 2, 4, True), (1032, 8, 2, 4, False), (130, 64, 8, 1, False)],
+)
+def test_route_size_dispatch(T, E, k, G, dense, policy, monkeypatch):
+    """``route_reference``'s size dispatch (dense ranking and reroute rounds up to
+    ``DENSE_CELLS`` cells, the pair forms above) on both sides of the switch: it takes the
+    expected form, and its result equals both forms forced, bit for bit (tied scores,
+    ``-inf``, an expert twice in a row, padding rows, groups)."""
+    assert (T * E <= routing.DENSE_CELLS) == dense
+    g = torch.Generator().manual_seed(T + E)
+    probs = ((torch.rand(T, E, generator=g) * 8).round() / 8).softmax(-1)  # tied scores
+    probs[torch.rand(T, E, generator=g) < 0.05] = float("-inf")
+    w, ids = probs.topk(k, -1)
+    ids[torch.rand(T, generator=g) < 0.1, -1] = ids[0, 0]  # some rows select an expert twice
+    kw = dict(capacity_factor=0.75, policy=policy, reroute_rounds=2, seed=5)
+    kw.update(capacity_scope="sequence" if G > 1 else "batch", num_sequences=G)
+    pair_calls, cells_default = [], routing.DENSE_CELLS
+    spy = routing._keep_selected
+
+    def counted(*a, **k):
+        pair_calls.append(1)
+        return spy(*a, **k)
+
+    monkeypatch.setattr(routing, "_keep_selected", counted)
+    for valid in (None, torch.rand(T, generator=g) > 0.2):
+        pair_calls.clear()
+        got = routing.route_reference(probs, ids, w, valid=valid, **kw)
+        assert bool(pair_calls) != dense
+        assert bool((got[0] == E).any())  # capacity dropped something
+        for cells in (-1, 1 << 62):  # the pair form, the dense form
+            monkeypatch.setattr(routing, "DENSE_CELLS", cells)
+            want = routing.route_reference(probs, ids, w, valid=valid, **kw)
+            monkeypatch.setattr(routing, "DENSE_CELLS", cells_default)
+            assert torch.equal(got[0], want[0]), cells
+            assert torch.equal(got[1].nan_to_num(-7.0), want[1].nan_to_num(-7.0)), cells
