@@ -24,6 +24,12 @@ into an fp32 ``[T, H]`` output. What makes it the fast CPU path (measured in
   into one ``[rows, H]`` slab, and the slab is weighted and combined (``index_add_``) once.
   Per expert that leaves the two GEMMs and the in-place activation: with E = 64..256 small
   experts, or at decode, the per-op cost of a host loop is what decides the time.
+- Few rows, one intra-op thread, fp32: groups of at most ``cpu_gemm.MAX_ROWS`` rows go
+  through ``cpu_gemm``'s kernel, which reads the weight as stored (``[out, in]``) instead of
+  having MKL pack it on every call: decode op (T=16, H=1024, F=2048, E=8) 45 -> 23 ms, thread
+  time, loaded machine (``lowering/cpu_gemm.py`` has the per-product figures). Layers it does
+  not take (bf16, ``[in, out]`` storage, H < ``cpu_gemm.MIN_IN``, more threads) keep the rules
+  below.
 - Small groups are computed transposed, ``W^T @ rows^T`` (:func:`_transposed_rows`): MKL's
   fp32 GEMM with few rows against a large transposed weight packs the weight on every call.
   With one intra-op thread that pays for 2..6-row groups (1.3-1.5x per expert); with two or
@@ -52,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts import ACTIVATIONS, ExpertForm
+from . import cpu_gemm
 
 #: Upper bound on one chunk's widest intermediate ([rows, 2F] of the gate/up GEMM). Well under
 #: glibc's largest dynamic mmap threshold (32 MiB), so the buffers come from the heap.
@@ -121,12 +128,23 @@ def _w(p: dict[str, torch.Tensor], f: ExpertForm, role: str, e: int, ws=None) ->
 _SLOT = {"gate_up": "gu", "gate": "g", "up": "u", "down": "y"}
 
 
-def _lin(h: torch.Tensor, p, f: ExpertForm, role: str, e: int, ws=None, out=None):
-    """``h @ W + b``: rows ``h`` [n, in] -> [n, out], into ``out`` or scratch."""
+def _lin(h: torch.Tensor, p, f: ExpertForm, role: str, e: int, ws=None, out=None, nt=None):
+    """``h @ W + b``: rows ``h`` [n, in] -> [n, out], into ``out`` or scratch. ``nt``: the
+    few-row kernel (``cpu_gemm.kernel()``), used for at most ``cpu_gemm.MAX_ROWS`` rows of a
+    weight stored ``[out, in]`` with ``in >= cpu_gemm.MIN_IN``; otherwise ``torch.mm``."""
     w = _w(p, f, role, e, ws)
     if out is None:
         out = _scratch(_SLOT[role], (h.shape[0], w.shape[1]), h.dtype)
-    y = torch.mm(h, w, out=out)
+    if (
+        nt is not None
+        and h.shape[0] <= cpu_gemm.MAX_ROWS
+        and w.shape[0] >= cpu_gemm.MIN_IN
+        and role not in f.transposed
+        and cpu_gemm.fits(h, w.t(), out)
+    ):
+        y = cpu_gemm.mm_nt(h, w.t(), out, nt)
+    else:
+        y = torch.mm(h, w, out=out)
     b = p.get("b_" + role)
     return y if b is None else y.add_(b[e])
 
@@ -139,13 +157,13 @@ def _lin_t(h_t: torch.Tensor, p, f: ExpertForm, role: str, e: int, ws=None) -> t
     return y if b is None else y.add_(b[e][:, None])
 
 
-def _expert(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None, out=None) -> torch.Tensor:
+def _expert(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None, out=None, nt=None):
     """Expert ``e`` on rows ``h`` [n, H] -> [n, H] in ``h``'s dtype (the math of
     ``ExpertForm.apply``, with the activation and the gating product in place); the result
-    goes into ``out`` (a contiguous [n, H]) when given."""
+    goes into ``out`` (a contiguous [n, H]) when given. ``nt``: see :func:`_lin`."""
 
     def project(role: str, v: torch.Tensor) -> torch.Tensor:
-        return _lin(v, p, f, role, e, ws, out if role == "down" else None)
+        return _lin(v, p, f, role, e, ws, out if role == "down" else None, nt)
 
     return f.mlp(h, project, act=functools.partial(_act_, f.act), inplace=True)
 
@@ -194,6 +212,17 @@ def _transposed_rows(big: bool) -> range:
     if torch.get_num_threads() < TRANSPOSED_MIN_THREADS:
         return ONE_THREAD_ROWS
     return TRANSPOSED_ROWS if big else range(0)
+
+
+def _few_row_kernel(f: ExpertForm, dtype: torch.dtype, H: int):
+    """``cpu_gemm``'s few-row kernel for this call, or ``None``: fp32 layers whose weights
+    are stored ``[out, in]`` and whose hidden size is at least ``cpu_gemm.MIN_IN``, with one
+    intra-op thread (the kernel runs on the calling thread alone; with more, ``torch.mm``
+    spreads one product over them). Where it is used, no group is computed transposed: the
+    kernel reads the weight as stored, which is what the transposed form was for."""
+    if dtype != torch.float32 or torch.get_num_threads() != 1 or f.transposed:
+        return None
+    return cpu_gemm.kernel() if H >= cpu_gemm.MIN_IN else None
 
 
 def _chunk_rows(f: ExpertForm, params: dict[str, torch.Tensor], elem: int) -> int:
@@ -268,7 +297,10 @@ def experts_cpu(
     # Kept pairs' routing weights in expert order, fp32, gathered once.
     w_all = weights.reshape(-1).index_select(0, order).to(torch.float32)
     rows_per = _chunk_rows(f, p, x.element_size())
-    t_rows = _transposed_rows(p["down"][0].numel() >= TRANSPOSED_MIN_HF)
+    nt = _few_row_kernel(f, x.dtype, H)
+    t_rows = (
+        range(0) if nt is not None else _transposed_rows(p["down"][0].numel() >= TRANSPOSED_MIN_HF)
+    )
     w_roles = {r: p[r].unbind(0) for r in f.roles if not r.startswith("b_")}
     # Segments of consecutive experts: one gather of their rows, the experts' outputs written
     # side by side into one slab, one weighting and one combine per segment (not per expert:
@@ -291,7 +323,7 @@ def experts_cpu(
                 if n in t_rows:
                     ys[a : a + n].copy_(_expert_t(rows, p, f, e, w_roles))
                 else:
-                    _expert(rows, p, f, e, w_roles, out=ys[a : a + n])
+                    _expert(rows, p, f, e, w_roles, out=ys[a : a + n], nt=nt)
             s += c
         y = (
             ys

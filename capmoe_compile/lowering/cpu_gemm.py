@@ -1,0 +1,177 @@
+"""A few-row fp32 GEMM for the CPU experts op: ``y = x @ w.T`` with ``w`` as stored ``[out, in]``.
+
+Why: with one intra-op thread, MKL's ``sgemm`` against a large weight it has to treat as
+transposed (nn.Linear's ``[out, in]``) costs far more than the weight's bytes when only a few
+rows multiply it: it packs the weight on every call. Measured on this project's machine (AMD
+EPYC, AVX2, one thread, thread CPU time, ``benchmarks/layer_probes.py small-m``): a
+``[16, 1024] x [1024, 4096]`` product 8.6 ms with ``torch.mm``, 3.6 ms here; the decode
+layer's down projection ``[10, 2048] x [2048, 1024]`` 1.9 vs 0.9 ms; a fine-grained expert's
+``[11, 1024] x [1024, 32]`` 26 vs 13 us (MKL's per-call setup). From ~256 rows on MKL's
+blocked kernel is as fast or faster, and with a tiny reduction (``in`` = 16) the per-dot
+horizontal sums dominate here: the caller uses this only for few rows and ``in >= 256``.
+
+The kernel reads ``w`` where it lies (no packed copy, nothing cached, nothing to invalidate):
+each output ``y[m, n]`` is one dot product over ``in``, computed 8 lanes wide with FMA and
+summed across lanes at the end; 3 rows x 4 weight rows are computed together (12 accumulators)
+so each weight row, loaded once from memory, is reused from L1 by every row block. Its
+arithmetic per element does not depend on ``M`` or on a row's position (the same chain over
+``in`` for every ``(m, n)``), so results do not depend on batch composition; they differ from
+``torch.mm`` by fp32 reassociation only.
+
+Compiled once through Inductor's C++ code cache (the same compiler and cache directory as
+Inductor's own CPU kernels; a few seconds the first time, loaded from the cache after that).
+Only on x86-64 CPUs where ATen itself dispatches AVX2 or AVX-512 (which imply FMA); anywhere
+else, or if the compile fails, :func:`kernel` returns ``None`` and the caller keeps
+``torch.mm``. ``CAPMOE_CPU_GEMM=0`` in the environment turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import threading
+import warnings
+
+import torch
+
+#: Most rows of one product computed here (measured: 1.1-1.4x ``torch.mm`` at 128 rows of a
+#: 1024 x 512 and a 4096 x 1024 weight; equal at 256).
+MAX_ROWS = 128
+#: Fewest ``in`` elements (the reduction) computed here: at ``in`` = 16 the horizontal sums
+#: cost more than MKL's setup (``[64, 16] x [16, 1024]``: 123 vs 52 us).
+MIN_IN = 256
+
+_SRC = r"""
+#include <immintrin.h>
+#include <stdint.h>
+
+#define T_AVX2 __attribute__((target("avx2,fma")))
+
+extern "C" {
+
+T_AVX2 static inline float capmoe_hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[i, j] = sum_k x[i, k] * w[j, k] for i < MB, j < NB; the tail k >= K8 in scalar code.
+#define CAPMOE_BLOCK(MB, NB)                                                              \
+  T_AVX2 static void capmoe_blk_##MB##_##NB(const float* x, int64_t ldx, const float* w, \
+                                            int64_t ldw, float* y, int64_t ldy,          \
+                                            int64_t K) {                                 \
+    __m256 acc[MB][NB];                                                                   \
+    for (int i = 0; i < MB; i++)                                                          \
+      for (int j = 0; j < NB; j++) acc[i][j] = _mm256_setzero_ps();                       \
+    const int64_t K8 = K - K % 8;                                                         \
+    for (int64_t k = 0; k < K8; k += 8) {                                                 \
+      __m256 wv[NB];                                                                      \
+      for (int j = 0; j < NB; j++) wv[j] = _mm256_loadu_ps(w + j * ldw + k);              \
+      for (int i = 0; i < MB; i++) {                                                      \
+        __m256 xv = _mm256_loadu_ps(x + i * ldx + k);                                     \
+        for (int j = 0; j < NB; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);   \
+      }                                                                                   \
+    }                                                                                     \
+    for (int i = 0; i < MB; i++)                                                          \
+      for (int j = 0; j < NB; j++) {                                                      \
+        float s = capmoe_hsum(acc[i][j]);                                                 \
+        for (int64_t k = K8; k < K; k++) s += x[i * ldx + k] * w[j * ldw + k];            \
+        y[i * ldy + j] = s;                                                               \
+      }                                                                                   \
+  }
+
+CAPMOE_BLOCK(1, 4) CAPMOE_BLOCK(2, 4) CAPMOE_BLOCK(3, 4)
+CAPMOE_BLOCK(1, 1) CAPMOE_BLOCK(2, 1) CAPMOE_BLOCK(3, 1)
+
+typedef void (*capmoe_blk)(const float*, int64_t, const float*, int64_t, float*, int64_t,
+                           int64_t);
+
+// y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ w [N, K] (row stride ldw)^T
+T_AVX2 void capmoe_gemm_nt_f32(const float* x, int64_t ldx, const float* w, int64_t ldw,
+                               float* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+  static const capmoe_blk wide[4] = {0, capmoe_blk_1_4, capmoe_blk_2_4, capmoe_blk_3_4};
+  static const capmoe_blk one[4] = {0, capmoe_blk_1_1, capmoe_blk_2_1, capmoe_blk_3_1};
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4)
+    for (int64_t m = 0; m < M; m += 3) {
+      const int64_t mb = M - m < 3 ? M - m : 3;
+      wide[mb](x + m * ldx, ldx, w + n * ldw, ldw, y + m * ldy + n, ldy, K);
+    }
+  for (; n < N; n++)
+    for (int64_t m = 0; m < M; m += 3) {
+      const int64_t mb = M - m < 3 ? M - m : 3;
+      one[mb](x + m * ldx, ldx, w + n * ldw, ldw, y + m * ldy + n, ldy, K);
+    }
+}
+
+}  // extern "C"
+"""
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _supported_cpu() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and (
+        torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    )
+
+
+def kernel():
+    """The compiled ``capmoe_gemm_nt_f32`` (a ctypes function), or ``None`` where it is not
+    available (not x86-64 with AVX2, ``CAPMOE_CPU_GEMM=0``, or the compile failed: warned
+    once)."""
+    fn = _state.get("fn", False)
+    if fn is not False:
+        return fn
+    with _lock:
+        if "fn" in _state:
+            return _state["fn"]
+        fn = None
+        if os.environ.get("CAPMOE_CPU_GEMM", "1") != "0" and _supported_cpu():
+            try:
+                from torch._inductor.codecache import CppCodeCache
+
+                fn = CppCodeCache.load(_SRC).capmoe_gemm_nt_f32
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 3
+                fn.restype = None
+            except Exception as e:  # no compiler, unexpected toolchain: keep torch.mm
+                warnings.warn(f"capmoe: CPU few-row GEMM kernel unavailable ({e!r})", stacklevel=2)
+                fn = None
+        _state["fn"] = fn
+        return fn
+
+
+def mm_nt(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, fn) -> torch.Tensor:
+    """``out = x @ w.T`` with the kernel ``fn`` (from :func:`kernel`): ``x`` [M, K], ``w``
+    [N, K], ``out`` [M, N], all fp32 on the CPU with unit stride along their last dim (rows
+    may be strided). The caller checks these (:func:`fits`)."""
+    M, K = x.shape
+    fn(
+        x.data_ptr(),
+        x.stride(0),
+        w.data_ptr(),
+        w.stride(0),
+        out.data_ptr(),
+        out.stride(0),
+        M,
+        w.shape[0],
+        K,
+    )
+    return out
+
+
+def fits(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether :func:`mm_nt` may compute ``out = x @ w.T`` (dtypes, layouts, shapes)."""
+    return (
+        x.dtype == w.dtype == out.dtype == torch.float32
+        and x.dim() == w.dim() == out.dim() == 2
+        and x.shape[1] == w.shape[1]
+        and out.shape == (x.shape[0], w.shape[0])
+        and x.stride(1) == 1
+        and w.stride(1) == 1
+        and out.stride(1) == 1
+        and x.device.type == w.device.type == out.device.type == "cpu"
+    )

@@ -1,0 +1,111 @@
+"""The CPU experts op's few-row fp32 GEMM kernel (``capmoe_compile.lowering.cpu_gemm``).
+
+Against a float64 ``x @ w.T`` on shapes that hit every block and tail of the kernel (rows not
+a multiple of 3, weight rows not a multiple of 4, reductions not a multiple of 8, strided
+rows, an output that is a column window of a wider buffer whose other columns must stay
+untouched), row-by-row independence of the batch, and ``capmoe::experts_cpu`` with the kernel
+on and off against the reference on groups around ``cpu_gemm.MAX_ROWS`` (the kernel's calls
+counted, so the test fails if the op stops using it). Skipped only where the kernel is not
+available (not x86-64 with AVX2, or no C++ compiler).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from expert_cases import FORMS, NAN, make_params
+from expert_cases import gen as _gen
+
+from capmoe_compile.experts import moe_experts_reference
+from capmoe_compile.lowering import cpu_experts, cpu_gemm
+
+FN = cpu_gemm.kernel()
+pytestmark = pytest.mark.skipif(FN is None, reason="few-row kernel unavailable on this machine")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_poison():
+    """One intra-op thread (the op uses the kernel only then); uninitialised memory is NaN."""
+    threads = torch.get_num_threads()
+    was = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def test_kernel_shapes_strides_tails():
+    g = torch.Generator().manual_seed(0)
+    for M in (1, 2, 3, 4, 7, 128):
+        for N in (1, 3, 4, 5, 9, 64):
+            for K in (0, 1, 7, 8, 9, 17, 256, 300):
+                x = torch.randn(M, K + 5, generator=g)[:, 2 : 2 + K]
+                w = torch.randn(N, K + 3, generator=g)[:, :K]
+                buf = torch.full((M, N + 6), NAN)
+                out = buf[:, 3 : 3 + N]
+                assert cpu_gemm.fits(x, w, out)
+                cpu_gemm.mm_nt(x, w, out, FN)
+                ref = (x.double() @ w.double().t()).float()
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1, K) ** 0.5)
+                assert buf[:, :3].isnan().all() and buf[:, 3 + N :].isnan().all()
+
+
+def test_kernel_rows_independent_of_batch():
+    """A row's result is bit-for-bit the same whatever other rows share the call."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 264, generator=g)
+    w = torch.randn(37, 264, generator=g)
+    full = cpu_gemm.mm_nt(x, w, torch.empty(40, 37), FN)
+    for lo, hi in ((0, 1), (5, 7), (11, 40), (3, 6)):
+        part = cpu_gemm.mm_nt(x[lo:hi], w, torch.empty(hi - lo, 37), FN)
+        assert torch.equal(part, full[lo:hi])
+
+
+def test_fits_refuses():
+    x, w, out = torch.randn(4, 8), torch.randn(5, 8), torch.empty(4, 5)
+    assert cpu_gemm.fits(x, w, out)
+    assert not cpu_gemm.fits(x.double(), w.double(), out.double())
+    assert not cpu_gemm.fits(x.t().contiguous().t(), w, out)  # column-major rows
+    assert not cpu_gemm.fits(x, w.t().contiguous().t(), out)
+    assert not cpu_gemm.fits(x, w, torch.empty(5, 4).t())
+    assert not cpu_gemm.fits(x, w[:, :7], out)
+
+
+# Groups around the op's switch (kernel up to MAX_ROWS rows, torch.mm above), an empty expert.
+SIZES = (1, 2, 5, 0, cpu_gemm.MAX_ROWS, cpu_gemm.MAX_ROWS + 1, 300)
+
+
+@pytest.mark.parametrize("form_name", list(FORMS))
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "mm"])
+def test_experts_cpu_with_kernel(form_name, kernel, monkeypatch):
+    form = FORMS[form_name]
+    H, F, E = cpu_gemm.MIN_IN, cpu_gemm.MIN_IN + 8, len(SIZES)
+    gen = _gen("cpu_gemm", form_name)
+    flat = torch.cat([torch.full((n,), e) for e, n in enumerate(SIZES)] + [torch.full((9,), E)])
+    ids = flat[torch.randperm(flat.numel(), generator=gen)].reshape(-1, 1)
+    params = make_params(form, E, H, F, torch.float32, gen)
+    x = torch.randn(ids.shape[0], H, generator=gen).masked_fill(ids == E, NAN)
+    w = (torch.rand(ids.shape, generator=gen) + 0.05).masked_fill(ids == E, NAN)
+    calls = []
+    real = cpu_gemm.mm_nt
+    monkeypatch.setattr(cpu_gemm, "mm_nt", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    if not kernel:
+        monkeypatch.setitem(cpu_gemm._state, "fn", None)
+    got = cpu_experts.experts_cpu(x, ids, w, params, form.to_str())
+    ref = moe_experts_reference(x, ids, w.nan_to_num(0.0), params, form)
+    assert not got.isnan().any()
+    assert (got[(ids == E).all(-1)] == 0).all()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    if kernel and not form.transposed:
+        # both projections of every group of at most MAX_ROWS rows, no larger group
+        small = [n for n in SIZES if 0 < n <= cpu_gemm.MAX_ROWS]
+        per_group = 3 if "gate" in form.roles else 2
+        assert sorted(calls) == sorted(small * per_group)
+    else:  # off, or weights stored [in, out] (the kernel reads [out, in])
+        assert calls == []
