@@ -18,22 +18,42 @@ from capmoe_compile.testing import generator as G
 
 
 def _cover_every_spelling() -> list[G.LayerSpec]:
-    """Every router with two dispatches and every dispatch with two or three routers (a cyclic
-    cover of router x dispatch: all 56 pairs run in the benchmark), other choices random but
-    seeded."""
+    """Every router with two dispatches and every dispatch with two routers (a cyclic cover of
+    router x dispatch: all pairs run in the benchmark), every expert form and every activation
+    several times among them (cyclic too), other choices random but seeded. Issue 14's
+    spellings are among them: bias-corrected and argmax routers, ``torch.where`` loops over
+    stacked and ``nn.ModuleList`` experts, transformers' eager loop over the experts hit (and
+    Nemotron-H's), squared ReLU, GPT-OSS clamped interleaved gating, softcapped SwiGLU."""
     rng = random.Random(12)
     out = []
     pairs = [
-        (router, G.DISPATCHES[(i + j) % len(G.DISPATCHES)])
+        (router, G.DISPATCHES[(2 * i + j) % len(G.DISPATCHES)])
         for i, router in enumerate(G.ROUTERS)
         for j in range(2)
     ]
+    acts = tuple(G.ACTIVATIONS)
     for i, (router, dispatch) in enumerate(pairs):
         spec = G.random_spec(rng, seed=10_000 + i)
-        k = 1 if router == "softmax_max_top1" else spec.k
-        dtype = "bfloat16" if dispatch == "grouped_mm" else spec.dtype
-        out.append(dataclasses.replace(spec, router=router, dispatch=dispatch, k=k, dtype=dtype))
+        form = G.FORMS[i % len(G.FORMS)]
+        act = "silu" if form in ("gptoss", "softcap") else acts[i % len(acts)]
+        # Dynamo unrolls the loops over experts: at most 8 of them keeps each trace short
+        E = min(spec.E, 8) if dispatch in LOOPS else spec.E
+        out.append(
+            dataclasses.replace(
+                spec,
+                router=router,
+                dispatch=dispatch,
+                form=form,
+                act=act,
+                E=E,
+                k=1 if router in G.TOP1 else min(spec.k, E // 2),
+                dtype="bfloat16" if dispatch == "grouped_mm" else spec.dtype,
+            )
+        )
     return out
+
+
+LOOPS = ("expert_loop", "where_loop", "modulelist_where", "hit_loop", "hit_loop_item")
 
 
 EVERY_SPELLING = _cover_every_spelling()

@@ -36,7 +36,12 @@ ROUTERS = (
     "sigmoid_topk_renorm",  # P = sigmoid; W, S = topk(P), renormalised, scaled
     "sigmoid_bias_topk",  # S = topk(sigmoid + bias); W = P at S, renormalised (DeepSeek-V3)
     "scaled_logits",  # S = topk(logits / tau); W = softmax over selected: P not identified
+    # issue 14's spellings
+    "softmax_bias_topk",  # S = topk(softmax + bias); W = P at S, renormalised (Ernie-4.5)
+    "logits_bias_topk",  # S = topk(logits + bias); W = sigmoid(logits at S), renormalised
+    "softmax_argmax_top1",  # S = argmax(P); W = P at S (GShard/Switch by argmax)
 )
+TOP1 = ("softmax_max_top1", "softmax_argmax_top1")
 DISPATCHES = (
     "gather_einsum",  # per pair: gather the expert's weights, einsum
     "grouped_mm",  # sort pairs by expert, torch._grouped_mm with offsets, unsort
@@ -45,8 +50,16 @@ DISPATCHES = (
     "sorted_index_add",  # sort pairs, gather weights per row, index_add_ back
     "bmm_capacity",  # [E, cap, H] buffers with cap = T: never drops (dropless)
     "bmm_own_capacity",  # [E, cap, H] with the model's own cap: drops late pairs
+    # issue 14's spellings: data-dependent shapes and loops, bridged by capmoe's compiles
+    "where_loop",  # for e in range(E): torch.where(ids == e), index_add_ (stacked weights)
+    "modulelist_where",  # the same over an nn.ModuleList of expert modules
+    "hit_loop",  # transformers' eager experts loop over the experts hit (nonzero), sentinel skip
+    "hit_loop_item",  # Nemotron-H's: nonzero().squeeze(-1), .item(), empty skip, no sentinel
 )
-FORMS = ("gate_up", "up_gate", "gate_and_up", "mlp")
+# gptoss: interleaved gate/up, gate clamped to LIMIT, up to [-LIMIT, LIMIT],
+# g * sigmoid(ALPHA * g) * (up + 1) (GPT-OSS); softcap: tanh-capped SwiGLU (Inkling-2)
+FORMS = ("gate_up", "up_gate", "gate_and_up", "mlp", "gptoss", "softcap")
+LIMIT, ALPHA, SOFTCAP = 0.8, 1.702, (4.0, 25.0)
 # The generator's own table (not capmoe's ``experts.ACTIVATIONS``): its layers and oracle
 # must not share code with what they test.
 ACTIVATIONS = {
@@ -54,6 +67,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x) ** 2,
 }
 
 
@@ -92,13 +106,15 @@ def random_spec(rng: random.Random, seed: int) -> LayerSpec:
     router = rng.choice(ROUTERS)
     dispatch = rng.choice(DISPATCHES)
     E = rng.choice((4, 6, 8, 16))
-    k = 1 if router == "softmax_max_top1" else rng.choice((1, 2, 2, 3, 4))
+    k = 1 if router in TOP1 else rng.choice((1, 2, 2, 3, 4))
     k = min(k, E // 2)
+    form = rng.choice(FORMS)
+    act = rng.choice(tuple(ACTIVATIONS))
     return LayerSpec(
         router=router,
         dispatch=dispatch,
-        form=rng.choice(FORMS),
-        act=rng.choice(tuple(ACTIVATIONS)),
+        form=form,
+        act="silu" if form in ("gptoss", "softcap") else act,  # their gating is their own
         bias=rng.random() < 0.3,
         transposed=rng.random() < 0.5,
         shared=rng.random() < 0.2,
@@ -137,9 +153,11 @@ class GeneratedMoE(nn.Module):
             self.direction = torch.randn(s.H, generator=g)
             self.direction /= self.direction.norm()
             self.gate.weight.add_(torch.linspace(1.5, -1.5, s.E)[:, None] * self.direction)
-        if s.router == "sigmoid_bias_topk":
+        if s.router in ("sigmoid_bias_topk", "logits_bias_topk"):
             self.register_buffer("bias", torch.randn(s.E, generator=g) * 0.5)
-        gated_out = 2 * s.F if s.form in ("gate_up", "up_gate") else s.F
+        if s.router == "softmax_bias_topk":
+            self.register_buffer("bias", torch.randn(s.E, generator=g) * 0.05)
+        gated_out = s.F if s.form in ("gate_and_up", "mlp") else 2 * s.F
         shapes = {"w_in": (gated_out, s.H), "w_out": (s.H, s.F)}
         if s.form == "gate_and_up":
             shapes["w_gate"] = (s.F, s.H)
@@ -150,6 +168,13 @@ class GeneratedMoE(nn.Module):
                 setattr(self, "b" + name[1:], rand(s.E, o, scale=0.1))
         if s.shared:
             self.shared = nn.Sequential(nn.Linear(s.H, s.F), nn.SiLU(), nn.Linear(s.F, s.H))
+        if s.dispatch == "modulelist_where":
+            self.expert_list = nn.ModuleList(_ListExpert(self, e) for e in range(s.E))
+        if s.dispatch in ("hit_loop", "hit_loop_item"):
+            if _HitLoopExperts is None:
+                raise RuntimeError(f"{s.dispatch} needs transformers")
+            cls = _HitLoopExperts if s.dispatch == "hit_loop" else _HitLoopItemExperts
+            self.hit_experts = cls(_EagerConfig(), self)
         self.to(getattr(torch, s.dtype))
 
     # ---- the layer as written ------------------------------------------------------------
@@ -179,6 +204,19 @@ class GeneratedMoE(nn.Module):
         if r == "softmax_max_top1":
             w, ids = torch.max(torch.softmax(logits, dim=-1), dim=-1)
             return ids.unsqueeze(-1), w.unsqueeze(-1)
+        if r == "softmax_argmax_top1":
+            probs = torch.softmax(logits, dim=-1)
+            ids = torch.argmax(probs, dim=-1, keepdim=True)
+            return ids, probs.gather(1, ids)
+        if r == "softmax_bias_topk":
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            ids = torch.topk(probs + self.bias, s.k, dim=-1).indices
+            w = probs.gather(1, ids)
+            return ids, (w / w.sum(dim=-1, keepdim=True)).to(xf.dtype)
+        if r == "logits_bias_topk":
+            ids = torch.topk(logits.float() + self.bias, s.k, dim=-1).indices
+            w = logits.float().gather(1, ids).sigmoid()
+            return ids, (w / w.sum(dim=-1, keepdim=True)).to(xf.dtype)
         if r == "logits_topk_softmax":
             vals, ids = torch.topk(logits, s.k, dim=-1)
             return ids, torch.softmax(vals, dim=-1)
@@ -200,17 +238,7 @@ class GeneratedMoE(nn.Module):
         return w if self.spec.transposed else w.transpose(1, 2)
 
     def _hidden(self, h_in: torch.Tensor, h_gate: torch.Tensor | None) -> torch.Tensor:
-        act = ACTIVATIONS[self.spec.act]
-        form = self.spec.form
-        if form == "gate_up":
-            g, u = h_in.chunk(2, dim=-1)
-            return act(g) * u
-        if form == "up_gate":
-            u, g = h_in.chunk(2, dim=-1)
-            return act(g) * u
-        if form == "gate_and_up":
-            return act(h_gate) * h_in
-        return act(h_in)
+        return hidden_of(self.spec, h_in, h_gate)
 
     def _b(self, name: str, e: torch.Tensor | int | None = None):
         b = getattr(self, name, None)
@@ -272,11 +300,39 @@ class GeneratedMoE(nn.Module):
         return out
 
     def _one_expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
-        h_in = rows @ self._w("w_in")[e] + self._b("b_in", e)
+        return self._expert_rows(e, rows, self.w_in[e], self.w_out[e])
+
+    def _expert_rows(self, e: int, rows, w_in_e, w_out_e) -> torch.Tensor:
+        """Expert ``e`` on ``rows``, given its in and out weights as stored."""
+
+        def lin(w):
+            return w if self.spec.transposed else w.t()
+
+        h_in = rows @ lin(w_in_e) + self._b("b_in", e)
         h_gate = None
         if self.spec.form == "gate_and_up":
             h_gate = rows @ self._w("w_gate")[e] + self._b("b_gate", e)
-        return self._hidden(h_in, h_gate) @ self._w("w_out")[e] + self._b("b_out", e)
+        return self._hidden(h_in, h_gate) @ lin(w_out_e) + self._b("b_out", e)
+
+    def _where_loop(self, xf, ids, w):
+        out = torch.zeros_like(xf)
+        for e in range(self.spec.E):
+            tok, slot = torch.where(ids == e)
+            y = self._one_expert(e, xf[tok]) * w[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+    def _modulelist_where(self, xf, ids, w):
+        out = torch.zeros_like(xf)
+        for e, expert in enumerate(self.expert_list):
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, (expert(xf[tok]) * w[tok, slot, None]).to(out.dtype))
+        return out
+
+    def _hit_loop(self, xf, ids, w):
+        return self.hit_experts(xf, ids, w)
+
+    _hit_loop_item = _hit_loop
 
     def _sorted_index_add(self, xf, ids, w):
         k = ids.shape[1]
@@ -363,6 +419,113 @@ class GeneratedMoE(nn.Module):
         return x.to(getattr(torch, self.spec.dtype))
 
 
+def hidden_of(spec: LayerSpec, h_in: torch.Tensor, h_gate: torch.Tensor | None) -> torch.Tensor:
+    """The expert's hidden activation for ``spec``'s form, from its in (and gate) projection."""
+    act = ACTIVATIONS[spec.act]
+    form = spec.form
+    if form == "gate_up":
+        g, u = h_in.chunk(2, dim=-1)
+        return act(g) * u
+    if form == "up_gate":
+        u, g = h_in.chunk(2, dim=-1)
+        return act(g) * u
+    if form == "gate_and_up":
+        return act(h_gate) * h_in
+    if form == "gptoss":
+        g, u = h_in[..., ::2], h_in[..., 1::2]
+        g, u = g.clamp(max=LIMIT), u.clamp(min=-LIMIT, max=LIMIT)
+        return (u + 1) * (g * torch.sigmoid(g * ALPHA))
+    if form == "softcap":
+        g, u = h_in.float().chunk(2, dim=-1)
+        c_g, c_u = SOFTCAP
+        inner = torch.tanh(g / c_g) * c_g * torch.sigmoid(g) * (torch.tanh(u / c_u) * c_u)
+        return inner.to(h_in.dtype)
+    return act(h_in)
+
+
+class _ListExpert(nn.Module):
+    """Expert ``e`` of a generated layer as a module of its own (a copy of its weights), for
+    the ``nn.ModuleList`` dispatch."""
+
+    def __init__(self, owner: GeneratedMoE, e: int) -> None:
+        super().__init__()
+        self.spec = owner.spec
+        for name in ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out"):
+            p = getattr(owner, name, None)
+            if p is not None:
+                setattr(self, name, nn.Parameter(p[e].detach().clone()))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        def proj(name: str, h: torch.Tensor) -> torch.Tensor:
+            w = getattr(self, name)
+            b = getattr(self, "b" + name[1:], None)
+            y = h @ (w if self.spec.transposed else w.t())
+            return y if b is None else y + b
+
+        gate = proj("w_gate", rows) if self.spec.form == "gate_and_up" else None
+        return proj("w_out", hidden_of(self.spec, proj("w_in", rows), gate))
+
+
+class _EagerConfig:
+    _experts_implementation = "eager"
+
+
+try:  # transformers' decorator: its eager loop is what capmoe's bridge rewrites
+    from transformers.integrations.moe import use_experts_implementation
+except ImportError:  # pragma: no cover - the hit_loop dispatches need transformers
+    use_experts_implementation = None
+_HitLoopExperts = _HitLoopItemExperts = None
+
+if use_experts_implementation is not None:
+
+    @use_experts_implementation
+    class _HitLoopExperts(nn.Module):  # noqa: F811 - defined where transformers is
+        """transformers' eager experts loop (this project's own spelling of it), on the
+        generated layer's weights (shared with it)."""
+
+        def __init__(self, config, owner: GeneratedMoE) -> None:
+            super().__init__()
+            self.num_experts = owner.spec.E
+            self.w_in, self.w_out = owner.w_in, owner.w_out
+            object.__setattr__(self, "_owner", owner)  # not a submodule: no cycle
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            final = torch.zeros_like(hidden_states)
+            with torch.no_grad():
+                mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+                hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+            for e in hit:
+                e = e[0]
+                if e == self.num_experts:
+                    continue
+                slot, tok = torch.where(mask[e])
+                y = self._owner._expert_rows(e, hidden_states[tok], self.w_in[e], self.w_out[e])
+                y = y * top_k_weights[tok, slot, None]
+                final.index_add_(0, tok, y.to(final.dtype))
+            return final
+
+    @use_experts_implementation
+    class _HitLoopItemExperts(_HitLoopExperts):  # noqa: F811
+        """Nemotron-H's spelling: ``.nonzero().squeeze(-1)`` read with ``.item()``, no sentinel
+        skip, a skip of empty selections."""
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            final = torch.zeros_like(hidden_states, dtype=top_k_weights.dtype)
+            with torch.no_grad():
+                mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+                mask = mask.permute(2, 1, 0)
+                hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().squeeze(-1)
+            for e in hit:
+                e = e.item()
+                slot, tok = torch.where(mask[e])
+                if tok.numel() == 0:
+                    continue
+                y = self._owner._expert_rows(e, hidden_states[tok], self.w_in[e], self.w_out[e])
+                y = y * top_k_weights[tok, slot, None]
+                final.index_add_(0, tok, y.to(final.dtype))
+            return final.to(hidden_states.dtype)
+
+
 def oracle(layer: GeneratedMoE, x: torch.Tensor, **route_options) -> torch.Tensor:
     """What the capacity-aware layer must compute (SPEC.md), via ``capmoe_compile.route``."""
     from capmoe_compile import route
@@ -414,8 +577,12 @@ class _PassesThenEager:
     Keeps the passes' reports."""
 
     def __init__(self, inductor: bool) -> None:
+        from capmoe_compile.bridge import capture_context
+
         self.inductor = inductor
         self.reports: list = []
+        # the capmoe backend's graph-break bridges (capture flags, transformers' eager loop)
+        self.backend_ctx_ctor = capture_context
 
     def __call__(self, gm, example_inputs):
         from capmoe_compile.passes import run_passes
