@@ -26,6 +26,22 @@ Figures, per model, batch size and row (medians of interleaved repetitions, comm
   with ``--ppl`` (8 windows of 256 bytes of the standard library text it was not trained on;
   ``benchmarks/quality.py`` has the full sweep);
 - ``kept``: pairs computed / pairs the model selected, in the prefill (``record_stats``);
+- ``floor_tok_s`` (per batch size): the decode weight-bytes floor, ``B`` / (bytes of the
+  weights one decode step reads / the copy bandwidth measured in the same interleaved loop,
+  ``common.copy_bw_row`` of 256 MB, read + write). A decode step reads every weight once
+  (every expert's too, whatever the path, at these batch sizes); the input embedding counts
+  only where it is also the output projection (a lookup reads ``B`` rows of it). ``x floor``:
+  ``floor_tok_s`` / the row's decode tokens/s (1.0: at the floor);
+- ``expert_share`` (capmoe rows): the share of one profiled prefill (``generate(1)``) spent
+  in the expert ops (``torch.profiler``: CPU time of ``capmoe::experts_cpu``, or of
+  ``capmoe::grouped_mm`` where the layer runs the traced path; there the gather, activation
+  and combine kernels Inductor fused around them are not counted, so the share is a lower
+  bound); ``route_share`` the same for ``capmoe::route_layer``. ``model_ttft_s`` (capacity
+  rows): capmoe off's ``ttft_s`` with only its expert part scaled by ``kept``, ``off * (1 -
+  share) + off * share * kept``; ``ttft / model`` is the measured time over that (the issue's
+  bar: prefill faster in proportion to the pairs kept, within 15%, which can only hold for
+  the expert part); ``expert_ratio``: the row's expert time / capmoe off's (against
+  ``kept``: whether the expert part itself shrinks in proportion);
 - ``compile_s``: cold compile of the row's first ``generate`` call (Dynamo, capmoe's passes,
   Inductor, C++; caches off, ``fresh_cache``), minus the same call's warm time; reported on
   the first batch size only (later batch sizes reuse the graphs, except batch 1, which Dynamo
@@ -40,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import os
 import sys
@@ -50,6 +67,7 @@ from typing import Any
 import torch
 
 from .common import (
+    copy_bw_row,
     fmt_table,
     interleaved,
     json_line,
@@ -143,6 +161,49 @@ def perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
     return math.exp(total / count)
 
 
+#: The ops whose CPU time is the expert part of a capmoe layer (``expert_share``), and its route op.
+EXPERT_OPS = ("capmoe::experts_cpu", "capmoe::grouped_mm")
+ROUTE_OP = "capmoe::route_layer"
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of the weights one decode step reads: every parameter and buffer of floating
+    dtype once (shared ones once), except the input embedding, of which a step reads ``B``
+    rows, unless it is also the output projection."""
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if not t.is_floating_point() or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        if t.data_ptr() == emb.data_ptr() and not tied:
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def op_shares(call) -> dict[str, float]:
+    """One profiled ``call()``: the shares of its wall time spent in the expert ops and in the
+    route op (CPU time of the top-level events of those names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        call()
+        wall = time.perf_counter() - t0
+    expert = route = 0.0
+    for ev in prof.events():
+        if ev.cpu_parent is not None and ev.cpu_parent.name in (*EXPERT_OPS, ROUTE_OP):
+            continue  # nested in one counted already
+        if ev.name in EXPERT_OPS:
+            expert += ev.cpu_time_total * 1e-6
+        elif ev.name == ROUTE_OP:
+            route += ev.cpu_time_total * 1e-6
+    return {"expert_share": expert / wall, "route_share": route / wall, "profiled_s": wall}
+
+
 def run_model(name: str, args, partial=None) -> dict[str, Any]:
     import capmoe_compile as cc
     from capmoe_compile import backend
@@ -159,6 +220,9 @@ def run_model(name: str, args, partial=None) -> dict[str, Any]:
         models["capmoe"].compile(backend="capmoe", dynamic=True)
     rows = [r for r in ROWS if r in args.rows]
     out: dict[str, Any] = {"model": name, "batches": {}, "compile": {}}
+    out["weight_bytes_per_step"] = weight_bytes_per_step(base)
+    copy_fn, copy_bytes = copy_bw_row(256 << 20)
+    copy_fn()  # the destination's pages touched once (the first copy also faults them in)
     graphs_before = backend.compile_count()
 
     for bi, B in enumerate(args.batches):
@@ -169,7 +233,7 @@ def run_model(name: str, args, partial=None) -> dict[str, Any]:
         for r in rows:
             model, ctx = row_fn(models, r)
             with ctx():
-                first = cold_first_call(model, ids, mask, args.new, fresh=bi == 0)
+                first = cold_first_call(model, ids, mask, args.new, fresh=bi == 0 and args.cold)
                 t0 = time.perf_counter()
                 gen_call(model, ids, mask, args.new)
                 warm = time.perf_counter() - t0
@@ -190,6 +254,10 @@ def run_model(name: str, args, partial=None) -> dict[str, Any]:
                 before = sum(int(s.loads_before.sum()) for s in pre)
                 after = sum(int(s.loads_after.sum()) for s in pre)
                 res[r]["kept"] = after / before if before else None
+            if r in CAPMOE_ROWS:  # where the prefill's time goes (one profiled call)
+                with ctx():
+                    call = functools.partial(gen_call, model, ids, mask, 1)
+                    res[r].update(op_shares(call))
         # timing: interleaved over rows, generate(1) and generate(N)
         fns = {}
         for r in rows:
@@ -201,7 +269,11 @@ def run_model(name: str, args, partial=None) -> dict[str, Any]:
 
             fns[f"{r}|1"] = one
             fns[f"{r}|N"] = lambda one=one: one(new=args.new)
+        fns["copy_bw"] = copy_fn
         times = interleaved(fns, reps=args.reps, warmup=0)
+        bw = copy_bytes / median(times["copy_bw"])
+        floor_s = out["weight_bytes_per_step"] / bw
+        floor = {"bandwidth_gbs": bw / 1e9, "step_floor_s": floor_s, "floor_tok_s": B / floor_s}
         for r in rows:
             t1, tn = median(times[f"{r}|1"]), median(times[f"{r}|N"])
             res[r].update(
@@ -212,7 +284,13 @@ def run_model(name: str, args, partial=None) -> dict[str, Any]:
                 samples_1=times[f"{r}|1"],
                 samples_N=times[f"{r}|N"],
             )
-        out["batches"][B] = {"prompt_tokens": real, "padded": B * args.prompt, "rows": res}
+        _model_prefill(res)
+        out["batches"][B] = {
+            "prompt_tokens": real,
+            "padded": B * args.prompt,
+            "decode_floor": floor,
+            "rows": res,
+        }
         out["graphs"] = backend.compile_count() - graphs_before
         if partial is not None:
             partial(out)  # a long run keeps what it measured so far
@@ -236,6 +314,21 @@ def run_model(name: str, args, partial=None) -> dict[str, Any]:
     return out
 
 
+def _model_prefill(res: dict[str, dict[str, Any]]) -> None:
+    """``model_ttft_s`` and ``expert_ratio`` of the capacity rows (see the module docstring)."""
+    off = res.get("capmoe_off")
+    if not off or "expert_share" not in off:
+        return
+    for r, v in res.items():
+        if r == "capmoe_off" or not v.get("kept") or "expert_share" not in v:
+            continue
+        share = off["expert_share"]
+        v["model_ttft_s"] = off["ttft_s"] * (1 - share + share * v["kept"])
+        # expert seconds of the profiled calls, each scaled to its row's median ttft
+        mine = v["expert_share"] * v["ttft_s"]
+        v["expert_ratio"] = mine / (share * off["ttft_s"]) if share else None
+
+
 def _proportion(v: dict, off: dict | None) -> float | None:
     """(prefill time / capmoe off's prefill time) / kept share: 1.0 when the prefill's cost
     falls exactly in proportion to the pairs kept; the issue's bar is within 15%."""
@@ -249,12 +342,15 @@ def table(result: dict) -> str:
     for m in result["models"]:
         lines.append(f"\n== {m['model']} (capmoe graphs compiled over the run: {m['graphs']})")
         head = ["B", "row", "ttft ms", "prefill tok/s", "decode tok/s", "vs eager", "vs ind"]
-        head += ["agree", "kept", "ttft/off / kept"]
+        head += ["x floor", "agree", "kept", "ttft/off / kept", "exp share", "route share"]
+        head += ["exp/off", "model ms", "ttft/model"]
         body = []
         for B, b in m["batches"].items():
             rows = b["rows"]
+            fl = b.get("decode_floor", {})
             for r, v in rows.items():
                 dec = v["decode_tok_s"]
+                model_s = v.get("model_ttft_s")
                 body.append(
                     [
                         B,
@@ -264,12 +360,26 @@ def table(result: dict) -> str:
                         dec,
                         dec / rows["eager"]["decode_tok_s"] if "eager" in rows else None,
                         dec / rows["inductor"]["decode_tok_s"] if "inductor" in rows else None,
+                        fl["floor_tok_s"] / dec if fl and dec == dec and dec else None,
                         v.get("agree"),
                         v.get("kept"),
                         _proportion(v, rows.get("capmoe_off")),
+                        v.get("expert_share"),
+                        v.get("route_share"),
+                        v.get("expert_ratio"),
+                        1e3 * model_s if model_s else None,
+                        v["ttft_s"] / model_s if model_s else None,
                     ]
                 )
         lines.append(fmt_table(head, body))
+        for B, b in m["batches"].items():
+            if "decode_floor" in b:
+                f = b["decode_floor"]
+                lines.append(
+                    f"B={B} decode floor: {m['weight_bytes_per_step'] / 1e6:.1f} MB of weights "
+                    f"per step at {f['bandwidth_gbs']:.1f} GB/s copy bandwidth = "
+                    f"{1e3 * f['step_floor_s']:.1f} ms/step, {f['floor_tok_s']:.0f} tok/s"
+                )
         if m["compile"]:
             c = m["compile"]
             lines.append(
@@ -304,6 +414,13 @@ def main(argv: list[str] | None = None) -> int:
         help="held-out perplexity of the shipped model (one more compile: a forward without a "
         "KV cache is another graph)",
     )
+    p.add_argument(
+        "--cold",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the first generate call with Inductor's caches off (--no-cold: with the "
+        "caches as they are; compile_s is then not a cold compile)",
+    )
     p.add_argument("--quick", action="store_true", help="prompt 16, 6 new tokens, 2 reps")
     p.add_argument("--out", default=None, help="JSON path (benchmarks/results/...)")
     args = p.parse_args(argv)
@@ -331,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             "batches": args.batches,
             "rows": args.rows,
             "dynamic": True,
+            "cold_compile": args.cold,
             "recompile_limit": torch._dynamo.config.recompile_limit,
             "dtype": "float32",
             "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
