@@ -67,6 +67,11 @@ def test_kernel_rows_independent_of_batch():
         assert torch.equal(part, full[lo:hi])
 
 
+def test_max_rows():
+    assert cpu_gemm.max_rows(1024, 1024) == cpu_gemm.MAX_ROWS
+    assert cpu_gemm.max_rows(4096, 1024) == cpu_gemm.max_rows(1024, 2048) == cpu_gemm.MAX_ROWS_BIG
+
+
 def test_fits_refuses():
     x, w, out = torch.randn(4, 8), torch.randn(5, 8), torch.empty(4, 5)
     assert cpu_gemm.fits(x, w, out)
@@ -82,21 +87,27 @@ SIZES = (1, 2, 5, 0, cpu_gemm.MAX_ROWS, cpu_gemm.MAX_ROWS + 1, 300)
 
 
 @pytest.mark.parametrize("form_name", list(FORMS))
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "mm"])
-def test_experts_cpu_with_kernel(form_name, kernel, monkeypatch):
+@pytest.mark.parametrize(
+    "kernel, F",
+    [(True, cpu_gemm.MIN_IN + 8), (True, 24), (False, cpu_gemm.MIN_IN + 8)],
+    ids=["kernel", "kernel_small_F", "mm"],
+)
+def test_experts_cpu_with_kernel(form_name, kernel, F, monkeypatch):
+    """The op with the kernel (both projections; or gate/up only, the down projection's
+    in = F below MIN_IN) and without, against the reference; routing weights are folded into
+    the down projection's input where there is no down bias."""
     form = FORMS[form_name]
-    H, F, E = cpu_gemm.MIN_IN, cpu_gemm.MIN_IN + 8, len(SIZES)
-    gen = _gen("cpu_gemm", form_name)
+    H, E = cpu_gemm.MIN_IN, len(SIZES)
+    gen = _gen("cpu_gemm", form_name, F)
     flat = torch.cat([torch.full((n,), e) for e, n in enumerate(SIZES)] + [torch.full((9,), E)])
     ids = flat[torch.randperm(flat.numel(), generator=gen)].reshape(-1, 1)
     params = make_params(form, E, H, F, torch.float32, gen)
     x = torch.randn(ids.shape[0], H, generator=gen).masked_fill(ids == E, NAN)
     w = (torch.rand(ids.shape, generator=gen) + 0.05).masked_fill(ids == E, NAN)
-    calls = []
-    real = cpu_gemm.mm_nt
-    monkeypatch.setattr(cpu_gemm, "mm_nt", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    if not kernel:
-        monkeypatch.setitem(cpu_gemm._state, "fn", None)
+    calls = []  # rows of every product the kernel computes (its 7th argument)
+    monkeypatch.setitem(
+        cpu_gemm._state, "fn", (lambda *a: calls.append(a[6]) or FN(*a)) if kernel else None
+    )
     got = cpu_experts.experts_cpu(x, ids, w, params, form.to_str())
     ref = moe_experts_reference(x, ids, w.nan_to_num(0.0), params, form)
     assert not got.isnan().any()
@@ -105,7 +116,7 @@ def test_experts_cpu_with_kernel(form_name, kernel, monkeypatch):
     if kernel and not form.transposed:
         # both projections of every group of at most MAX_ROWS rows, no larger group
         small = [n for n in SIZES if 0 < n <= cpu_gemm.MAX_ROWS]
-        per_group = 3 if "gate" in form.roles else 2
+        per_group = (2 if "gate" in form.roles else 1) + (F >= cpu_gemm.MIN_IN)
         assert sorted(calls) == sorted(small * per_group)
     else:  # off, or weights stored [in, out] (the kernel reads [out, in])
         assert calls == []

@@ -24,8 +24,8 @@ into an fp32 ``[T, H]`` output. What makes it the fast CPU path (measured in
   into one ``[rows, H]`` slab, and the slab is weighted and combined (``index_add_``) once.
   Per expert that leaves the two GEMMs and the in-place activation: with E = 64..256 small
   experts, or at decode, the per-op cost of a host loop is what decides the time.
-- Few rows, one intra-op thread, fp32: groups of at most ``cpu_gemm.MAX_ROWS`` rows go
-  through ``cpu_gemm``'s kernel, which reads the weight as stored (``[out, in]``) instead of
+- Few rows, one intra-op thread, fp32: groups of at most ``cpu_gemm.max_rows`` rows (32,
+  96 for weights of 2 Mi elements or more) go through ``cpu_gemm``'s kernel, which reads the weight as stored (``[out, in]``) instead of
   having MKL pack it on every call: decode op (T=16, H=1024, F=2048, E=8) 45 -> 23 ms, thread
   time, loaded machine (``lowering/cpu_gemm.py`` has the per-product figures). Layers it does
   not take (bf16, ``[in, out]`` storage, H < ``cpu_gemm.MIN_IN``, more threads) keep the rules
@@ -129,21 +129,23 @@ _SLOT = {"gate_up": "gu", "gate": "g", "up": "u", "down": "y"}
 
 
 def _lin(h: torch.Tensor, p, f: ExpertForm, role: str, e: int, ws=None, out=None, nt=None):
-    """``h @ W + b``: rows ``h`` [n, in] -> [n, out], into ``out`` or scratch. ``nt``: the
-    few-row kernel (``cpu_gemm.kernel()``), used for at most ``cpu_gemm.MAX_ROWS`` rows of a
-    weight stored ``[out, in]`` with ``in >= cpu_gemm.MIN_IN``; otherwise ``torch.mm``."""
-    w = _w(p, f, role, e, ws)
-    if out is None:
-        out = _scratch(_SLOT[role], (h.shape[0], w.shape[1]), h.dtype)
-    if (
-        nt is not None
-        and h.shape[0] <= cpu_gemm.MAX_ROWS
-        and w.shape[0] >= cpu_gemm.MIN_IN
-        and role not in f.transposed
-        and cpu_gemm.fits(h, w.t(), out)
-    ):
-        y = cpu_gemm.mm_nt(h, w.t(), out, nt)
+    """``h @ W + b``: rows ``h`` [n, in] -> [n, out], into ``out`` or scratch. ``nt`` (a
+    :class:`_FewRows`): few enough rows (``cpu_gemm.max_rows``) of a role it lists go
+    through the few-row kernel; otherwise ``torch.mm``."""
+    spec = None if nt is None else nt.roles.get(role)
+    if spec is not None and h.shape[0] <= spec[5] and h.stride(1) == 1:
+        base, step, ldw, n_out, n_in, _ = spec
+        if out is None:
+            out = _scratch(_SLOT[role], (h.shape[0], n_out), h.dtype)
+        ptr = base + e * step
+        nt.fn(
+            h.data_ptr(), h.stride(0), ptr, ldw, out.data_ptr(), out.stride(0), len(h), n_out, n_in
+        )
+        y = out
     else:
+        w = _w(p, f, role, e, ws)
+        if out is None:
+            out = _scratch(_SLOT[role], (h.shape[0], w.shape[1]), h.dtype)
         y = torch.mm(h, w, out=out)
     b = p.get("b_" + role)
     return y if b is None else y.add_(b[e])
@@ -157,12 +159,17 @@ def _lin_t(h_t: torch.Tensor, p, f: ExpertForm, role: str, e: int, ws=None) -> t
     return y if b is None else y.add_(b[e][:, None])
 
 
-def _expert(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None, out=None, nt=None):
+def _expert(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None, out=None, nt=None, wts=None):
     """Expert ``e`` on rows ``h`` [n, H] -> [n, H] in ``h``'s dtype (the math of
     ``ExpertForm.apply``, with the activation and the gating product in place); the result
-    goes into ``out`` (a contiguous [n, H]) when given. ``nt``: see :func:`_lin`."""
+    goes into ``out`` (a contiguous [n, H]) when given. ``nt``: see :func:`_lin`. ``wts``
+    ([n, 1] fp32, only for forms without a down bias): the rows' routing weights, applied to
+    the down projection's input instead of its output (``(w * h) @ W_down``: the same
+    product up to fp32 reassociation, on [n, F] instead of [n, H] elements)."""
 
     def project(role: str, v: torch.Tensor) -> torch.Tensor:
+        if role == "down" and wts is not None:
+            v = v.mul_(wts)  # v is this expert's own intermediate (scratch or a fresh tensor)
         return _lin(v, p, f, role, e, ws, out if role == "down" else None, nt)
 
     return f.mlp(h, project, act=functools.partial(_act_, f.act), inplace=True)
@@ -214,15 +221,42 @@ def _transposed_rows(big: bool) -> range:
     return TRANSPOSED_ROWS if big else range(0)
 
 
-def _few_row_kernel(f: ExpertForm, dtype: torch.dtype, H: int):
-    """``cpu_gemm``'s few-row kernel for this call, or ``None``: fp32 layers whose weights
-    are stored ``[out, in]`` and whose hidden size is at least ``cpu_gemm.MIN_IN``, with one
-    intra-op thread (the kernel runs on the calling thread alone; with more, ``torch.mm``
-    spreads one product over them). Where it is used, no group is computed transposed: the
-    kernel reads the weight as stored, which is what the transposed form was for."""
-    if dtype != torch.float32 or torch.get_num_threads() != 1 or f.transposed:
+class _FewRows:
+    """The few-row kernel (``cpu_gemm.kernel()``) and, for each weight role it computes,
+    where expert ``e``'s ``[out, in]`` weight lies and up to how many rows: ``(address of
+    expert 0, bytes from one expert to the next, row stride, out, in, cpu_gemm.max_rows)``,
+    read once per call (no per-expert views)."""
+
+    __slots__ = ("fn", "roles")
+
+    def __init__(self, fn, roles: dict[str, tuple[int, int, int, int, int]]):
+        self.fn, self.roles = fn, roles
+
+
+def _few_row_kernel(f: ExpertForm, p: dict[str, torch.Tensor], x: torch.Tensor):
+    """A :class:`_FewRows` for this call, or ``None``: fp32, one intra-op thread (the kernel
+    runs on the calling thread alone; with more, ``torch.mm`` spreads one product over
+    them), no weight stored ``[in, out]``, hidden size at least ``cpu_gemm.MIN_IN``. Roles
+    whose ``in`` is below ``cpu_gemm.MIN_IN`` (a small F's down projection) keep
+    ``torch.mm``. Where it is used, no group is computed transposed: the kernel reads the
+    weight as stored, which is what the transposed form was for."""
+    if x.dtype != torch.float32 or torch.get_num_threads() != 1 or f.transposed:
         return None
-    return cpu_gemm.kernel() if H >= cpu_gemm.MIN_IN else None
+    if x.shape[-1] < cpu_gemm.MIN_IN:
+        return None
+    fn = cpu_gemm.kernel()
+    if fn is None:
+        return None
+    roles = {}
+    for r in f.roles:
+        w = p[r]
+        if r.startswith("b_") or w.dtype != torch.float32 or w.dim() != 3:
+            continue
+        if w.stride(2) == 1 and w.shape[2] >= cpu_gemm.MIN_IN and w.device.type == "cpu":
+            n_out, n_in = w.shape[1], w.shape[2]
+            rows = cpu_gemm.max_rows(n_out, n_in)
+            roles[r] = (w.data_ptr(), w.stride(0) * 4, w.stride(1), n_out, n_in, rows)
+    return _FewRows(fn, roles) if roles else None
 
 
 def _chunk_rows(f: ExpertForm, params: dict[str, torch.Tensor], elem: int) -> int:
@@ -297,10 +331,13 @@ def experts_cpu(
     # Kept pairs' routing weights in expert order, fp32, gathered once.
     w_all = weights.reshape(-1).index_select(0, order).to(torch.float32)
     rows_per = _chunk_rows(f, p, x.element_size())
-    nt = _few_row_kernel(f, x.dtype, H)
+    nt = _few_row_kernel(f, p, x)
     t_rows = (
         range(0) if nt is not None else _transposed_rows(p["down"][0].numel() >= TRANSPOSED_MIN_HF)
     )
+    # with the kernel (fp32, no transposed groups): routing weights folded into the down
+    # projection's input, per expert (see _expert), when there is no down bias
+    fold = nt is not None and "b_down" not in p
     w_roles = {r: p[r].unbind(0) for r in f.roles if not r.startswith("b_")}
     # Segments of consecutive experts: one gather of their rows, the experts' outputs written
     # side by side into one slab, one weighting and one combine per segment (not per expert:
@@ -323,14 +360,18 @@ def experts_cpu(
                 if n in t_rows:
                     ys[a : a + n].copy_(_expert_t(rows, p, f, e, w_roles))
                 else:
-                    _expert(rows, p, f, e, w_roles, out=ys[a : a + n], nt=nt)
+                    wts = w_all[start + a : start + a + n, None] if fold else None
+                    _expert(rows, p, f, e, w_roles, out=ys[a : a + n], nt=nt, wts=wts)
             s += c
-        y = (
-            ys
-            if ys.dtype == torch.float32
-            else _scratch("y32", (n_seg, H), torch.float32).copy_(ys)
-        )
-        out.index_add_(0, tok, y.mul_(w_all[start : start + n_seg, None]))
+        if fold:
+            out.index_add_(0, tok, ys)
+        else:
+            y = (
+                ys
+                if ys.dtype == torch.float32
+                else _scratch("y32", (n_seg, H), torch.float32).copy_(ys)
+            )
+            out.index_add_(0, tok, y.mul_(w_all[start : start + n_seg, None]))
         start += n_seg
     return out.to(x.dtype)
 

@@ -6,9 +6,10 @@ rows multiply it: it packs the weight on every call. Measured on this project's 
 EPYC, AVX2, one thread, thread CPU time, ``benchmarks/layer_probes.py small-m``): a
 ``[16, 1024] x [1024, 4096]`` product 8.6 ms with ``torch.mm``, 3.6 ms here; the decode
 layer's down projection ``[10, 2048] x [2048, 1024]`` 1.9 vs 0.9 ms; a fine-grained expert's
-``[11, 1024] x [1024, 32]`` 26 vs 13 us (MKL's per-call setup). From ~256 rows on MKL's
-blocked kernel is as fast or faster, and with a tiny reduction (``in`` = 16) the per-dot
-horizontal sums dominate here: the caller uses this only for few rows and ``in >= 256``.
+``[11, 1024] x [1024, 32]`` 26 vs 13 us (MKL's per-call setup). With more rows MKL's
+blocked kernel catches up (from ~48 rows of a 4 MB weight, ~128 of a 16 MB one:
+:data:`MAX_ROWS`), and with a tiny reduction (``in`` = 16) the per-dot horizontal sums
+dominate here: the caller uses this only for few rows (:func:`max_rows`) and ``in >= 256``.
 
 The kernel reads ``w`` where it lies (no packed copy, nothing cached, nothing to invalidate):
 each output ``y[m, n]`` is one dot product over ``in``, computed 8 lanes wide with FMA and
@@ -35,9 +36,23 @@ import warnings
 
 import torch
 
-#: Most rows of one product computed here (measured: 1.1-1.4x ``torch.mm`` at 128 rows of a
-#: 1024 x 512 and a 4096 x 1024 weight; equal at 256).
-MAX_ROWS = 128
+#: Most rows of one product computed here, and for weights of at least ``BIG_WEIGHT``
+#: elements (MKL's per-call packing grows with the weight, so the kernel wins to more rows).
+#: Measured, one thread, thread time, interleaved medians, load 6-8, ``torch.mm`` time over
+#: the kernel's: 4096 x 1024 weight 1.64 / 1.38 / 1.32 / 1.12 at 32 / 64 / 96 / 128 rows;
+#: 1024 x 2048 1.45 / 1.09 / 1.02 at 32 / 64 / 96; 1024 x 1024 0.93 / 1.04 / 0.95 / 0.86 at
+#: 32 / 48 / 64 / 96 (1.78 at 11); 1024 x 512 0.95 / 1.05 / 1.01 / 0.87; 32 x 1024 1.7 at 11
+#: rows, 0.86 at 128.
+MAX_ROWS = 32
+MAX_ROWS_BIG = 96
+BIG_WEIGHT = 2 << 20
+
+
+def max_rows(n_out: int, n_in: int) -> int:
+    """Most rows of a product with an ``[n_out, n_in]`` weight that the kernel computes."""
+    return MAX_ROWS_BIG if n_out * n_in >= BIG_WEIGHT else MAX_ROWS
+
+
 #: Fewest ``in`` elements (the reduction) computed here: at ``in`` = 16 the horizontal sums
 #: cost more than MKL's setup (``[64, 16] x [16, 1024]``: 123 vs 52 us).
 MIN_IN = 256
