@@ -387,9 +387,9 @@ class GeneratedMoE(nn.Module):
         logits = self.gate(xf)
         if r.startswith("sigmoid"):
             P = torch.sigmoid(logits.float())  # the model's own score, in float32
-        elif r in ("softmax_topk_3d", "softmax_max_top1"):
+        elif r in ("softmax_topk_3d", "softmax_max_top1", "softmax_argmax_top1"):
             P = torch.softmax(logits, dim=-1)  # the model's own score, in its dtype (bf16 ties)
-        elif r in ("softmax_topk", "softmax_topk_renorm"):
+        elif r in ("softmax_topk", "softmax_topk_renorm", "softmax_bias_topk"):
             P = torch.softmax(logits, dim=-1, dtype=torch.float32)
         else:  # top-k of logits: P = softmax of them, for ranking only (SPEC), float32
             P = torch.softmax(logits.float(), dim=-1)
