@@ -605,9 +605,12 @@ class Oracle:
                     rec = r
                     break
             if rec is None:
+                rec = self._sequential_picks(ids, E)
+            if rec is None:
                 self.errors.append(f"{path}: no top-k over E={E} produced the experts' ids")
                 return None
             P, rule = probs_for(rec["scores"], self.probe.outputs[: rec["outputs"]])
+            rule += rec.get("rule", "")
             self.rules[path] = rule
             from capmoe_compile import config, route
 
@@ -632,6 +635,25 @@ class Oracle:
             return tuple(args), kwargs
 
         return pre
+
+    def _sequential_picks(self, ids: torch.Tensor, E: int) -> dict[str, Any] | None:
+        """A top-2 made of two top-1 picks (PhiMoE's sparsemixer): consecutive max records
+        whose indices, concatenated, are the experts' ids, the second over the first's scores
+        with the first pick set to -inf. Then S ranks the first's scores: P by their rule."""
+        recs = [r for r in self.probe.topks if r["over"] == "experts" and r["k"] == 1]
+        for a, b in zip(reversed(recs[:-1]), reversed(recs[1:]), strict=True):
+            if a["scores"].shape[-1] != E or b["scores"].shape != a["scores"].shape:
+                continue
+            ia, ib = a["indices"].reshape(-1, 1).long(), b["indices"].reshape(-1, 1).long()
+            if ia.numel() * 2 != ids.numel():
+                continue
+            if not torch.equal(torch.cat([ia, ib], -1), ids.reshape(-1, 2).long()):
+                continue
+            sa = a["scores"].reshape(-1, E)
+            want = sa.scatter(-1, ia, float("-inf"))
+            if torch.equal(b["scores"].reshape(-1, E), want):
+                return {**a, "rule": " (two sequential top-1 picks over them)"}
+        return None
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, Any]) -> torch.Tensor:

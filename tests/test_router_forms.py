@@ -77,6 +77,47 @@ def _sqrt_softplus(v):
     return torch.sqrt(F.softplus(v))
 
 
+class SequentialPicksRouter(SoftmaxBiasRouter):
+    """Top-2 as two top-1 picks over raw logits, each weighted by a softmax over the logits
+    within a relative margin of its pick (PhiMoE's sparsemixer at inference; this project's
+    code). S is the top-2 of the logits: P = softmax of them (SPEC's generic rule)."""
+
+    eps = 0.3
+
+    def _pick(self, scores, logits):
+        top, idx = scores.max(dim=-1, keepdim=True)
+        far = (top - logits) / logits.abs().clamp(min=top) > 2 * self.eps
+        w = torch.softmax(scores.masked_fill(far, float("-inf")), dim=-1).gather(-1, idx)
+        return w, idx
+
+    def route(self, x):
+        logits = self.gate(x)
+        w1, i1 = self._pick(logits, logits)
+        w2, i2 = self._pick(torch.scatter(logits, -1, i1, float("-inf")), logits)
+        return torch.softmax(logits, dim=-1), torch.cat((i1, i2), dim=-1), torch.cat((w1, w2), -1)
+
+
+def test_sequential_top1_picks_matched_as_top2():
+    _check_router(SequentialPicksRouter, "sequential_top1_logits")
+
+
+class _SecondPickKeepsFirst(SequentialPicksRouter):
+    """The second max does not exclude the first pick (scattered to 0, not -inf): not a
+    top-2, left as written."""
+
+    def route(self, x):
+        logits = self.gate(x)
+        w1, i1 = self._pick(logits, logits)
+        w2, i2 = self._pick(torch.scatter(logits, -1, i1, 0.0), logits)
+        return torch.softmax(logits, dim=-1), torch.cat((i1, i2), dim=-1), torch.cat((w1, w2), -1)
+
+
+def test_sequential_picks_without_exclusion_left():
+    torch.manual_seed(0)
+    reports = _passes_reports(_SecondPickKeepsFirst().eval(), torch.randn(2, 8, H))
+    assert reports and not any(r.matched for r in reports), reports
+
+
 def test_softmax_bias_router_matched_p_is_the_softmax():
     _check_router(SoftmaxBiasRouter, "softmax_bias_topk")
 

@@ -700,6 +700,15 @@ def _identify_form(region: Region, values: dict[fx.Node, Any]) -> ExpertForm:
     if per_expert:
         stacked = _stack_per_expert(params, E)
         if stacked is None:
+            shared = [tuple(p.shape) for p in params if p.dim() == 0 or p.shape[0] != E]
+            own = [tuple(p.shape) for p in params if p.dim() > 0 and p.shape[0] == E]
+            if own and shared:
+                raise Unmatched(
+                    f"the experts read tensors shared by every expert (shapes {shared}) beside "
+                    f"their stacked [E, ...] weights (shapes {own}): a norm or projection "
+                    "applied with every expert (e.g. a norm of each expert's output), which "
+                    "no expert form reproduces"
+                )
             raise Unmatched(
                 "expert parameters are neither stacked [E, ...] tensors nor E modules' "
                 f"tensors of one shape each (shapes {[tuple(p.shape) for p in params]})"

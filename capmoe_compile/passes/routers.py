@@ -75,6 +75,9 @@ class TopKSite:
     k: int
     num_experts: int
     scores: fx.Node  # the tensor top-k ran over: [..., E], rows = its leading dims flattened
+    # a top-k made of k top-1 picks, each over the scores with the earlier picks set to -inf
+    # (PhiMoE's sparsemixer): the picks' nodes, first to last; ``indices`` is their concat
+    picks: tuple[fx.Node, ...] = ()
 
     @property
     def rows(self):
@@ -156,7 +159,77 @@ def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
         if 1 not in outs:
             continue
         sites.append(TopKSite(node, outs.get(0), outs[1], k, shape[-1], scores))
+    sites = _sequential_picks(sites)
     return [s for s in sites if not _limits_another(s, sites)]
+
+
+_SCATTER = {torch.scatter, "scatter"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _excludes(later: TopKSite, first: TopKSite) -> bool:
+    """``later`` ranks ``first``'s scores with ``first``'s pick set to -inf:
+    ``scatter(scores, -1, first_index, -inf)`` (casts and views aside)."""
+    src = _skip_value_preserving(later.scores)
+    if not _is(src, _SCATTER) or src.kwargs:
+        return False
+    if len(src.args) != 4:
+        return False
+    inp, dim, index, value = src.args
+    shape = _shape(first.scores)
+    return (
+        isinstance(inp, fx.Node)
+        and isinstance(index, fx.Node)
+        and _skip_value_preserving(inp) is _skip_value_preserving(first.scores)
+        and _skip_value_preserving(index) is first.indices
+        and dim in (-1, len(shape) - 1)
+        and value == float("-inf")
+        and same_shape(_shape(first.indices), (*shape[:-1], 1))
+    )
+
+
+def _sequential_picks(sites: list[TopKSite]) -> list[TopKSite]:
+    """Two top-1 sites that are one top-2 (PhiMoE's sparsemixer): the second max runs over
+    the first's scores with the first's pick scattered to -inf, and the two picks' indices
+    ([.., 1] each) are concatenated along the last dim, first pick first: the same selection
+    as a top-2 over the first's scores. Reported as one site of k=2 over those scores, whose
+    indices are the concatenation; each pick's values stay in the region (the router's own
+    tail computes W from them)."""
+    out = list(sites)
+    for first in sites:
+        for later in sites:
+            if first.k != 1 or later.k != 1 or later is first or first not in out:
+                continue
+            if later not in out or not _excludes(later, first):
+                continue
+            cat = next(
+                (
+                    u
+                    for u in first.indices.users
+                    if _is(u, _CAT)
+                    and len(u.args) >= 1
+                    and list(u.args[0]) == [first.indices, later.indices]
+                    and (u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0))
+                    in (-1, len(_shape(first.scores)) - 1)
+                ),
+                None,
+            )
+            if cat is None:
+                continue
+            out.remove(first)
+            out.remove(later)
+            out.append(
+                TopKSite(
+                    first.node,
+                    None,
+                    cat,
+                    2,
+                    first.num_experts,
+                    first.scores,
+                    picks=(first.node, later.node),
+                )
+            )
+    return out
 
 
 def _limits_another(site: TopKSite, sites: list[TopKSite]) -> bool:
@@ -303,6 +376,20 @@ def scores_bias_topk(site: TopKSite) -> RouterMatch | None:
     return None
 
 
+def sequential_top1(site: TopKSite) -> RouterMatch | None:
+    """Top-2 as two top-1 picks over raw router logits (PhiMoE's sparsemixer at inference: the
+    max, then the max with the first pick excluded; each weight a softmax over the logits
+    near its pick). SPEC's generic rule: both picks rank the raw logits (the second among the
+    experts left), so P = softmax of the logits over all experts, for ranking only; the
+    weights W are the model's own."""
+    if not site.picks:
+        return None
+    src = _skip_value_preserving(site.scores)
+    if _is(src, _LINEAR):
+        return RouterMatch("sequential_top1_logits", site, src, score_of_logits="softmax")
+    return None
+
+
 def declared(site: TopKSite) -> RouterMatch | None:
     """A routing function decorated with ``@capmoe_compile.router(top_k=k, score=...)``."""
     if _declared(site.node):
@@ -318,10 +405,13 @@ ROUTER_PATTERNS: list[Callable[[TopKSite], RouterMatch | None]] = [
     sigmoid_bias_grouped_topk,
     logits_topk_softmax,
     scores_bias_topk,
+    sequential_top1,
 ]
 
 
 def match_router(site: TopKSite) -> RouterMatch | None:
+    if site.picks:  # a top-2 of sequential picks: only the pattern that knows it says what P is
+        return sequential_top1(site)
     for pattern in ROUTER_PATTERNS:
         m = pattern(site)
         if m is not None:
