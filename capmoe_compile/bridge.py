@@ -510,6 +510,28 @@ def _unhit_adds_nothing(fdef: ast.FunctionDef, loop: ast.For, call: ast.Call) ->
             f"the experts hit are not the nonzero rows of a mask: {ast.unparse(call.func.value)}"
         )
     for node in ast.walk(fdef):
+        # nothing may change the mask in place: M += .., M[..] = .., M.<op>_(..)
+        if (
+            isinstance(node, ast.AugAssign)
+            and isinstance(node.target, ast.Name)
+            and node.target.id == mask
+        ) or (
+            isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete))
+            and any(
+                isinstance(t, ast.Subscript) and ast.unparse(t.value) == mask
+                for t in getattr(node, "targets", [getattr(node, "target", None)])
+            )
+        ):
+            raise _NotBridged(f"the mask {mask} is written in place (line {node.lineno})")
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == mask
+            and node.func.attr.endswith("_")
+            and not node.func.attr.endswith("__")
+        ):
+            raise _NotBridged(f"the mask {mask} is changed in place by .{node.func.attr}()")
         if not (
             isinstance(node, ast.Assign)
             and any(isinstance(t, ast.Name) and t.id == mask for t in node.targets)

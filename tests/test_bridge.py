@@ -167,6 +167,20 @@ def _empty_skip_of_other_rows(self, x, ids, w):
     return out
 
 
+def _mask_changed_in_place(self, x, ids, w):
+    out = torch.zeros_like(x)
+    mask = torch.nn.functional.one_hot(ids, self.num_experts + 1).permute(2, 1, 0)
+    mask.sub_(1)  # negative entries: an expert's row can sum to 0 with entries set
+    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for e in hit:
+        e = e[0]
+        if e == self.num_experts:
+            continue
+        slot, tok = torch.where(mask[e])
+        out.index_add_(0, tok, x[tok] @ self.up[e].t() @ self.down[e].t())
+    return out
+
+
 class _NemotronStyle(_Experts):
     """Nemotron-H's eager loop: ``nonzero().squeeze(-1)`` read with ``.item()``, no sentinel
     skip (the weights indexed by the expert bound the loop), an empty-selection skip."""
@@ -243,6 +257,7 @@ def test_unsafe_loops_are_not_bridged():
         (_rows_not_from_mask, "rows other than torch.where(mask[e])"),
         (_mask_not_one_hot, "not a one_hot"),
         (_empty_skip_of_other_rows, "empty selection"),
+        (_mask_changed_in_place, "changed in place"),
     ):
         assert bridge.bridged_forward(fn) is fn
         assert why in bridge.why_not_bridged(fn)
