@@ -49,7 +49,9 @@ Figures, per model, batch size and row (medians of interleaved repetitions, comm
   the run (``capmoe_compile.backend.compile_count``).
 
 Threads: one (``--threads``) unless told otherwise; the machine's load average is recorded at
-the start and the end. The machines these runs were recorded on are shared: see the JSON.
+the start and the end. ``--clock thread``: the figures are medians of the calling thread's
+CPU time (``time.thread_time``) instead of wall time, which on a shared machine also counts
+the time the thread waited for a core; both are recorded (``samples_*``, ``thread_samples_*``). The machines these runs were recorded on are shared: see the JSON.
 """
 
 from __future__ import annotations
@@ -184,15 +186,18 @@ def weight_bytes_per_step(model) -> int:
     return total
 
 
-def op_shares(call) -> dict[str, float]:
-    """One profiled ``call()``: the shares of its wall time spent in the expert ops and in the
-    route op (CPU time of the top-level events of those names)."""
+def op_shares(call, calls: int = 3) -> dict[str, float]:
+    """``calls`` profiled ``call()``: the shares of their wall time spent in the expert ops
+    and in the route op (the time of the top-level events of those names; sums over the
+    calls, so one descheduled call weighs less)."""
     from torch.profiler import ProfilerActivity, profile
 
+    wall = 0.0
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        call()
-        wall = time.perf_counter() - t0
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            call()
+            wall += time.perf_counter() - t0
     expert = route = 0.0
     for ev in prof.events():
         if ev.cpu_parent is not None and ev.cpu_parent.name in (*EXPERT_OPS, ROUTE_OP):
@@ -202,6 +207,24 @@ def op_shares(call) -> dict[str, float]:
         elif ev.name == ROUTE_OP:
             route += ev.cpu_time_total * 1e-6
     return {"expert_share": expert / wall, "route_share": route / wall, "profiled_s": wall}
+
+
+def timed(fns: dict, reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``common.interleaved`` over ``fns``: wall seconds, and the calling thread's CPU seconds
+    of the same calls (``time.thread_time``: with one intra-op thread all of a call's work,
+    without the time the thread waited for a core on a shared machine)."""
+    cpu: dict[str, list[float]] = {n: [] for n in fns}
+
+    def clocked(n, f):
+        def run():
+            t0 = time.thread_time()
+            f()
+            cpu[n].append(time.thread_time() - t0)
+
+        return run
+
+    wall = interleaved({n: clocked(n, f) for n, f in fns.items()}, reps=reps, warmup=0)
+    return wall, cpu
 
 
 def run_model(name: str, args, partial=None) -> dict[str, Any]:
@@ -270,7 +293,8 @@ def run_model(name: str, args, partial=None) -> dict[str, Any]:
             fns[f"{r}|1"] = one
             fns[f"{r}|N"] = lambda one=one: one(new=args.new)
         fns["copy_bw"] = copy_fn
-        times = interleaved(fns, reps=args.reps, warmup=0)
+        wall, cpu = timed(fns, args.reps)
+        times = cpu if args.clock == "thread" else wall
         bw = copy_bytes / median(times["copy_bw"])
         floor_s = out["weight_bytes_per_step"] / bw
         floor = {"bandwidth_gbs": bw / 1e9, "step_floor_s": floor_s, "floor_tok_s": B / floor_s}
@@ -281,8 +305,10 @@ def run_model(name: str, args, partial=None) -> dict[str, Any]:
                 prefill_tok_s=real / t1,
                 decode_tok_s=B * (args.new - 1) / (tn - t1) if tn > t1 else float("nan"),
                 gen_s=tn,
-                samples_1=times[f"{r}|1"],
-                samples_N=times[f"{r}|N"],
+                samples_1=wall[f"{r}|1"],
+                samples_N=wall[f"{r}|N"],
+                thread_samples_1=cpu[f"{r}|1"],
+                thread_samples_N=cpu[f"{r}|N"],
             )
         _model_prefill(res)
         out["batches"][B] = {
@@ -415,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         "KV cache is another graph)",
     )
     p.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="what the figures are medians of: wall time, or the thread's CPU time (less noisy "
+        "on a shared machine; both are recorded)",
+    )
+    p.add_argument(
         "--cold",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -449,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": args.rows,
             "dynamic": True,
             "cold_compile": args.cold,
+            "clock": args.clock,
             "recompile_limit": torch._dynamo.config.recompile_limit,
             "dtype": "float32",
             "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
@@ -470,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result))
     print(
         f"\nload average {info.get('loadavg_start')} at start, {info.get('loadavg_end')} at end; "
-        f"{args.threads} thread(s); {result['seconds']} s"
+        f"{args.threads} thread(s); {args.clock} time; {result['seconds']} s"
     )
     if args.out:
         write_json(args.out, result)
