@@ -77,8 +77,13 @@ def interleaved(
     reps: int,
     warmup: int = 1,
     device: torch.device | str = "cpu",
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Seconds per call of every row, ``reps`` samples each, round-robin over the rows."""
+    """Seconds per call of every row, ``reps`` samples each, round-robin over the rows.
+
+    ``clock``: ``time.perf_counter`` (wall) or ``time.thread_time`` (the calling thread's CPU
+    time: with one intra-op thread all of a CPU row's work, and a shared machine's
+    descheduled time is not counted)."""
     names = list(rows)
     for _ in range(warmup):
         for n in names:
@@ -89,10 +94,10 @@ def interleaved(
         for i in range(len(names)):
             n = names[(i + r) % len(names)]
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             rows[n]()
             sync(device)
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(clock() - t0)
     return times
 
 

@@ -5,6 +5,7 @@
     python -m benchmarks.layer_probes small-groups            # many small experts: loop vs bmm
     python -m benchmarks.layer_probes small-m --inductor      # + Inductor's CPP GEMM template
     python -m benchmarks.layer_probes overhead --out benchmarks/results/x.json
+    python -m benchmarks.layer_probes kernel-ab --shapes decode,fine  # few-row kernel on/off
 
 Every sample is timed by the calling thread's CPU time (``time.thread_time``) and, for the
 layer rows, by the wall clock too: one intra-op thread by default, so all the work runs on the
@@ -15,9 +16,12 @@ interleaved samples. The load average and thread count are printed and recorded.
   copy (same router; the lowering the full layer runs, forced), and the profiler's top ops of
   both: the F=16 row is the issue's "routing + capacity + dispatch + combine" probe.
 - ``small-m``: one gate/up projection (``[M, H] x [H, 2F]``, H=1024, F=2048: the decode shape's
-  expert) as ``x @ W^T``, ``W @ x^T`` and MKL's packed GEMM, M = 1..32, against the weight bytes
+  expert) as ``x @ W^T``, ``W @ x^T``, MKL's packed GEMM and the experts op's few-row kernel
+  (``lowering/cpu_gemm.py``), M = 1..32, against the weight bytes
   at the measured copy bandwidth; ``--inductor``: Inductor's max-autotune CPP/ATen GEMM
   (freezing on: the weight packed once) on the same sizes.
+- ``kernel-ab``: capmoe off and score (and score on the F=16 copy) with the experts op's
+  few-row kernel on and off (``lowering/cpu_gemm.py``), interleaved in one process.
 - ``small-groups``: the per-expert loop of ``capmoe::experts_cpu`` (gate/up mm, SiLU * up, down
   mm) on 70-120 active experts of 11-17 rows each against one ``bmm`` over the gathered weights.
 """
@@ -111,6 +115,84 @@ def overhead(shapes: list[str], reps: int) -> dict:
     return out
 
 
+def kernel_ab(shapes: list[str], reps: int) -> dict:
+    """capmoe off and score on each shape (and score on its F=16 copy), each with the few-row
+    kernel on and off (``cpu_gemm.disabled()``: ``torch.mm`` and the transposed-group rule),
+    interleaved in one process: thread time and wall, medians."""
+    import capmoe_compile  # noqa: F401 - registers the backend
+    from capmoe_compile.lowering import cpu_gemm
+
+    from . import moe_layer as ml
+
+    torch._dynamo.config.recompile_limit = 64
+    out = {}
+    for spec in shapes:
+        base, _, t = spec.partition("@")
+        lname, T0 = ml.SHAPES_FULL[base]
+        T = int(t) if t else T0
+        cfg = ml.LAYERS_FULL[lname]
+        model, block, x_all = ml.build_layer(cfg, torch.float32, 1.5, T)
+        tiny_model, tiny = ml.tiny_copy(cfg, block, torch.float32)
+        x = ml.decode_input(x_all, T) if base == "decode" else ml.prefill_input(x_all, T)
+        full = torch.compile(block, backend="capmoe", dynamic=False)
+        small = torch.compile(tiny, backend="capmoe", dynamic=False)
+        with torch.no_grad():
+            with ml._same_lowering("@F"):
+                small(x)
+            full(x)
+        base_rows = {
+            "off": full,
+            "score": ml._patched(full, ml.SCORE),
+            f"F{ml.TINY_F}_score": ml._patched(small, ml.SCORE),
+        }
+
+        def variant(fn, on: bool):
+            def run(inp):
+                if on:
+                    return fn(inp)
+                with cpu_gemm.disabled():
+                    return fn(inp)
+
+            return run
+
+        rows = {
+            f"{r}_{k}": variant(fn, k == "kernel")
+            for r, fn in base_rows.items()
+            for k in ("kernel", "mm")
+        }
+        with torch.no_grad():
+            for fn in rows.values():
+                fn(x)
+            names = list(rows)
+            samples = {r: [] for r in names}
+            for i in range(reps):
+                for j in range(len(names)):
+                    r = names[(i + j) % len(names)]
+                    c0, w0 = time.thread_time(), time.perf_counter()
+                    rows[r](x)
+                    samples[r].append((time.perf_counter() - w0, time.thread_time() - c0))
+        res = {}
+        for r, s in samples.items():
+            wall = sorted(a for a, _ in s)[len(s) // 2]
+            thr = sorted(b for _, b in s)[len(s) // 2]
+            res[r] = {"wall_ms": 1e3 * wall, "thread_ms": 1e3 * thr}
+        for r in base_rows:
+            on, off = res[f"{r}_kernel"]["thread_ms"], res[f"{r}_mm"]["thread_ms"]
+            print(
+                f"{spec} {r:10s} thread ms: kernel {on:8.2f}  mm {off:8.2f}  ({off / on:.2f}x)"
+                f"   wall: {res[f'{r}_kernel']['wall_ms']:8.2f} / {res[f'{r}_mm']['wall_ms']:8.2f}"
+            )
+        frac = {
+            k: res[f"F{ml.TINY_F}_score_{k}"]["thread_ms"] / res[f"score_{k}"]["thread_ms"]
+            for k in ("kernel", "mm")
+        }
+        print(f"{spec} F={ml.TINY_F} row / layer (score, thread time): {frac}")
+        out[spec] = {"T": T, "cfg": cfg, "rows": res, "F16_over_layer_thread": frac}
+        del full, small, rows, base_rows, model, block, tiny_model, tiny
+        torch._dynamo.reset()
+    return out
+
+
 def small_m(inductor: bool) -> dict:
     H, F = 1024, 2048
     g = torch.Generator().manual_seed(0)
@@ -122,6 +204,9 @@ def small_m(inductor: bool) -> dict:
     print(f"copy bandwidth {bw:.1f} GB/s (thread time); weight {W.numel() * 4 / 1e6:.1f} MB")
     print(f"  -> bytes floor {floor_ms:.2f} ms per projection")
     out = {"bandwidth_gbs": bw, "bytes_floor_ms": floor_ms, "rows": {}}
+    from capmoe_compile.lowering import cpu_gemm
+
+    kern = cpu_gemm.kernel()
     lin = torch.nn.Linear(H, 2 * F, bias=False)
     with torch.no_grad():
         lin.weight.copy_(W)
@@ -133,6 +218,9 @@ def small_m(inductor: bool) -> dict:
         }
         pk = torch.ops.mkl._mkl_reorder_linear_weight(W, M)
         r["mkl_packed"] = _t(lambda x=x, pk=pk, M=M: torch.ops.mkl._mkl_linear(x, pk, W, None, M))
+        if kern is not None:  # what capmoe::experts_cpu runs for few rows (lowering/cpu_gemm.py)
+            y = torch.empty(M, 2 * F)
+            r["capmoe_kernel"] = _t(lambda x=x, y=y: cpu_gemm.mm_nt(x, W, y, kern))
         if inductor:
             import torch._inductor.config as ic
 
@@ -200,7 +288,7 @@ def small_groups() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["overhead", "small-m", "small-groups"])
+    p.add_argument("probe", choices=["overhead", "small-m", "small-groups", "kernel-ab"])
     p.add_argument("--shapes", default="qwen3@512,deepseek@512", help="overhead: moe_layer shapes")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--inductor", action="store_true", help="small-m: + Inductor CPP template")
@@ -213,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# threads {info['torch_threads']}/{info['cores']}, load avg {info['loadavg_start']}")
     if args.probe == "overhead":
         res = overhead([s for s in args.shapes.split(",") if s], args.reps)
+    elif args.probe == "kernel-ab":
+        res = kernel_ab([s for s in args.shapes.split(",") if s], args.reps)
     elif args.probe == "small-m":
         res = small_m(args.inductor)
     else:

@@ -4,6 +4,7 @@
     python -m benchmarks.moe_layer --dtypes fp32,bf16   # bf16 too (slow on CPUs without AMX)
     python -m benchmarks.moe_layer --quick              # tiny smoke run (CI)
     python -m benchmarks.moe_layer --shapes qwen3@512,deepseek@2048 --threads 1
+    python -m benchmarks.moe_layer --shapes fine,decode --threads 1 --timer thread  # CPU time
     python -m benchmarks.moe_layer --out benchmarks/results/cpu_fp32_<date>.json
     python -m benchmarks.moe_layer --profile            # + torch.profiler of capmoe's prefill
     python -m benchmarks.moe_layer --shapes fine --profile fine
@@ -274,7 +275,9 @@ def floor_of(cfg, F, T, loads, dtype, peak, bw) -> Floor:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_shape(name, cfg, T, dtype, rows, x, reps, gemm_n, copy_bytes, compile_s) -> dict:
+def run_shape(
+    name, cfg, T, dtype, rows, x, reps, gemm_n, copy_bytes, compile_s, clock=time.perf_counter
+) -> dict:
     """Measure every row on ``x`` interleaved with the peak and bandwidth rows."""
     dev = x.device
     k = cfg["k"]
@@ -315,7 +318,7 @@ def run_shape(name, cfg, T, dtype, rows, x, reps, gemm_n, copy_bytes, compile_s)
         timed = {r: (lambda fn=fn: fn(x)) for r, fn in rows.items()}
         timed["gemm_peak"] = peak_fn
         timed["copy_bw"] = bw_fn
-        times = interleaved(timed, reps=reps, warmup=1, device=dev)
+        times = interleaved(timed, reps=reps, warmup=1, device=dev, clock=clock)
 
     peak = peak_flops / median(times["gemm_peak"])
     bw = bw_bytes / median(times["copy_bw"])
@@ -594,8 +597,18 @@ def main(argv: list[str] | None = None) -> dict:
         default="",
         help="profile capmoe (off, score; and the F=16 copy) on these shapes (default: prefill)",
     )
+    p.add_argument(
+        "--timer",
+        choices=["wall", "thread"],
+        default="wall",
+        help="wall clock, or the calling thread's CPU time (with --threads 1 on a shared CPU:"
+        " descheduled time not counted; the peak and bandwidth rows are timed the same way)",
+    )
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
+    if args.timer == "thread" and (args.threads != 1 or args.device != "cpu"):
+        p.error("--timer thread needs --threads 1 on the CPU (other threads' work is not counted)")
+    clock = time.thread_time if args.timer == "thread" else time.perf_counter
 
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 1024
@@ -653,6 +666,7 @@ def main(argv: list[str] | None = None) -> dict:
                     gemm_n,
                     copy_bytes,
                     compile_s.setdefault(dname, {}),
+                    clock,
                 )
                 results.append(res)
                 print_shape(res)

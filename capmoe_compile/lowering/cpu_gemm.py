@@ -28,6 +28,7 @@ else, or if the compile fails, :func:`kernel` returns ``None`` and the caller ke
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -157,6 +158,19 @@ def kernel():
                 fn = None
         _state["fn"] = fn
         return fn
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block :func:`kernel` returns ``None`` (the experts op uses ``torch.mm``):
+    for A/B measurements in one process (``benchmarks/layer_probes.py kernel-ab``)."""
+    kernel()
+    saved = _state["fn"]
+    _state["fn"] = None
+    try:
+        yield
+    finally:
+        _state["fn"] = saved
 
 
 def mm_nt(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, fn) -> torch.Tensor:
