@@ -4,7 +4,7 @@ Against a float64 ``x @ w.T`` on shapes that hit every block and tail of the ker
 a multiple of 3, weight rows not a multiple of 4, reductions not a multiple of 8, strided
 rows, an output that is a column window of a wider buffer whose other columns must stay
 untouched), row-by-row independence of the batch, and ``capmoe::experts_cpu`` with the kernel
-on and off against the reference on groups around ``cpu_gemm.MAX_ROWS`` (the kernel's calls
+on and off against the reference on groups around ``cpu_gemm.max_rows`` (the kernel's calls
 counted, so the test fails if the op stops using it). Skipped only where the kernel is not
 available (not x86-64 with AVX2, or no C++ compiler).
 """
@@ -74,8 +74,10 @@ def test_kernel_rows_independent_of_batch(FN):
 
 
 def test_max_rows():
-    assert cpu_gemm.max_rows(1024, 1024) == cpu_gemm.MAX_ROWS
-    assert cpu_gemm.max_rows(4096, 1024) == cpu_gemm.max_rows(1024, 2048) == cpu_gemm.MAX_ROWS_BIG
+    assert cpu_gemm.max_rows(1024, 512) == cpu_gemm.MAX_ROWS_SHORT_IN
+    assert cpu_gemm.max_rows(512, 1024) == cpu_gemm.MAX_ROWS
+    assert cpu_gemm.max_rows(1024, 1024) == cpu_gemm.max_rows(1024, 2048) == cpu_gemm.MAX_ROWS_MID
+    assert cpu_gemm.max_rows(4096, 1024) == cpu_gemm.MAX_ROWS_BIG
 
 
 def test_disabled(FN):
@@ -94,8 +96,8 @@ def test_fits_refuses():
     assert not cpu_gemm.fits(x, w[:, :7], out)
 
 
-# Groups around the op's switch (kernel up to MAX_ROWS rows, torch.mm above), an empty expert.
-SIZES = (1, 2, 5, 0, cpu_gemm.MAX_ROWS, cpu_gemm.MAX_ROWS + 1, 300)
+# Groups around the op's switches (kernel up to max_rows rows, torch.mm above), an empty expert.
+SIZES = (1, 2, 5, 0, 16, 17, 32, 33, 300)
 
 
 @pytest.mark.parametrize("form_name", list(FORMS))
@@ -109,7 +111,7 @@ def test_experts_cpu_with_kernel(form_name, kernel, F, monkeypatch, FN):
     in = F below MIN_IN) and without, against the reference; routing weights are folded into
     the down projection's input where there is no down bias."""
     form = FORMS[form_name]
-    H, E = cpu_gemm.MIN_IN, len(SIZES)
+    H, E = 1024, len(SIZES)  # gate/up: 32 rows (in = 1024, < 1 Mi elements); down: 16
     gen = _gen("cpu_gemm", form_name, F)
     flat = torch.cat([torch.full((n,), e) for e, n in enumerate(SIZES)] + [torch.full((9,), E)])
     ids = flat[torch.randperm(flat.numel(), generator=gen)].reshape(-1, 1)
@@ -126,9 +128,10 @@ def test_experts_cpu_with_kernel(form_name, kernel, F, monkeypatch, FN):
     assert (got[(ids == E).all(-1)] == 0).all()
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     if kernel and not form.transposed:
-        # both projections of every group of at most MAX_ROWS rows, no larger group
-        small = [n for n in SIZES if 0 < n <= cpu_gemm.MAX_ROWS]
-        per_group = (2 if "gate" in form.roles else 1) + (F >= cpu_gemm.MIN_IN)
-        assert sorted(calls) == sorted(small * per_group)
+        expect = []  # every product of a group with few enough rows for its weight
+        for r, p in zip(form.roles, params, strict=True):
+            if not r.startswith("b_") and p.shape[2] >= cpu_gemm.MIN_IN:
+                expect += [n for n in SIZES if 0 < n <= cpu_gemm.max_rows(*p.shape[1:])]
+        assert expect and sorted(calls) == sorted(expect)
     else:  # off, or weights stored [in, out] (the kernel reads [out, in])
         assert calls == []

@@ -24,12 +24,13 @@ into an fp32 ``[T, H]`` output. What makes it the fast CPU path (measured in
   into one ``[rows, H]`` slab, and the slab is weighted and combined (``index_add_``) once.
   Per expert that leaves the two GEMMs and the in-place activation: with E = 64..256 small
   experts, or at decode, the per-op cost of a host loop is what decides the time.
-- Few rows, one intra-op thread, fp32: groups of at most ``cpu_gemm.max_rows`` rows (32,
-  96 for weights of 2 Mi elements or more) go through ``cpu_gemm``'s kernel, which reads the weight as stored (``[out, in]``) instead of
-  having MKL pack it on every call: decode op (T=16, H=1024, F=2048, E=8) 45 -> 23 ms, thread
-  time, loaded machine (``lowering/cpu_gemm.py`` has the per-product figures). Layers it does
-  not take (bf16, ``[in, out]`` storage, H < ``cpu_gemm.MIN_IN``, more threads) keep the rules
-  below.
+- Few rows, one intra-op thread, fp32: groups of at most ``cpu_gemm.max_rows`` rows (16 to
+  96 by the weight's shape) go through ``cpu_gemm``'s kernel, which reads the weight as
+  stored (``[out, in]``) instead of having MKL pack it on every call, with the routing
+  weights folded into the down projection's input (no down bias): decode op (T=16, H=1024,
+  F=2048, E=8) 41.9 -> 19.4 ms, thread time, interleaved (``lowering/cpu_gemm.py`` has the
+  per-product figures). Layers it does not take (bf16, ``[in, out]`` storage, H <
+  ``cpu_gemm.MIN_IN``, more threads) keep the rules below.
 - Small groups are computed transposed, ``W^T @ rows^T`` (:func:`_transposed_rows`): MKL's
   fp32 GEMM with few rows against a large transposed weight packs the weight on every call.
   With one intra-op thread that pays for 2..6-row groups (1.3-1.5x per expert); with two or

@@ -7,8 +7,8 @@ EPYC, AVX2, one thread, thread CPU time, ``benchmarks/layer_probes.py small-m``)
 ``[16, 1024] x [1024, 4096]`` product 8.6 ms with ``torch.mm``, 3.6 ms here; the decode
 layer's down projection ``[10, 2048] x [2048, 1024]`` 1.9 vs 0.9 ms; a fine-grained expert's
 ``[11, 1024] x [1024, 32]`` 26 vs 13 us (MKL's per-call setup). With more rows MKL's
-blocked kernel catches up (from ~48 rows of a 4 MB weight, ~128 of a 16 MB one:
-:data:`MAX_ROWS`), and with a tiny reduction (``in`` = 16) the per-dot horizontal sums
+blocked kernel catches up (from ~20 rows of a 2 MB weight, ~128 of a 16 MB one:
+:func:`max_rows`), and with a tiny reduction (``in`` = 16) the per-dot horizontal sums
 dominate here: the caller uses this only for few rows (:func:`max_rows`) and ``in >= 256``.
 
 The kernel reads ``w`` where it lies (no packed copy, nothing cached, nothing to invalidate):
@@ -38,26 +38,33 @@ import warnings
 
 import torch
 
-#: Most rows of one product computed here, and for weights of at least ``BIG_WEIGHT``
-#: elements (MKL's per-call packing grows with the weight, so the kernel wins to more rows).
-#: Measured, one thread, thread time, interleaved medians, load 6-8, ``torch.mm`` time over
-#: the kernel's: 4096 x 1024 weight 1.64 / 1.38 / 1.32 / 1.12 at 32 / 64 / 96 / 128 rows;
-#: 1024 x 2048 1.45 / 1.09 / 1.02 at 32 / 64 / 96; 1024 x 1024 0.93 / 1.04 / 0.95 / 0.86 at
-#: 32 / 48 / 64 / 96 (1.78 at 11); 1024 x 512 0.95 / 1.05 / 1.01 / 0.87; 32 x 1024 1.7 at 11
-#: rows, 0.86 at 128.
-MAX_ROWS = 32
-MAX_ROWS_BIG = 96
-BIG_WEIGHT = 2 << 20
+#: Most rows of one product computed here, by the weight's shape (:func:`max_rows`). MKL
+#: packs the weight on every call, which costs less the smaller the weight is, and its blocked
+#: kernel computes each row faster: the kernel wins up to more rows the larger the weight.
+#: Measured (one thread, thread time, interleaved medians, load 2-3, ``torch.mm`` time over
+#: the kernel's; [out, in] weights): 1024x256 1.16 / 0.86 at 8 / 16 rows; 1024x512 1.05 / 0.99
+#: / 0.77 at 16 / 24 / 32; 1024x768 1.02 / 0.99 / 0.90 at 16 / 24 / 32; 512x1024 1.14 / 0.86 at
+#: 32 / 48; 768x1024 1.00 / 0.96 at 32 / 48; 1024x1024 1.07 / 0.86 at 64 / 96; 1536x1024 1.05
+#: / 1.00 at 64 / 96; 1024x2048 1.00 / 0.96 at 64 / 96; 4096x1024 1.14 / 1.00 / 0.90 at 96 /
+#: 128 / 192. With few rows the kernel is 1.2-3x faster (``layer_probes small-m``).
+MAX_ROWS_SHORT_IN = 16  # in < 1024
+MAX_ROWS = 32  # in >= 1024, weight < 1 Mi elements
+MAX_ROWS_MID = 64  # weight < 4 Mi elements
+MAX_ROWS_BIG = 96  # weight >= 4 Mi elements
 
 
 def max_rows(n_out: int, n_in: int) -> int:
     """Most rows of a product with an ``[n_out, n_in]`` weight that the kernel computes."""
-    return MAX_ROWS_BIG if n_out * n_in >= BIG_WEIGHT else MAX_ROWS
+    if n_in < 1024:
+        return MAX_ROWS_SHORT_IN
+    size = n_out * n_in
+    return MAX_ROWS if size < 1 << 20 else (MAX_ROWS_MID if size < 4 << 20 else MAX_ROWS_BIG)
 
 
 #: Fewest ``in`` elements (the reduction) computed here: at ``in`` = 16 the horizontal sums
 #: cost more than MKL's setup (``[64, 16] x [16, 1024]``: 123 vs 52 us).
 MIN_IN = 256
+
 
 _SRC = r"""
 #include <immintrin.h>
