@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from . import bridge, config
+from . import config
+from .context import compile_context
 
 _compile_count = 0
 
@@ -64,8 +65,8 @@ def capmoe_backend(
 
 
 # Dynamo enters a backend's ``backend_ctx_ctor`` around every call of what it compiled (tracing,
-# guards, compiled code): the graph-break bridges (``bridge.py``) apply to capmoe's compiles only.
-capmoe_backend.backend_ctx_ctor = bridge.capture_context  # type: ignore[attr-defined]
+# guards, compiled code): the bridges and shape settings of ``context.py``, for capmoe only.
+capmoe_backend.backend_ctx_ctor = compile_context  # type: ignore[attr-defined]
 
 
 class OptionError(ValueError, torch._dynamo.exc.ShortenTraceback):

@@ -128,9 +128,9 @@ def _explain_backend(options: dict[str, Any]) -> Callable:
         def capmoe_explain(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
             return installed(gm.forward, run_passes(gm, example_inputs, options))
 
-        from .bridge import capture_context
+        from .context import compile_context
 
-        capmoe_explain.backend_ctx_ctor = capture_context  # the capmoe backend's bridges
+        capmoe_explain.backend_ctx_ctor = compile_context  # the capmoe backend's, the same graphs
         _EXPLAIN_BACKENDS[key] = capmoe_explain
     return _EXPLAIN_BACKENDS[key]
 
