@@ -11,11 +11,12 @@ import warnings
 import torch
 
 from .experts import TILE
+from .library import custom_op
 from .pipeline import layer as _layer
 from .routing import output_width, route_reference, route_with_options
 
 
-@torch.library.custom_op("capmoe::route", mutates_args=())
+@custom_op("capmoe::route")
 def route_op(
     probs: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -88,7 +89,7 @@ def _route_fake(
 # raises instead of computing something else.
 
 
-@torch.library.custom_op("capmoe::route_layer", mutates_args=())
+@custom_op("capmoe::route_layer")
 def route_layer(
     probs: torch.Tensor,
     topk_ids: torch.Tensor,

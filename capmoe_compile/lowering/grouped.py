@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..experts import ExpertForm
+from ..library import custom_op
 from .cpu_experts import experts_cpu
 from .invariant import tiled_grouped_mm
 
@@ -36,7 +37,7 @@ def supports(form: ExpertForm, dtype: torch.dtype) -> bool:
     return form.stacked and dtype in SUPPORTED_DTYPES
 
 
-@torch.library.custom_op("capmoe::grouped_mm", mutates_args=())
+@custom_op("capmoe::grouped_mm")
 def grouped_mm(
     a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, tile: torch.Tensor | None = None
 ) -> torch.Tensor:
