@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from . import telemetry
 from .experts import TILE
 from .library import custom_op
 from .pipeline import layer as _layer
@@ -110,8 +111,6 @@ def route_layer(
     when this call does not need it. It is data, not a graph constant, so switching scopes
     needs no recompile.
     """
-    from . import telemetry
-
     h = _layer(layer)
     opts = h.options(anchor)
     if h.width(opts) != width:
@@ -123,13 +122,14 @@ def route_layer(
         )
     T, k = topk_ids.shape
     ids = topk_ids.long()
-    valid = padding_rows(attention_mask, T, num_sequences) if opts["exclude_padding"] else None
     scope = opts["capacity_scope"]
     check_sequence_scope(opts, num_sequences, h.name)
+    valid = None  # capacity off: the layer runs exactly as written, every row counts
     if opts["capacity_factor"] is None:
-        valid = None  # capacity off: the layer runs exactly as written
         out_ids, out_w = ids.clone(), topk_weights.clone()
     else:
+        if opts["exclude_padding"]:
+            valid = padding_rows(attention_mask, T, num_sequences)
         out_ids, out_w = route_with_options(
             probs,
             ids,
@@ -151,7 +151,7 @@ def route_layer(
             "in the last bits between batchings",
             stacklevel=2,
         )
-    return out_ids, out_w, torch.tensor(tile, dtype=torch.int64)
+    return out_ids, out_w, torch.scalar_tensor(tile, dtype=torch.int64)
 
 
 _WARNED_TILES: set[str] = set()
