@@ -277,8 +277,8 @@ def test_experts_cpu_op():
     x, ids, w, params = make_case(form, 7, 4, 2, F32, H=16, F=8, drop=0.0)
     x, w = x.nan_to_num(1.0), w.nan_to_num(0.5)
     args = (x, ids, w, params, form.to_str())
-    torch.library.opcheck(cpu_experts.experts_cpu, args)
-    torch.library.opcheck(cpu_experts.experts_cpu, (*args, torch.tensor(4)))
+    torch.library.opcheck(torch.ops.capmoe.experts_cpu.default, args)
+    torch.library.opcheck(torch.ops.capmoe.experts_cpu.default, (*args, torch.tensor(4)))
 
 
 # Group sizes around the op's switches: 1..6 rows (torch.mm as rows @ W), 7..256 (computed

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts import ACTIVATIONS, ExpertForm
+from ..library import custom_op
 from . import cpu_gemm
 
 #: Upper bound on one chunk's widest intermediate ([rows, 2F] of the gate/up GEMM). Well under
@@ -294,7 +295,7 @@ def _form(form: str) -> ExpertForm:
     return ExpertForm.from_str(form)
 
 
-@torch.library.custom_op("capmoe::experts_cpu", mutates_args=())
+@custom_op("capmoe::experts_cpu")
 def experts_cpu(
     x: torch.Tensor,
     ids: torch.Tensor,
