@@ -498,17 +498,27 @@ def _mask_of_hit(test: ast.expr) -> str | None:
     return total.func.value.id
 
 
-def _unhit_adds_nothing(fdef: ast.FunctionDef, loop: ast.For, call: ast.Call) -> None:
-    """Raise unless an expert the original loop skips (not hit) adds nothing when run.
-
-    The hit experts are ``greater(M.sum(...), 0).nonzero()`` of a mask ``M`` that is a
-    ``one_hot`` (permuted or transposed: no negative entries): not hit means ``M[v]`` is all
-    zeros. Every ``index_add_`` adds over rows ``torch.where(M[v])`` gives: none for it."""
-    mask = _mask_of_hit(call.func.value)
-    if mask is None:
-        raise _NotBridged(
-            f"the experts hit are not the nonzero rows of a mask: {ast.unparse(call.func.value)}"
-        )
+def _check_one_hot(fdef: ast.FunctionDef, mask: str) -> None:
+    """Raise unless every binding of ``mask`` is a ``one_hot`` (or a permutation or transpose
+    of it) and nothing writes it in place: its entries are then 0 or 1."""
+    a = fdef.args
+    params = [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]
+    stores = [
+        n
+        for n in ast.walk(fdef)
+        if isinstance(n, ast.Name) and n.id == mask and not isinstance(n.ctx, ast.Load)
+    ]
+    simple = [
+        t
+        for n in ast.walk(fdef)
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name) and t.id == mask
+    ]
+    if any(p is not None and p.arg == mask for p in params) or not simple:
+        raise _NotBridged(f"the mask {mask} is not computed in the forward")
+    if len(stores) != len(simple):
+        raise _NotBridged(f"the mask {mask} is bound other than by a plain assignment")
     for node in ast.walk(fdef):
         # nothing may change the mask in place: M += .., M[..] = .., M.<op>_(..)
         if (
@@ -561,6 +571,20 @@ def _unhit_adds_nothing(fdef: ast.FunctionDef, loop: ast.For, call: ast.Call) ->
         )
         if not (one_hot or reorder):
             raise _NotBridged(f"the mask {mask} is not a one_hot: {ast.unparse(value)}")
+
+
+def _unhit_adds_nothing(fdef: ast.FunctionDef, loop: ast.For, call: ast.Call) -> None:
+    """Raise unless an expert the original loop skips (not hit) adds nothing when run.
+
+    The hit experts are ``greater(M.sum(...), 0).nonzero()`` of a mask ``M`` that is a
+    ``one_hot`` (permuted or transposed: no negative entries): not hit means ``M[v]`` is all
+    zeros. Every ``index_add_`` adds over rows ``torch.where(M[v])`` gives: none for it."""
+    mask = _mask_of_hit(call.func.value)
+    if mask is None:
+        raise _NotBridged(
+            f"the experts hit are not the nonzero rows of a mask: {ast.unparse(call.func.value)}"
+        )
+    _check_one_hot(fdef, mask)
     v = loop.target.id
     rows_of = set()
     for s in loop.body:

@@ -181,6 +181,18 @@ def _mask_changed_in_place(self, x, ids, w):
     return out
 
 
+def _mask_from_caller(self, x, mask):
+    out = torch.zeros_like(x)  # the caller's mask may hold any values: not provably one-hot
+    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for e in hit:
+        e = e[0]
+        if e == self.num_experts:
+            continue
+        slot, tok = torch.where(mask[e])
+        out.index_add_(0, tok, x[tok] @ self.up[e].t() @ self.down[e].t())
+    return out
+
+
 class _NemotronStyle(_Experts):
     """Nemotron-H's eager loop: ``nonzero().squeeze(-1)`` read with ``.item()``, no sentinel
     skip (the weights indexed by the expert bound the loop), an empty-selection skip."""
@@ -258,6 +270,7 @@ def test_unsafe_loops_are_not_bridged():
         (_mask_not_one_hot, "not a one_hot"),
         (_empty_skip_of_other_rows, "empty selection"),
         (_mask_changed_in_place, "changed in place"),
+        (_mask_from_caller, "not computed in the forward"),
     ):
         assert bridge.bridged_forward(fn) is fn
         assert why in bridge.why_not_bridged(fn)
