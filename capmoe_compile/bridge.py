@@ -293,7 +293,7 @@ def _bridge(fn: Callable) -> Callable:
         )
     )
     bounds = _loop_ok(loop, fdef.body[pos + 1 :], squeezed, self_first)
-    _unhit_adds_nothing(fdef, loop, call)
+    _unhit_adds_nothing(fdef, loop, call, assign)
     assign.value = ast.Call(
         func=ast.Name("_capmoe_every_index", ast.Load()),
         args=[call.func.value, ast.Constant(squeezed), *bounds],
@@ -498,7 +498,7 @@ def _mask_of_hit(test: ast.expr) -> str | None:
     return total.func.value.id
 
 
-def _check_one_hot(fdef: ast.FunctionDef, mask: str) -> None:
+def _check_one_hot(fdef: ast.FunctionDef, mask: str, hit: ast.Assign) -> None:
     """Raise unless every binding of ``mask`` is a ``one_hot`` (or a permutation or transpose
     of it) and nothing writes it in place: its entries are then 0 or 1."""
     a = fdef.args
@@ -519,6 +519,11 @@ def _check_one_hot(fdef: ast.FunctionDef, mask: str) -> None:
         raise _NotBridged(f"the mask {mask} is not computed in the forward")
     if len(stores) != len(simple):
         raise _NotBridged(f"the mask {mask} is bound other than by a plain assignment")
+    # the hit experts and the loop read the same mask: bound before the hit experts, once
+    # they are computed at the top level (or in a top-level `with`), never again
+    top = [*fdef.body, *(b for w in fdef.body if isinstance(w, ast.With) for b in w.body)]
+    if not any(hit is t for t in top) or any(n.lineno >= hit.lineno for n in stores):
+        raise _NotBridged(f"the mask {mask} is rebound after the experts hit are computed")
     for node in ast.walk(fdef):
         # nothing may change the mask in place: M += .., M[..] = .., M.<op>_(..)
         if (
@@ -573,7 +578,9 @@ def _check_one_hot(fdef: ast.FunctionDef, mask: str) -> None:
             raise _NotBridged(f"the mask {mask} is not a one_hot: {ast.unparse(value)}")
 
 
-def _unhit_adds_nothing(fdef: ast.FunctionDef, loop: ast.For, call: ast.Call) -> None:
+def _unhit_adds_nothing(
+    fdef: ast.FunctionDef, loop: ast.For, call: ast.Call, hit: ast.Assign
+) -> None:
     """Raise unless an expert the original loop skips (not hit) adds nothing when run.
 
     The hit experts are ``greater(M.sum(...), 0).nonzero()`` of a mask ``M`` that is a
@@ -584,7 +591,7 @@ def _unhit_adds_nothing(fdef: ast.FunctionDef, loop: ast.For, call: ast.Call) ->
         raise _NotBridged(
             f"the experts hit are not the nonzero rows of a mask: {ast.unparse(call.func.value)}"
         )
-    _check_one_hot(fdef, mask)
+    _check_one_hot(fdef, mask, hit)
     v = loop.target.id
     rows_of = set()
     for s in loop.body:

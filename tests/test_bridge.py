@@ -193,6 +193,20 @@ def _mask_from_caller(self, x, mask):
     return out
 
 
+def _mask_rebound(self, x, ids, w):
+    out = torch.zeros_like(x)
+    mask = torch.nn.functional.one_hot(ids, self.num_experts + 1).permute(2, 1, 0)
+    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    mask = torch.nn.functional.one_hot(ids.flip(0), self.num_experts + 1).permute(2, 1, 0)
+    for e in hit:  # experts hit by the first mask, rows of the second
+        e = e[0]
+        if e == self.num_experts:
+            continue
+        slot, tok = torch.where(mask[e])
+        out.index_add_(0, tok, x[tok] @ self.up[e].t() @ self.down[e].t())
+    return out
+
+
 class _NemotronStyle(_Experts):
     """Nemotron-H's eager loop: ``nonzero().squeeze(-1)`` read with ``.item()``, no sentinel
     skip (the weights indexed by the expert bound the loop), an empty-selection skip."""
@@ -271,6 +285,7 @@ def test_unsafe_loops_are_not_bridged():
         (_empty_skip_of_other_rows, "empty selection"),
         (_mask_changed_in_place, "changed in place"),
         (_mask_from_caller, "not computed in the forward"),
+        (_mask_rebound, "rebound after"),
     ):
         assert bridge.bridged_forward(fn) is fn
         assert why in bridge.why_not_bridged(fn)
