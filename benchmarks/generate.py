@@ -100,15 +100,11 @@ def build(name: str):
 
 def prompts(vocab: int, batch: int, longest: int, seed: int = 0):
     """Left-padded random prompts: lengths evenly spread over [longest/2, longest]."""
-    gen = torch.Generator().manual_seed(seed)
+    from capmoe_compile.testing import serving
+
     lo = max(1, longest // 2)
     lengths = [lo + (longest - lo) * i // max(1, batch - 1) for i in range(batch)][::-1]
-    ids = torch.zeros(batch, longest, dtype=torch.long)
-    mask = torch.zeros(batch, longest, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, longest - n :] = torch.randint(3, vocab, (n,), generator=gen)
-        mask[b, longest - n :] = 1
-    return ids, mask
+    return serving.left_padded(lengths, seed=seed, vocab=vocab, width=longest)
 
 
 def gen_call(model, ids, mask, new: int):

@@ -39,6 +39,23 @@ import torch.nn.functional as Fn
 from .common import json_line, machine, write_json
 
 
+def _layer_and_tiny_copy(spec: str):
+    """``shape[@T]`` of moe_layer's full shapes: T, the layer's config, its input, and the layer
+    and its F=TINY_F copy, each compiled with capmoe (static shapes)."""
+    from . import moe_layer as ml
+
+    base, _, t = spec.partition("@")
+    lname, T0 = ml.SHAPES_FULL[base]
+    T = int(t) if t else T0
+    cfg = ml.LAYERS_FULL[lname]
+    _, block, x_all = ml.build_layer(cfg, torch.float32, 1.5, T)
+    _, tiny = ml.tiny_copy(cfg, block, torch.float32)
+    x = ml.decode_input(x_all, T) if base == "decode" else ml.prefill_input(x_all, T)
+    full = torch.compile(block, backend="capmoe", dynamic=False)
+    small = torch.compile(tiny, backend="capmoe", dynamic=False)
+    return T, cfg, x, full, small
+
+
 def _t(f, n: int = 9) -> float:
     """Median thread CPU time of ``f`` in ms (two warm-up calls)."""
     f()
@@ -61,15 +78,7 @@ def overhead(shapes: list[str], reps: int) -> dict:
     torch._dynamo.config.recompile_limit = 64
     out = {}
     for spec in shapes:
-        base, _, t = spec.partition("@")
-        lname, T0 = ml.SHAPES_FULL[base]
-        T = int(t) if t else T0
-        cfg = ml.LAYERS_FULL[lname]
-        model, block, x_all = ml.build_layer(cfg, torch.float32, 1.5, T)
-        tiny_model, tiny = ml.tiny_copy(cfg, block, torch.float32)
-        x = ml.decode_input(x_all, T) if base == "decode" else ml.prefill_input(x_all, T)
-        full = torch.compile(block, backend="capmoe", dynamic=False)
-        small = torch.compile(tiny, backend="capmoe", dynamic=False)
+        T, cfg, x, full, small = _layer_and_tiny_copy(spec)
         rows = {
             "full_score": ml._patched(full, ml.SCORE),
             f"F{ml.TINY_F}_score": ml._patched(small, ml.SCORE),
@@ -110,7 +119,7 @@ def overhead(shapes: list[str], reps: int) -> dict:
                 print(f"    {e['op'][:60]:60s} {e['self_ms_per_call']:8.3f} ms {e['calls']:6.0f}")
         out[spec] = {"T": T, "cfg": cfg, "rows": res, "F16_over_layer_thread": frac}
         out[spec]["profile"] = prof
-        del full, small, rows, model, block, tiny_model, tiny
+        del full, small, rows
         torch._dynamo.reset()
     return out
 
@@ -127,15 +136,7 @@ def kernel_ab(shapes: list[str], reps: int) -> dict:
     torch._dynamo.config.recompile_limit = 64
     out = {}
     for spec in shapes:
-        base, _, t = spec.partition("@")
-        lname, T0 = ml.SHAPES_FULL[base]
-        T = int(t) if t else T0
-        cfg = ml.LAYERS_FULL[lname]
-        model, block, x_all = ml.build_layer(cfg, torch.float32, 1.5, T)
-        tiny_model, tiny = ml.tiny_copy(cfg, block, torch.float32)
-        x = ml.decode_input(x_all, T) if base == "decode" else ml.prefill_input(x_all, T)
-        full = torch.compile(block, backend="capmoe", dynamic=False)
-        small = torch.compile(tiny, backend="capmoe", dynamic=False)
+        T, cfg, x, full, small = _layer_and_tiny_copy(spec)
         with torch.no_grad():
             with ml._same_lowering("@F"):
                 small(x)
@@ -188,7 +189,7 @@ def kernel_ab(shapes: list[str], reps: int) -> dict:
         }
         print(f"{spec} F={ml.TINY_F} row / layer (score, thread time): {frac}")
         out[spec] = {"T": T, "cfg": cfg, "rows": res, "F16_over_layer_thread": frac}
-        del full, small, rows, base_rows, model, block, tiny_model, tiny
+        del full, small, rows, base_rows
         torch._dynamo.reset()
     return out
 

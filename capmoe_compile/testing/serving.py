@@ -18,14 +18,15 @@ import capmoe_compile as cc
 from capmoe_compile.testing import zoo
 
 
-def left_padded(lengths, seed=0):
-    """input_ids and attention_mask [B, max(lengths)] of random prompts, left padded with 0."""
-    B, S = len(lengths), max(lengths)
+def left_padded(lengths, seed=0, vocab=256, width=None):
+    """input_ids and attention_mask [B, width or max(lengths)] of random prompts (ids in
+    [3, vocab)), left padded with 0."""
+    B, S = len(lengths), width or max(lengths)
     ids = torch.zeros(B, S, dtype=torch.long)
     mask = torch.zeros(B, S, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     for b, n in enumerate(lengths):
-        ids[b, S - n :] = torch.randint(3, 256, (n,), generator=gen)
+        ids[b, S - n :] = torch.randint(3, vocab, (n,), generator=gen)
         mask[b, S - n :] = 1
     return ids, mask
 
