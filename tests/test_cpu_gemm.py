@@ -135,3 +135,35 @@ def test_experts_cpu_with_kernel(form_name, kernel, F, monkeypatch, FN):
         assert expect and sorted(calls) == sorted(expect)
     else:  # off, or weights stored [in, out] (the kernel reads [out, in])
         assert calls == []
+
+
+def test_profiler_phases_do_not_change_results(FN):
+    """Under torch.profiler the op opens ``capmoe::dispatch / experts / combine`` ranges
+    (``benchmarks/moe_layer.py``'s in-situ breakdown) and returns the same bits as without;
+    the breakdown's parts are each counted once and the rest is ``other``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import moe_layer
+
+    form = FORMS["swiglu_fused"]
+    gen = _gen("cpu_gemm_phases", "swiglu_fused", 300)
+    E, H, T, k = 6, 1024, 40, 2
+    params = make_params(form, E, H, 300, torch.float32, gen)
+    ids = torch.randint(0, E + 1, (T, k), generator=gen)  # some sentinel (dropped) pairs
+    x, w = torch.randn(T, H, generator=gen), torch.rand(T, k, generator=gen)
+
+    def op(x):
+        return cpu_experts.experts_cpu(x, ids, w, params, form.to_str())
+
+    plain = op(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        profiled = op(x)
+    assert torch.equal(plain, profiled)
+    names = {e.key for e in prof.key_averages()}
+    assert {"capmoe::dispatch", "capmoe::experts", "capmoe::combine"} <= names
+    split = moe_layer.breakdown(op, x, n=2)
+    assert split["route"] == 0 and split["experts"] > 0 and split["dispatch"] > 0
+    phases = sum(split[p] for p in moe_layer.PHASES)
+    assert split["other"] == pytest.approx(max(0.0, split["total"] - phases))
+    assert 0 < split["overhead_share"] < 1
+    assert moe_layer.breakdown(lambda x: x @ x.t(), x, n=1) is None  # no experts op ran

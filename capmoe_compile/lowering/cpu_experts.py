@@ -51,6 +51,7 @@ many rows share its expert.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -113,6 +114,15 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     if _tls.poison and dtype.is_floating_point:
         buf.fill_(float("nan"))
     return buf
+
+
+def _phase(name: str):
+    """A ``capmoe::<name>`` range for torch.profiler while it records (the in-situ breakdown of
+    ``benchmarks/moe_layer.py``: dispatch, experts, combine); nothing otherwise (a
+    ``record_function`` costs ~9 us even with no profiler running, the check ~0.1 us)."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(f"capmoe::{name}")
+    return contextlib.nullcontext()
 
 
 def clear_scratch() -> None:
@@ -316,23 +326,24 @@ def experts_cpu(
         torch.are_deterministic_algorithms_enabled()
         and torch.utils.deterministic.fill_uninitialized_memory
     )
-    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    if T == 0 or k == 0:
-        return out.to(x.dtype)
-    flat = ids.reshape(-1)
-    # ids >= E (the sentinel) count in the last bin and sort after every kept pair.
-    counts = torch.bincount(flat.clamp(0, E), minlength=E + 1)[:E].tolist()
-    kept = sum(counts)
-    if kept == 0:
-        return out.to(x.dtype)
-    order = torch.argsort(flat, stable=True)[:kept]
-    tok_all = torch.div(order, k, rounding_mode="floor")
+    with _phase("dispatch"):  # counts, sort, routing weights in expert order, zeroed output
+        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+        if T == 0 or k == 0:
+            return out.to(x.dtype)
+        flat = ids.reshape(-1)
+        # ids >= E (the sentinel) count in the last bin and sort after every kept pair.
+        counts = torch.bincount(flat.clamp(0, E), minlength=E + 1)[:E].tolist()
+        kept = sum(counts)
+        if kept == 0:
+            return out.to(x.dtype)
+        order = torch.argsort(flat, stable=True)[:kept]
+        tok_all = torch.div(order, k, rounding_mode="floor")
+        if t == 0:
+            # Kept pairs' routing weights in expert order, fp32, gathered once.
+            w_all = weights.reshape(-1).index_select(0, order).to(torch.float32)
     if t > 0:
         _tiled(x, tok_all, order, weights.reshape(-1), counts, p, f, t, out)
         return out.to(x.dtype)
-    # Kept pairs' routing weights in expert order, fp32, gathered once.
-    w_all = weights.reshape(-1).index_select(0, order).to(torch.float32)
-    rows_per = _chunk_rows(f, p, x.element_size())
     nt = _few_row_kernel(f, p, x)
     t_rows = (
         range(0) if nt is not None else _transposed_rows(p["down"][0].numel() >= TRANSPOSED_MIN_HF)
@@ -347,35 +358,48 @@ def experts_cpu(
     start = 0
     for first, last, n_seg in _segments(counts, _segment_rows(H, x.element_size())):
         tok = tok_all[start : start + n_seg]
-        xs = torch.index_select(x, 0, tok, out=_scratch("x", (n_seg, H), x.dtype))
+        with _phase("dispatch"):
+            xs = torch.index_select(x, 0, tok, out=_scratch("x", (n_seg, H), x.dtype))
         ys = _scratch("ys", (n_seg, H), x.dtype)
-        s = 0
-        for e in range(first, last):
-            c = counts[e]
-            if c == 0:
-                continue
-            n_chunks = -(-c // rows_per)
-            size = -(-c // n_chunks)  # balanced chunks
-            for a in range(s, s + c, size):
-                n = min(size, s + c - a)
-                rows = xs[a : a + n]
-                if n in t_rows:
-                    ys[a : a + n].copy_(_expert_t(rows, p, f, e, w_roles))
-                else:
-                    wts = w_all[start + a : start + a + n, None] if fold else None
-                    _expert(rows, p, f, e, w_roles, out=ys[a : a + n], nt=nt, wts=wts)
-            s += c
-        if fold:
-            out.index_add_(0, tok, ys)
-        else:
-            y = (
-                ys
-                if ys.dtype == torch.float32
-                else _scratch("y32", (n_seg, H), torch.float32).copy_(ys)
-            )
-            out.index_add_(0, tok, y.mul_(w_all[start : start + n_seg, None]))
+        with _phase("experts"):
+            w_seg = w_all[start : start + n_seg] if fold else None
+            _segment_experts(xs, ys, counts[first:last], first, p, f, w_roles, nt, w_seg, t_rows)
+        with _phase("combine"):
+            if fold:
+                out.index_add_(0, tok, ys)
+            else:
+                y = (
+                    ys
+                    if ys.dtype == torch.float32
+                    else _scratch("y32", (n_seg, H), torch.float32).copy_(ys)
+                )
+                out.index_add_(0, tok, y.mul_(w_all[start : start + n_seg, None]))
         start += n_seg
-    return out.to(x.dtype)
+    with _phase("combine"):
+        return out.to(x.dtype)
+
+
+def _segment_experts(xs, ys, counts, first, p, f: ExpertForm, w_roles, nt, w_seg, t_rows):
+    """Experts ``first, first + 1, ...`` (``counts`` rows each) of one segment: rows ``xs``
+    [n_seg, H] in expert order -> ``ys`` [n_seg, H], each expert in balanced chunks of at most
+    :func:`_chunk_rows` rows. ``w_seg`` ([n_seg] fp32): the rows' routing weights when they
+    are folded into the down projection (:func:`_expert`), else ``None``."""
+    rows_per = _chunk_rows(f, p, xs.element_size())
+    s = 0
+    for e, c in enumerate(counts, start=first):
+        if c == 0:
+            continue
+        n_chunks = -(-c // rows_per)
+        size = -(-c // n_chunks)  # balanced chunks
+        for a in range(s, s + c, size):
+            n = min(size, s + c - a)
+            rows = xs[a : a + n]
+            if n in t_rows:
+                ys[a : a + n].copy_(_expert_t(rows, p, f, e, w_roles))
+            else:
+                wts = None if w_seg is None else w_seg[a : a + n, None]
+                _expert(rows, p, f, e, w_roles, out=ys[a : a + n], nt=nt, wts=wts)
+        s += c
 
 
 def _tiled(x, tok_all, order, w_flat, counts, p, f: ExpertForm, t: int, out) -> None:
