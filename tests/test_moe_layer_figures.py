@@ -1,0 +1,67 @@
+"""``benchmarks/moe_layer.py``'s per-round figures and bars on synthetic runs (no compiles)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import moe_layer
+
+
+def _run(peak_ms, copy_ms, rows):
+    """One shape's result as ``run_shape`` records it: ``rows`` name -> (samples_ms, flops
+    floor at the median peak, bytes floor at the median bandwidth)."""
+    med = moe_layer.median
+    return {
+        "shape": "fine",
+        "dtype": "float32",
+        "T": 2048,
+        "gemm_peak_samples_ms": peak_ms,
+        "copy_bw_samples_ms": copy_ms,
+        "gemm_peak_ms": med(peak_ms),
+        "copy_bw_ms": med(copy_ms),
+        "rows": {
+            name: {"samples_ms": s, "ms": med(s), "flops_floor_ms": f, "bytes_floor_ms": b}
+            for name, (s, f, b) in rows.items()
+        },
+    }
+
+
+def test_paired_follows_a_drifting_machine():
+    """The machine slows down for the last three rounds; in each round the layer runs at 80%
+    of that round's peak (its FLOPs are the peak row's): every round's figure is 80%."""
+    speed = [1.0, 1.0, 1.3, 1.3, 1.3]
+    peak = [100.0 * s for s in speed]
+    layer = [125.0 * s for s in speed]
+    floor_at_median_peak = moe_layer.median(peak)  # the layer's FLOPs at the median peak
+    res = _run(peak, [10.0] * 5, {"capmoe_off": (layer, floor_at_median_peak, 1.0)})
+    r = moe_layer.paired(res)["rows"]["capmoe_off"]
+    assert r["frac_peak_paired"] == pytest.approx(0.8)
+    assert r["frac_floor_paired"] == pytest.approx(0.8)  # compute-bound: bytes floor tiny
+    assert r["frac_bw_paired"] == pytest.approx(1.0 / moe_layer.median(layer))  # copy steady
+
+
+def test_paired_speedup_takes_the_fastest_other_row_per_round():
+    R = {
+        "a": {"samples_ms": [10.0, 30.0, 10.0]},
+        "b": {"samples_ms": [20.0, 15.0, 20.0]},
+        "x": {"samples_ms": [5.0, 10.0, 20.0]},
+    }
+    # per round: min(a, b) / x = 10/5, 15/10, 10/20 -> median 1.5
+    assert moe_layer._paired_speedup(R, ("a", "b"), "x") == pytest.approx(1.5)
+
+
+def test_bars_use_the_per_round_figures():
+    """The fine shape's bars read the per-round figures: 90% of the floor in every round
+    passes the 85% bar, 70% fails the 80% one."""
+    peak = [100.0, 140.0, 100.0, 140.0, 140.0]
+    rows = {}
+    for name, frac in (("capmoe_off", 0.9), ("capmoe_score", 0.7)):
+        rows[name] = ([p / frac for p in peak], 140.0, 1.0)
+    for name in moe_layer.EAGER_ROWS:
+        rows[name] = ([p / 0.5 for p in peak], 140.0, 1.0)
+    res = moe_layer.paired(_run(peak, [10.0] * 5, rows))
+    got = {b["bar"].split(": ", 1)[1]: b for b in moe_layer.bars([res])}
+    assert got["capmoe off %floor"]["value"] == pytest.approx(0.9)
+    assert got["capmoe off %floor"]["ok"]
+    assert got["capmoe score %floor"]["value"] == pytest.approx(0.7)
+    assert not got["capmoe score %floor"]["ok"]
