@@ -6,6 +6,7 @@
     python -m benchmarks.layer_probes small-m --inductor      # + Inductor's CPP GEMM template
     python -m benchmarks.layer_probes overhead --out benchmarks/results/x.json
     python -m benchmarks.layer_probes kernel-ab --shapes decode,fine  # few-row kernel on/off
+    python -m benchmarks.layer_probes peak                    # mm GFLOP/s, fp32 and bf16
 
 Every sample is timed by the calling thread's CPU time (``time.thread_time``) and, for the
 layer rows, by the wall clock too: one intra-op thread by default, so all the work runs on the
@@ -22,6 +23,9 @@ interleaved samples. The load average and thread count are printed and recorded.
   (freezing on: the weight packed once) on the same sizes.
 - ``kernel-ab``: capmoe off and score (and score on the F=16 copy) with the experts op's
   few-row kernel on and off (``lowering/cpu_gemm.py``), interleaved in one process.
+- ``peak``: ``torch.mm`` GFLOP/s in fp32 and bf16 at a few sizes (the prefill expert's
+  ``[512, 1024] x [1024, 4096]`` among them): whether bf16 is worth measuring on this CPU
+  (without AVX-512 BF16 or AMX, ATen's bf16 GEMM is a slow fallback).
 - ``small-groups``: the per-expert loop of ``capmoe::experts_cpu`` (gate/up mm, SiLU * up, down
   mm) on 70-120 active experts of 11-17 rows each against one ``bmm`` over the gathered weights.
 """
@@ -287,9 +291,25 @@ def small_groups() -> dict:
     return out
 
 
+def peak() -> dict:
+    """``torch.mm`` GFLOP/s (thread time, median of 3) for fp32 and bf16."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for m, k, n in ((256, 256, 256), (512, 1024, 4096)):
+            a = torch.randn(m, k).to(dtype)
+            b = torch.randn(k, n).to(dtype)
+            ms = _t(lambda a=a, b=b: torch.mm(a, b), 3)
+            gf = 2 * m * k * n / (ms / 1e3) / 1e9
+            out[f"{name} {m}x{k}x{n}"] = {"ms": ms, "gflops": gf}
+            print(f"{name} mm [{m}, {k}] x [{k}, {n}]: {ms:.2f} ms, {gf:.2f} GFLOP/s")
+    out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    print(f"ATen CPU capability: {out['cpu_capability']}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["overhead", "small-m", "small-groups", "kernel-ab"])
+    p.add_argument("probe", choices=["overhead", "small-m", "small-groups", "kernel-ab", "peak"])
     p.add_argument("--shapes", default="qwen3@512,deepseek@512", help="overhead: moe_layer shapes")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--inductor", action="store_true", help="small-m: + Inductor CPP template")
@@ -306,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         res = kernel_ab([s for s in args.shapes.split(",") if s], args.reps)
     elif args.probe == "small-m":
         res = small_m(args.inductor)
+    elif args.probe == "peak":
+        res = peak()
     else:
         res = small_groups()
     info["loadavg_end"] = list(os.getloadavg())
