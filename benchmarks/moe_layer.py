@@ -712,7 +712,9 @@ def bars_of(path: str, out: str | None = None) -> dict:
     return payload
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line (also read by ``tests/test_moe_layer_figures.py`` to check the commands
+    ``benchmarks/gpu_check.sh`` runs)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes, few reps (smoke run)")
     p.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16 (default fp32)")
@@ -755,6 +757,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="measure nothing: the issue bars of a recorded run (per-round figures recomputed"
         " from its samples; with --out, the run with them added is written there)",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
     args = p.parse_args(argv)
     if args.bars_of:
         return bars_of(args.bars_of, args.out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import moe_layer
@@ -65,3 +67,34 @@ def test_bars_use_the_per_round_figures():
     assert got["capmoe off %floor"]["ok"]
     assert got["capmoe score %floor"]["value"] == pytest.approx(0.7)
     assert not got["capmoe score %floor"]["ok"]
+
+
+def test_gpu_check_script_dry_run(tmp_path):
+    """``benchmarks/gpu_check.sh`` parses (``bash -n``), and its dry run lists the GPU run's
+    steps, writes nothing, and every layer benchmark it would run is a command line
+    ``benchmarks/moe_layer.py`` accepts, on CUDA in bf16, one JSON per shape."""
+    import shlex
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    out_dir = tmp_path / "gpu"
+    run = subprocess.run(
+        ["bash", str(script), "--dry-run", str(out_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert not out_dir.exists()
+    steps = [ln for ln in run.stdout.splitlines() if ln.startswith("== ")]
+    bench = [ln.split("): ", 1)[1] for ln in steps if "benchmarks.moe_layer" in ln]
+    assert any("tests/test_triton_moe.py" in ln for ln in steps)
+    shapes = set()
+    for cmd in bench:
+        argv = shlex.split(cmd)
+        args = moe_layer.parser().parse_args(argv[argv.index("benchmarks.moe_layer") + 1 :])
+        assert (args.device, args.dtypes) == ("cuda", "bf16")
+        assert args.out == str(out_dir / f"moe_layer_cuda_bf16_{args.shapes}.json")
+        shapes.add(args.shapes)
+    assert shapes == {"prefill", "decode", "fine", "qwen3", "deepseek"}
