@@ -43,6 +43,10 @@ an opaque custom op, invisible to the compiled graph (static shapes, no graph br
 calls the op as an extern kernel; the router, the capacity selection and everything around the
 layer stay in Inductor's generated code.
 
+While ``torch.profiler`` records, the op's time is split into ``capmoe::dispatch``,
+``capmoe::experts`` and ``capmoe::combine`` ranges (:func:`_phase`; nothing is opened
+otherwise).
+
 ``tile > 0`` (batch-invariant arithmetic, ``lowering/invariant.py``): every expert's rows go
 through the whole expert in zero-filled tiles of exactly ``tile`` rows, as
 ``experts.moe_experts_reference(..., tile)`` does, so a row's result does not depend on how
