@@ -112,6 +112,82 @@ def test_layer_whose_own_capacity_never_binds_is_rewritten():
     torch.testing.assert_close(got, m(x), atol=1e-5, rtol=1e-5)
 
 
+class RouterCapacityMoE(nn.Module):
+    """Capacity enforced in the *router* (issue 23): gate weights of pairs past the layer's own
+    ``cap`` are zeroed, and the experts run every pair. Capacity off folds the mask into W, so
+    the expert region alone cannot tell; the routing is not token-wise. Spellings:
+    ``flat``: cumsum over the flattened [T*k, E] one-hot; ``per_slot``: cumsum per top-k slot,
+    slot 0 first; ``rank``: a stable argsort over tokens gives each pair its place."""
+
+    def __init__(self, spelling: str, cap: int, E: int = 4, k: int = 2):
+        super().__init__()
+        self.spelling, self.cap, self.E, self.k = spelling, cap, E, k
+        self.router = nn.Linear(H, E, bias=False)
+        self.w_in = nn.Parameter(torch.randn(E, H, FF) * H**-0.5)
+        self.w_out = nn.Parameter(torch.randn(E, FF, H) * FF**-0.5)
+
+    def _place(self, idx):  # 1-based place of each pair in its expert's queue, [T, k]
+        E = self.E
+        if self.spelling == "flat":
+            hot = F.one_hot(idx, E).reshape(-1, E)
+            return (hot.cumsum(0) * hot).sum(-1).view(idx.shape)
+        if self.spelling == "per_slot":
+            hot = F.one_hot(idx, E)  # [T, k, E]
+            before = hot[:, :1].sum(0, keepdim=True) * torch.arange(idx.shape[1]).view(1, -1, 1)
+            return ((hot.cumsum(0) + before) * hot).sum(-1)
+        flat = idx.T.reshape(-1)  # slot-major, as GShard's second choice queues after the first
+        order = flat.argsort(stable=True)
+        counts = F.one_hot(flat, E).sum(0)  # not bincount: its size is data (a graph break)
+        starts = counts.cumsum(0) - counts
+        place = torch.empty_like(flat)
+        place[order] = torch.arange(flat.numel()) - starts[flat[order]] + 1
+        return place.view(idx.shape[1], -1).T
+
+    def forward(self, x):
+        gate, idx = self.router(x).softmax(-1).topk(self.k, dim=-1)
+        gate = gate * (self._place(idx) <= self.cap)
+        h = torch.relu(torch.einsum("th,tkhf->tkf", x, self.w_in[idx]))
+        y = torch.einsum("tkf,tkfh->tkh", h, self.w_out[idx])
+        return x + torch.einsum("tk,tkh->th", gate, y)
+
+
+def _capacity_on(gm, example_inputs):
+    from capmoe_compile.passes import run_passes
+
+    run_passes(gm, example_inputs, {"capacity_factor": 1.0, "policy": "score"})
+    return gm.forward
+
+
+@pytest.mark.parametrize("spelling", ["flat", "per_slot", "rank"])
+@pytest.mark.parametrize("cap", [6, 12], ids=["binds", "binds-on-other-inputs"])
+def test_capacity_in_the_router_is_left_as_written(spelling, cap):
+    """T = 24, k = 2, E = 4: cap 6 binds on the call; cap 12 (the mean load) does not bind on
+    these balanced tokens, but would on skewed ones: either way the router is not token-wise."""
+    torch.manual_seed(0)
+    m = RouterCapacityMoE(spelling, cap).eval()
+    x = torch.randn(24, H)
+    with torch.no_grad():
+        want = m(x)
+        rep = capmoe_compile.explain(m, capacity_factor=1.0)(x)
+        got = torch.compile(m, backend=_capacity_on)(x)
+    assert not rep.layers, str(rep)
+    assert any("enforces its own capacity" in r.reason for r in rep.unmatched), str(rep)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_router_capacity_that_can_never_bind_is_rewritten():
+    """cap >= T: no expert can hold more than T pairs of distinct tokens, so the router is
+    token-wise after all (dropless): matched, and capacity on follows SPEC, not the model."""
+    torch.manual_seed(0)
+    m = RouterCapacityMoE("flat", cap=24).eval()
+    x = torch.randn(24, H)
+    with torch.no_grad():
+        rep = capmoe_compile.explain(m)(x)
+        off = torch.compile(m, backend="capmoe")(x)
+    assert len(rep.layers) == 1, str(rep)
+    torch.testing.assert_close(off, m(x), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # padding tie and compile history
 # ---------------------------------------------------------------------------------------------

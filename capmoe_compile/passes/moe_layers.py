@@ -27,7 +27,7 @@ from torch import fx
 from .. import pipeline
 from ..experts import ACTIVATIONS, ExpertForm, moe_experts_reference
 from ..routing import capacity
-from . import routers
+from . import routers, tokenwise
 from .routers import known_equal, same_shape
 
 _INPLACE_FUNCS = {operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv}
@@ -690,8 +690,101 @@ def _identify_form(region: Region, values: dict[fx.Node, Any]) -> ExpertForm:
     Candidate forms are first screened on a few rows of the real selection (cheap), and the
     survivors are checked on every row of every trial: a layer that only misbehaves on late
     rows, on overloaded experts or in another token order cannot pass.
+
+    In bf16/fp16 the form is decided in float32 (:func:`_upcast_trial`): the region and every
+    candidate run on float32 copies of the call's tensors and parameters, so that rounding
+    cannot hide the form (a layer matched in float32 is matched in bf16, with the same form).
+    The chosen form is then confirmed in the real dtype (:func:`_confirm_in_dtype`).
     """
+    x = values[region.x]
+    if x.dtype in _LOW_FLOATS and _upcast_bytes(region, values) <= _UPCAST_LIMIT:
+        sub32, values32 = _upcast_trial(region, values)
+        try:
+            form = _identify_in(region, values32, sub32)
+        except (RuntimeError, TypeError):
+            pass  # the region does not run in float32 (a dtype it insists on): as written
+        else:
+            _confirm_in_dtype(region, values, values32, sub32, form)
+            return form
+    return _identify_in(region, values, _extract(region))
+
+
+# Dtypes whose expert forms are identified in float32, and the most float32 copies of a
+# layer's tensors (bytes) made for it: beyond this (a very large layer) the form is identified
+# in the layer's own dtype, at that dtype's tolerance.
+_LOW_FLOATS = (torch.bfloat16, torch.float16)
+_UPCAST_LIMIT = 4 << 30
+
+
+def _upcast(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.dtype in _LOW_FLOATS:
+        return v.float()
+    return v
+
+
+def _upcast_bytes(region: Region, values: dict[fx.Node, Any]) -> int:
+    vs = [values[n] for n in (region.x, region.weights, *region.roots)]
+    return sum(4 * v.numel() for v in vs if isinstance(v, torch.Tensor) and v.dtype in _LOW_FLOATS)
+
+
+def _upcast_trial(region: Region, values: dict[fx.Node, Any]):
+    """The region as a float32 program, and float32 copies of the values it reads.
+
+    The region's code may name the low dtype (Dynamo folds ``h.to(x.dtype)`` and
+    ``zeros(..., dtype=x.dtype)`` into constants): every bf16/fp16 dtype constant of the
+    extracted subgraph becomes float32, so the copy computes the same thing without rounding
+    to 8 (or 11) bits on the way."""
     sub = _extract(region)
+    for n in sub.graph.nodes:
+        n.args = fx.node.map_aggregate(n.args, _dtype_to_fp32)
+        n.kwargs = fx.node.map_aggregate(n.kwargs, _dtype_to_fp32)
+    sub.recompile()
+    wanted = (region.x, region.ids, region.weights, *region.roots)
+    return sub, {n: _upcast(values[n]) for n in wanted}
+
+
+def _dtype_to_fp32(a: Any) -> Any:
+    return torch.float32 if isinstance(a, torch.dtype) and a in _LOW_FLOATS else a
+
+
+def _confirm_in_dtype(
+    region: Region,
+    values: dict[fx.Node, Any],
+    values32: dict[fx.Node, Any],
+    sub32: fx.GraphModule,
+    form: ExpertForm,
+) -> None:
+    """The form found in float32 must reproduce the region in the real dtype on every trial.
+
+    Both the region and the form round their intermediates (the region, e.g., accumulates its
+    experts' outputs in bf16; the form in float32): the form passes if it is within the
+    dtype's tolerance of the region, or no farther from it than twice the region's own
+    rounding (how far the region in the real dtype is from the region in float32)."""
+    sub = _extract(region)
+    x, ids, w = values[region.x], values[region.ids], values[region.weights]
+    roots = [values[r] for r in region.roots]
+    roots32 = [values32[r] for r in region.roots]
+    params = [values[p] for p in region.params]
+    E = region.site.num_experts
+    far = noise = 0.0
+    with torch.no_grad():
+        for t in _trials(x, ids.long(), w, E):
+            got = sub(t.x, t.ids.to(ids.dtype), t.weights, *roots)
+            exact = sub32(_upcast(t.x), t.ids.to(ids.dtype), _upcast(t.weights), *roots32)
+            ref = moe_experts_reference(t.x, t.ids, t.weights, params, form)
+            far = max(far, _error(ref, got))
+            noise = max(noise, _error(exact.to(got.dtype), got))
+    if far > max(1.0, 2.0 * noise):
+        raise Unmatched(
+            f"the expert form {form.describe()} reproduces the experts in float32 but not in "
+            f"{x.dtype}: {far:.3g} tolerances from the region, whose own {x.dtype} rounding "
+            f"is {noise:.3g}"
+        )
+
+
+def _identify_in(region: Region, values: dict[fx.Node, Any], sub: fx.GraphModule) -> ExpertForm:
+    """:func:`_identify_form` on the given values (the call's, or float32 copies) and
+    region subgraph."""
     x, ids, w = values[region.x], values[region.ids], values[region.weights]
     roots = [values[r] for r in region.roots]
     params = [values[p] for p in region.params]
@@ -887,10 +980,21 @@ def rewrite_moe_layers(
     if refused:
         return [LayerReport("<graph>", False, refused)]
     _thread_inplace(graph)
-    reports, regions = _find_layers(graph, _classify_constants(graph, example))
+    kind = _classify_constants(graph, example)
+    reports, regions, left = _find_layers(graph, kind)
+    probes = [(p, rep) for site, rep in left if (p := _site_probe(graph, site, kind))]
+    sides = {
+        id(r): tokenwise.router_side(
+            graph, r.x, r.ids, r.weights, r.site.rows, r.site.num_experts, kind
+        )
+        for r, _ in regions
+    }
     wanted = {n for r, _ in regions for n in (r.x, r.ids, r.weights, *r.roots)}
+    wanted |= {n for s in sides.values() if not isinstance(s, str) for n in s.wanted()}
+    wanted |= {n for p, _ in probes for n in (*p.wanted(), *p.outs)}
     values = _capture(gm, example_inputs, wanted)
     values.update({n: v for n, v in example.items() if n in wanted})
+    _own_capacity_of_left_sites(probes, values)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     touched: set[fx.Node] = set()  # nodes of rewritten layers that may now be dead
     for region, rep in regions:
@@ -898,7 +1002,14 @@ def rewrite_moe_layers(
             # Whoever changed the parameters (expert parallelism shards them) verified the form
             # before: the layer is no longer the one to run.
             params = [values[p] for p in region.params]
-            form = pipeline.known_form(params) or _identify_form(region, values)
+            form = pipeline.known_form(params)
+            if form is None:
+                side = sides[id(region)]
+                T = values[region.x].shape[0]
+                why = side if isinstance(side, str) else tokenwise.dependence(side, values, T)
+                if why:
+                    raise Unmatched(why)
+                form = _identify_form(region, values)
         except Exception as e:  # noqa: BLE001 - an analysis failure leaves the layer as written
             rep.reason = _refusal(e)
             reports.append(rep)
@@ -916,6 +1027,27 @@ def rewrite_moe_layers(
     graph.lint()
     gm.recompile()
     return reports
+
+
+def _site_probe(graph: fx.Graph, site: routers.TopKSite, kind) -> tokenwise.RouterSide | None:
+    try:
+        return tokenwise.site_probe(graph, site, kind)
+    except Exception:  # noqa: BLE001 - only a better reason for a site left as written
+        return None
+
+
+def _own_capacity_of_left_sites(probes, values: dict[fx.Node, Any]) -> None:
+    """A site left as written whose routing is not token-wise (Switch-Transformers' and
+    NLLB-MoE's capacity masks) is reported as a layer with its own capacity: that is why it
+    must stay as written, whatever else kept its layer from being found."""
+    for side, rep in probes:
+        try:
+            T = values[side.outs[0]].reshape(-1, values[side.outs[0]].shape[-1]).shape[0]
+            why = tokenwise.dependence(side, values, T)
+        except Exception:  # noqa: BLE001 - the site is left as written either way
+            continue
+        if why:
+            rep.reason = why
 
 
 def _examples(gm: fx.GraphModule, example_inputs: list) -> tuple[list, dict[fx.Node, Any], str]:
@@ -937,28 +1069,30 @@ def _examples(gm: fx.GraphModule, example_inputs: list) -> tuple[list, dict[fx.N
     return example_inputs, example, ""
 
 
-def _find_layers(
-    graph: fx.Graph, kind: dict[fx.Node, str]
-) -> tuple[list[LayerReport], list[tuple[Region, LayerReport]]]:
-    """Every top-k site: the reports of sites left as written, and the regions of the others."""
+def _find_layers(graph: fx.Graph, kind: dict[fx.Node, str]) -> tuple[list, list, list]:
+    """Every top-k site: the reports of sites left as written, the regions of the others, and
+    the (site, report) of the sites left as written."""
     reports: list[LayerReport] = []
     regions: list[tuple[Region, LayerReport]] = []
+    left: list[tuple[routers.TopKSite, LayerReport]] = []
     for site in routers.find_topk_sites(graph):
         name = _site_name(site.node)
         match = routers.match_router(site)
         if match is None:
             why = "top-k over scores no router pattern recognises" + _scores_origin(site)
             reports.append(LayerReport(name, False, why, site.num_experts, site.k))
+            left.append((site, reports[-1]))
             continue
         try:
             region = _find_region(graph, match, kind)
         except Exception as e:  # noqa: BLE001 - an analysis failure leaves the layer as written
             reason = _refusal(e)
             reports.append(LayerReport(name, False, reason, site.num_experts, site.k, match.kind))
+            left.append((site, reports[-1]))
             continue
         name = _layer_name(site.node, region.out)
         regions.append((region, LayerReport(name, False, "", site.num_experts, site.k, match.kind)))
-    return reports, regions
+    return reports, regions, left
 
 
 def _rewrite_layer(

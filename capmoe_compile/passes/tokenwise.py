@@ -1,0 +1,280 @@
+"""Proof that a layer's routing is token-wise: each token's ``S`` and ``W`` depend on it alone.
+
+SPEC.md: "Token-wise routing is part of what a match proves." The expert region is verified on
+selections the verifier chooses (``moe_layers._identify_form``), which proves what the experts
+compute from ``(x, S, W)``. It says nothing about how ``S`` and ``W`` came about: a router that
+zeroes the weight of pairs past its own capacity (a cumsum position over a one-hot, a
+per-expert count, a rank from a sort over tokens) folds a capacity of its own into ``W``, and
+with capacity off the rewrite reproduces it exactly, yet with capacity on capmoe would stack
+its capacity on the layer's and count the zeroed pairs as load.
+
+Here the router side, from the experts' token input ``x`` to ``(S, W)``, is cut out of the
+graph and run again on token sets made from the call's own tokens:
+
+- reversed and shuffled (an order-dependent router shows there);
+- half of the tokens replaced by copies of one token, before and after the others: the copies
+  overload that token's experts, so a capacity of the router's own binds on them even where it
+  did not bind on the call, and a token-wise router gives every copy the same ``S`` and ``W``.
+
+Row ``i`` of a trial is token ``index[i]`` of the call, so a token-wise router gives it row
+``index[i]`` of the call's ``(S, W)``: compared as a dense ``[T, E]`` weight matrix (a pair
+whose weight the router zeroed differs from one it kept). Any difference, or a router side
+that cannot be cut out and re-run, leaves the layer as written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import fx
+
+from .routers import known_equal
+
+OWN_CAPACITY = (
+    "the layer enforces its own capacity in its router: a token's selection or gate weights "
+    "changed when only the other tokens changed ({how}); its routing is not token-wise, so "
+    "capacity-aware dispatch on top of it would change what it computes"
+)
+
+
+@dataclasses.dataclass
+class RouterSide:
+    """The nodes that compute ``(S, W)`` from the token input, and what else they read."""
+
+    token_inputs: list[fx.Node]  # rows indexed by token: reindexed in every trial
+    fixed_inputs: list[fx.Node]  # parameters, constants, sizes: the call's values
+    nodes: list[fx.Node]  # topological order
+    outs: list[fx.Node]  # (S, W) of a found layer, or routing-shaped tensors of a site
+    num_experts: int = 0  # set for (S, W): compared as a dense [T, E] matrix
+
+    def wanted(self) -> set[fx.Node]:
+        return {*self.token_inputs, *self.fixed_inputs}
+
+
+def _shape(node: Any):
+    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _token_rowed(node: fx.Node, T) -> bool:
+    """Whether ``node``'s leading dims enumerate the layer's ``T`` tokens ([T, ...] or
+    [B, S, ...] with B * S = T)."""
+    sh = _shape(node)
+    if not sh:
+        return False
+    return known_equal(sh[0], T) or (len(sh) >= 2 and known_equal(sh[0] * sh[1], T))
+
+
+def _descendants(start: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    seen, todo = set(), list(nodes)
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def router_side(
+    graph: fx.Graph,
+    x: fx.Node,
+    ids: fx.Node,
+    weights: fx.Node,
+    T,
+    num_experts: int,
+    kind: dict[fx.Node, str],
+) -> RouterSide | str:
+    """The router side of a layer whose experts read ``x``, or why it cannot be isolated.
+
+    The router usually reads ``x`` itself; where it reads an earlier tensor (``x`` a norm or a
+    view of it) the nearest token-rowed ancestor of ``x`` from which ``S`` and ``W`` are
+    computed is taken instead."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    candidates = [x] + _token_ancestors(x, T, kind, order)
+    side = _cut(candidates, [ids, weights], T, kind, order)
+    if side is None:
+        return (
+            "its router's selection and weights could not be traced back to the token input "
+            "alone, so that each token's routing can be proven to depend on it alone"
+        )
+    side.num_experts = num_experts
+    return side
+
+
+def site_probe(graph: fx.Graph, site, kind: dict[fx.Node, str]) -> RouterSide | None:
+    """For a top-k site whose layer was not found (its dispatch leaves the graph's plain
+    dataflow, as Switch-Transformers' and NLLB-MoE's do): the routing-shaped tensors computed
+    from its token input after the top-k and before the next one ([T, E] or [T, k] rows, masks
+    and weights alike), to be proven token-wise. None when there are none or no token input."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    T, E, k = site.rows, site.num_experts, site.k
+    later = [
+        order[n]
+        for n in graph.nodes
+        if n.op == "call_function" and order[n] > order[site.node] and _is_topk(n)
+    ]
+    end = min(later, default=len(order))
+    outs = [
+        d
+        for d in sorted(_descendants(site.node), key=order.__getitem__)
+        if order[d] < end
+        and _token_rowed(d, T)
+        and _shape(d)[-1] in (E, k)
+        and kind.get(d) == "act"
+    ][:8]
+    if not outs:
+        return None
+    return _cut(_token_ancestors(site.scores, T, kind, order), outs, T, kind, order)
+
+
+def _is_topk(n: fx.Node) -> bool:
+    return getattr(n.target, "__name__", "") in ("topk", "argmax", "max") or n.target in (
+        "topk",
+        "argmax",
+        "max",
+    )
+
+
+def _token_ancestors(node, T, kind, order) -> list[fx.Node]:
+    """Token-rowed activations upstream of ``node``, nearest first (a few)."""
+    return sorted(
+        (a for a in _ancestors([node]) if kind.get(a) == "act" and _token_rowed(a, T)),
+        key=order.__getitem__,
+        reverse=True,
+    )[:16]
+
+
+def _cut(candidates, outs, T, kind, order) -> RouterSide | None:
+    """The first candidate token input from which ``outs`` are computed with nothing else
+    indexed by token, and the nodes between (None if no candidate is such)."""
+    upstream = _ancestors(outs)
+    for c in candidates:
+        down = _descendants(c)
+        if any(o not in down for o in outs):
+            continue
+        end = max(order[o] for o in outs)
+        nodes = _with_updates((down & upstream) | set(outs), down, order, end)
+        outside = {a for n in nodes for a in n.all_input_nodes if a not in nodes and a is not c}
+        token = [c] + sorted(
+            (a for a in outside if kind.get(a) == "act" and _token_rowed(a, T)),
+            key=order.__getitem__,
+        )
+        fixed = sorted(outside - set(token), key=order.__getitem__)
+        if any(kind.get(a) == "act" and a.op != "placeholder" and _shape(a) for a in fixed):
+            continue  # reads a computed activation not indexed by token: try further up
+        return RouterSide(token, fixed, sorted(nodes, key=order.__getitem__), list(outs))
+    return None
+
+
+def _with_updates(nodes, down, order, end: int) -> set[fx.Node]:
+    """``nodes`` plus the in-place updates of their tensors made before ``S`` and ``W`` are
+    read (``gate[pos > cap] = 0`` is a ``setitem`` no later node reads by an edge)."""
+    from .moe_layers import _mutates
+
+    nodes = set(nodes)
+    grew = True
+    while grew:
+        grew = False
+        for n in down - nodes:
+            if order[n] < end and _mutates(n) and n.args and n.args[0] in nodes:
+                nodes |= {n} | (_ancestors([n]) & down)
+                grew = True
+    return nodes
+
+
+def _subgraph(side: RouterSide) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in (*side.token_inputs, *side.fixed_inputs):
+        env[n] = g.placeholder(n.name)
+    for n in side.nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(tuple(env[o] for o in side.outs))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _reindex(v: Any, index: torch.Tensor, T: int) -> Any:
+    """Rows of ``v`` (leading [T] or [B, S] with B*S = T) taken at ``index``."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    if v.shape[0] == T:
+        return v[index.to(v.device)]
+    flat = v.reshape(T, *v.shape[2:])
+    return flat[index.to(v.device)].reshape(v.shape)
+
+
+def _dense(ids: torch.Tensor, w: torch.Tensor, E: int) -> torch.Tensor:
+    """``(S, W)`` as a [T, E + 1] matrix (column E collects sentinel or out-of-range ids)."""
+    ids = ids.reshape(w.shape[0], -1).long()
+    w = w.reshape(ids.shape).float()
+    ids = torch.where((ids >= 0) & (ids < E), ids, torch.full_like(ids, E))
+    return torch.zeros(ids.shape[0], E + 1, device=w.device).scatter_add_(1, ids, w)
+
+
+def _trials(T: int) -> list[tuple[str, torch.Tensor]]:
+    """(what, index): row i of the trial is token index[i] of the call."""
+    gen = torch.Generator().manual_seed(0)
+    h = T // 2
+    rest = torch.arange(h, T)
+    return [
+        ("tokens reversed", torch.arange(T).flip(0)),
+        ("tokens shuffled", torch.randperm(T, generator=gen)),
+        (
+            "the first half replaced by copies of the last token",
+            torch.cat([rest[-1:].expand(h), rest]),
+        ),
+        (
+            "the second half replaced by copies of the first token",
+            torch.cat([torch.arange(h), torch.zeros(T - h, dtype=torch.long)]),
+        ),
+    ]
+
+
+def dependence(side: RouterSide, values: dict[fx.Node, Any], T: int) -> str | None:
+    """Why the router side is not token-wise on the call's ``T`` tokens (None: it is)."""
+    from .moe_layers import _close
+
+    if T < 2:
+        return None  # one token: no other token to depend on
+    sub = _subgraph(side)
+    token = [values[n] for n in side.token_inputs]
+    fixed = [values[n] for n in side.fixed_inputs]
+
+    def rows(outs) -> list[torch.Tensor]:
+        if side.num_experts:
+            return [_dense(outs[0], outs[1], side.num_experts)]
+        return [o.reshape(T, -1).float() for o in outs]
+
+    def run(index: torch.Tensor | None) -> list[torch.Tensor]:
+        args = token if index is None else [_reindex(v, index, T) for v in token]
+        args = args + [v.clone() if isinstance(v, torch.Tensor) else v for v in fixed]
+        with torch.no_grad():
+            return rows(sub(*args))
+
+    real = run(None)
+    if not all(
+        _close(a, b) for a, b in zip(real, rows([values[o] for o in side.outs]), strict=True)
+    ):
+        return (
+            "its router could not be re-run on its own to prove that each token's routing "
+            "depends on that token alone"
+        )
+    for what, index in _trials(T):
+        got = run(index)
+        if not all(_close(g, r[index.to(r.device)]) for g, r in zip(got, real, strict=True)):
+            return OWN_CAPACITY.format(how=what)
+    return None
