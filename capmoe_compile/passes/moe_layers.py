@@ -982,7 +982,7 @@ def rewrite_moe_layers(
     _thread_inplace(graph)
     kind = _classify_constants(graph, example)
     reports, regions, left = _find_layers(graph, kind)
-    probes = [(p, rep) for site, rep in left if (p := _site_probe(graph, site, kind))]
+    probes = [(p, rep, site) for site, rep in left if (p := _site_probe(graph, site, kind))]
     sides = {
         id(r): tokenwise.router_side(
             graph, r.x, r.ids, r.weights, r.site.rows, r.site.num_experts, kind
@@ -991,7 +991,7 @@ def rewrite_moe_layers(
     }
     wanted = {n for r, _ in regions for n in (r.x, r.ids, r.weights, *r.roots)}
     wanted |= {n for s in sides.values() if not isinstance(s, str) for n in s.wanted()}
-    wanted |= {n for p, _ in probes for n in (*p.wanted(), *p.outs)}
+    wanted |= {n for p, _, _ in probes for n in (*p.wanted(), *p.outs)}
     values = _capture(gm, example_inputs, wanted)
     values.update({n: v for n, v in example.items() if n in wanted})
     _own_capacity_of_left_sites(probes, values)
@@ -1040,14 +1040,23 @@ def _own_capacity_of_left_sites(probes, values: dict[fx.Node, Any]) -> None:
     """A site left as written whose routing is not token-wise (Switch-Transformers' and
     NLLB-MoE's capacity masks) is reported as a layer with its own capacity: that is why it
     must stay as written, whatever else kept its layer from being found."""
-    for side, rep in probes:
+    for side, rep, _ in probes:
         try:
             T = values[side.outs[0]].reshape(-1, values[side.outs[0]].shape[-1]).shape[0]
             why = tokenwise.dependence(side, values, T)
         except Exception:  # noqa: BLE001 - the site is left as written either way
             continue
-        if why:
+        if why and "enforces its own capacity" in why:  # not "could not be re-run"
             rep.reason = why
+    # one layer, several sites (NLLB-MoE's second choice is a top-1 of its own): the layer's
+    # capacity is the reason for each of them
+    own = {
+        _module_path(site.node): rep.reason
+        for _, rep, site in probes
+        if "enforces its own capacity" in rep.reason and _module_path(site.node)
+    }
+    for _, rep, site in probes:
+        rep.reason = own.get(_module_path(site.node), rep.reason)
 
 
 def _examples(gm: fx.GraphModule, example_inputs: list) -> tuple[list, dict[fx.Node, Any], str]:
