@@ -250,3 +250,22 @@ def test_style_own_capacity_is_left_as_written(results, name):
     rec = _style(results, name)
     _check_off(rec)
     assert not rec["passes_matched"], f"matched a layer with its own capacity: {rec}"
+
+
+@pytest.mark.parametrize("name", ["switch_transformers", "nllb-moe"])
+def test_families_with_their_own_capacity_say_so(name):
+    """Issue 23: Switch-Transformers and NLLB-MoE drop tokens past a capacity of their own (a
+    cumsum over the router's one-hot). They are left as written, and ``explain`` gives that
+    reason, found by running their routing on other token sets (passes/tokenwise.py), not a
+    generic dataflow one."""
+    import capmoe_compile
+
+    torch._dynamo.reset()
+    model = cv.build_family(name, "eager", "seq2seq_lm", num_layers=1)
+    inputs = cv.model_inputs(model, "seq2seq_lm")
+    with torch.no_grad():
+        rep = capmoe_compile.explain(model)(**inputs)
+    torch._dynamo.reset()
+    assert not rep.layers, str(rep)
+    assert rep.unmatched, str(rep)
+    assert all("enforces its own capacity" in r.reason for r in rep.unmatched), str(rep)
