@@ -188,6 +188,30 @@ def test_router_capacity_that_can_never_bind_is_rewritten():
     torch.testing.assert_close(off, m(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("error", [KeyError, RuntimeError, IndexError])
+def test_analysis_failure_is_a_reason_not_an_exception(monkeypatch, error):
+    """Issue 23: a refusal said ``KeyError: layer_norm``. An analysis that fails leaves the
+    layer as written with a reason naming the part of the analysis, never the exception."""
+    from capmoe_compile.passes import moe_layers
+
+    def broken(region, values):
+        raise error(region.x if error is KeyError else "internal detail")
+
+    monkeypatch.setattr(moe_layers, "_identify_form", broken)
+    torch.manual_seed(0)
+    m = RouterCapacityMoE("flat", cap=24).eval()  # token-wise: reaches form identification
+    x = torch.randn(24, H)
+    with torch.no_grad():
+        rep = capmoe_compile.explain(m)(x)
+        got = torch.compile(m, backend=_capacity_on)(x)
+        want = m(x)
+    assert not rep.layers, str(rep)
+    (reason,) = [r.reason for r in rep.unmatched]
+    assert "identify their form" in reason, reason
+    assert error.__name__ not in reason and "internal detail" not in reason, reason
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # padding tie and compile history
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import operator
 import re
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from ..routing import capacity
 from . import routers, tokenwise
 from .routers import known_equal, same_shape
 
+log = logging.getLogger("capmoe_compile")
 _INPLACE_FUNCS = {operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv}
 
 
@@ -983,12 +985,7 @@ def rewrite_moe_layers(
     kind = _classify_constants(graph, example)
     reports, regions, left = _find_layers(graph, kind)
     probes = [(p, rep, site) for site, rep in left if (p := _site_probe(graph, site, kind))]
-    sides = {
-        id(r): tokenwise.router_side(
-            graph, r.x, r.ids, r.weights, r.site.rows, r.site.num_experts, kind
-        )
-        for r, _ in regions
-    }
+    sides = {id(r): _router_side(graph, r, kind) for r, _ in regions}
     wanted = {n for r, _ in regions for n in (r.x, r.ids, r.weights, *r.roots)}
     wanted |= {n for s in sides.values() if not isinstance(s, str) for n in s.wanted()}
     wanted |= {n for p, _, _ in probes for n in (*p.wanted(), *p.outs)}
@@ -998,20 +995,23 @@ def rewrite_moe_layers(
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     touched: set[fx.Node] = set()  # nodes of rewritten layers that may now be dead
     for region, rep in regions:
+        stage = "reading the values the layer computed on this call"
         try:
             # Whoever changed the parameters (expert parallelism shards them) verified the form
             # before: the layer is no longer the one to run.
             params = [values[p] for p in region.params]
             form = pipeline.known_form(params)
             if form is None:
+                stage = "re-running its router on other token sets (token-wise routing)"
                 side = sides[id(region)]
                 T = values[region.x].shape[0]
                 why = side if isinstance(side, str) else tokenwise.dependence(side, values, T)
                 if why:
                     raise Unmatched(why)
+                stage = "running its experts on trial selections to identify their form"
                 form = _identify_form(region, values)
         except Exception as e:  # noqa: BLE001 - an analysis failure leaves the layer as written
-            rep.reason = _refusal(e)
+            rep.reason = _refusal(e, stage)
             reports.append(rep)
             continue
         rep.param_inputs = [
@@ -1095,7 +1095,7 @@ def _find_layers(graph: fx.Graph, kind: dict[fx.Node, str]) -> tuple[list, list,
         try:
             region = _find_region(graph, match, kind)
         except Exception as e:  # noqa: BLE001 - an analysis failure leaves the layer as written
-            reason = _refusal(e)
+            reason = _refusal(e, "following the top-k's results to the experts and their output")
             reports.append(LayerReport(name, False, reason, site.num_experts, site.k, match.kind))
             left.append((site, reports[-1]))
             continue
@@ -1168,15 +1168,58 @@ def _scores_origin(site: routers.TopKSite) -> str:
     return f" (the ranked scores [.., {site.num_experts}] come from {op}, k={site.k})"
 
 
-def _refusal(e: Exception) -> str:
-    """The reason a site is left as written: the passes' own, or an analysis that failed.
+def _refusal(e: Exception, stage: str) -> str:
+    """The reason a site is left as written: the passes' own, or which part of the analysis
+    did not understand the layer.
 
     Finding and checking a layer only reads the graph, so a failure there (an op the
     verifier cannot run, a shape it did not expect) leaves the graph untouched: the layer runs
-    as written and the failure is reported, not raised into the user's compile."""
+    as written and the failure is reported, not raised into the user's compile. The internal
+    exception is logged at debug level (``logging.getLogger("capmoe_compile")``), not shown as
+    the reason."""
     if isinstance(e, Unmatched):
         return str(e)
-    return f"the passes could not analyse this layer ({type(e).__name__}: {str(e)[:200]})"
+    log.debug("capmoe: analysis failed while %s", stage, exc_info=e)
+    what = _failed_op(e)
+    return (
+        f"the passes did not understand this layer while {stage}"
+        + (f" (at {what})" if what else "")
+        + ": it runs as written"
+    )
+
+
+def _failed_op(e: Exception) -> str:
+    """The graph node or op an analysis failure points at, if it names one."""
+    arg = e.args[0] if e.args else None
+    if isinstance(arg, fx.Node):  # a value the analysis expected and did not have
+        return f"the tensor {arg.name}"
+    tb = e.__traceback__
+    node = None
+    while tb is not None:  # the innermost interpreted FX node, if any
+        cand = tb.tb_frame.f_locals.get("n") or tb.tb_frame.f_locals.get("node")
+        if isinstance(cand, fx.Node):
+            node = cand
+        tb = tb.tb_next
+    return (
+        f"{node.name} ({node.target if node.op != 'call_function' else getattr(node.target, '__name__', node.target)})"
+        if node
+        else ""
+    )
+
+
+def _router_side(graph: fx.Graph, region: Region, kind) -> tokenwise.RouterSide | str:
+    try:
+        return tokenwise.router_side(
+            graph,
+            region.x,
+            region.ids,
+            region.weights,
+            region.site.rows,
+            region.site.num_experts,
+            kind,
+        )
+    except Exception as e:  # noqa: BLE001 - the layer is then left as written, with this reason
+        return _refusal(e, "cutting its router out of the graph (token-wise routing)")
 
 
 def _erase_dead(graph: fx.Graph, touched: set[fx.Node]) -> None:
