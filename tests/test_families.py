@@ -164,6 +164,9 @@ def _check_on(rec: dict) -> None:
         pytest.skip(f"{name}: no layer matched: {rec.get('passes_left')}")
     on = rec.get("on")
     assert on is not None
+    if on.get("ok") is None and str(on.get("error", "")).startswith("no oracle"):
+        # the eager oracle hooks transformers experts modules; jetmoe's experts are not one
+        pytest.skip(f"{name}: no independent capacity-on oracle: {on['error']}")
     assert on.get("ok") is not None, f"no verdict: {on.get('error')}"
     assert on["ok"], (
         f"capacity on: compiled != eager oracle, max |diff| {on['max_diff']:.3g} "
