@@ -159,10 +159,11 @@ def _capacity_on(gm, example_inputs):
 
 
 @pytest.mark.parametrize("spelling", ["flat", "per_slot", "rank"])
-@pytest.mark.parametrize("cap", [6, 12], ids=["binds", "binds-on-other-inputs"])
+@pytest.mark.parametrize("cap", [6, 12, 20], ids=["binds", "mean-load", "near-T"])
 def test_capacity_in_the_router_is_left_as_written(spelling, cap):
-    """T = 24, k = 2, E = 4: cap 6 binds on the call; cap 12 (the mean load) does not bind on
-    these balanced tokens, but would on skewed ones: either way the router is not token-wise."""
+    """T = 24, k = 2, E = 4: cap 6 binds on the call; cap 12 (the mean load) and 20 do not bind
+    on these balanced tokens, but would on skewed ones (20: only when nearly every token picks
+    one expert): either way the router is not token-wise."""
     torch.manual_seed(0)
     m = RouterCapacityMoE(spelling, cap).eval()
     x = torch.randn(24, H)

@@ -12,9 +12,10 @@ Here the router side, from the experts' token input ``x`` to ``(S, W)``, is cut 
 graph and run again on token sets made from the call's own tokens:
 
 - reversed and shuffled (an order-dependent router shows there);
-- half of the tokens replaced by copies of one token, before and after the others: the copies
+- half of the tokens, and then all of them, replaced by copies of one token: the copies
   overload that token's experts, so a capacity of the router's own binds on them even where it
-  did not bind on the call, and a token-wise router gives every copy the same ``S`` and ``W``.
+  did not bind on the call (any capacity below ``T`` binds when all ``T`` tokens are copies),
+  and a token-wise router gives every copy the same ``S`` and ``W``.
 
 Row ``i`` of a trial is token ``index[i]`` of the call, so a token-wise router gives it row
 ``index[i]`` of the call's ``(S, W)``: compared as a dense ``[T, E]`` weight matrix (a pair
@@ -241,6 +242,9 @@ def _trials(T: int) -> list[tuple[str, torch.Tensor]]:
             "the second half replaced by copies of the first token",
             torch.cat([torch.arange(h), torch.zeros(T - h, dtype=torch.long)]),
         ),
+        # all T tokens on one token's k experts: any capacity of the router's own below T
+        # binds here, whatever the call's load was
+        ("every token replaced by copies of one token", torch.full((T,), h, dtype=torch.long)),
     ]
 
 
