@@ -54,7 +54,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from .routing import POLICIES, SCOPES
+from .routing import POLICIES, SCOPES, policy_names  # noqa: F401 - config.POLICIES
 
 capacity_factor: float | None = None
 policy: str = "score"
@@ -147,7 +147,7 @@ def _bool(name: str, value: object) -> bool:
 
 _VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "capacity_factor": _capacity_factor,
-    "policy": lambda v: _choice("policy", v, POLICIES),
+    "policy": lambda v: _choice("policy", v, policy_names()),
     "local_experts": _local_experts,
     "renormalize": lambda v: _bool("renormalize", v),
     "reroute_rounds": lambda v: _int("reroute_rounds", v, 0, "an int >= 0"),

@@ -11,14 +11,71 @@ This module is the single source of the semantics. Fast paths are tested against
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import torch
 
-POLICIES = ("score", "order", "reverse", "random", "expanded_drop", "reroute")
 SCOPES = ("batch", "sequence")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A capacity policy: which pairs an expert past its capacity keeps (SPEC.md).
+
+    A *pair* policy ranks the selected pairs of each expert by a key and keeps the ``C`` with
+    the largest keys: ``pair_key(probs [T, E], ids [T, k], seed) -> [T, k]`` ranks the pairs,
+    ``dense_key(probs, seed) -> [T, E]`` the same key for every (row, expert) cell (the dense
+    ranking used at small sizes; both must agree on the selected cells). ``after`` runs on the
+    kept pairs (``reroute``'s proposal rounds). A *candidate* policy (``candidates``) chooses
+    among more pairs than the selection (``expanded_drop``: every local expert of every row)
+    and may give a token more than ``k`` experts: ``width`` says how many.
+
+    Register a new one with :func:`register_policy`; ``docs/extending.md`` has the recipe."""
+
+    name: str
+    doc: str
+    pair_key: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+    dense_key: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    after: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    candidates: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    width: Callable[[int, int, Sequence[int] | None], int] | None = None
+
+    def __post_init__(self) -> None:
+        pair = self.pair_key is not None and self.dense_key is not None
+        if pair == (self.candidates is not None):
+            raise ValueError(
+                f"policy {self.name!r}: give pair_key and dense_key (a pair policy) or "
+                "candidates (a candidate policy), not both"
+            )
+
+    def output_width(self, top_k: int, num_experts: int, local_experts=None) -> int:
+        return top_k if self.width is None else self.width(top_k, num_experts, local_experts)
+
+
+_REGISTRY: dict[str, Policy] = {}
+
+
+def register_policy(policy: Policy) -> Policy:
+    """Add ``policy`` to the policies ``config.policy`` accepts (by its name)."""
+    if policy.name in _REGISTRY:
+        raise ValueError(f"a policy named {policy.name!r} is already registered")
+    _REGISTRY[policy.name] = policy
+    return policy
+
+
+def policy_names() -> tuple[str, ...]:
+    """The registered policies, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_policy(name: str) -> Policy:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"policy={name!r}: expected one of {', '.join(_REGISTRY)}") from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -76,7 +133,6 @@ def _rank_rows(key: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
 
 #: Policies whose keep decision is computed per selected pair (:func:`_keep_selected`) instead
 #: of over the dense ``[G, R, E]`` view: their candidates are exactly the selection ``S``.
-PAIR_POLICIES = ("score", "order", "reverse", "random", "reroute")
 
 
 def _descending_u32(key: torch.Tensor) -> torch.Tensor:
@@ -269,9 +325,7 @@ def output_width(
     top_k: int, num_experts: int, policy: str, local_experts: Sequence[int] | None
 ) -> int:
     """k' of :func:`route`'s outputs."""
-    if policy == "expanded_drop":
-        return _expanded_width(top_k, num_experts, local_experts)
-    return top_k
+    return get_policy(policy).output_width(top_k, num_experts, local_experts)
 
 
 def _check(probs, topk_ids, topk_weights, policy, capacity_scope, num_sequences, valid):
@@ -282,8 +336,7 @@ def _check(probs, topk_ids, topk_weights, policy, capacity_scope, num_sequences,
         )
     if topk_ids.shape[0] != probs.shape[0]:
         raise ValueError("probs and topk_ids disagree on T")
-    if policy not in POLICIES:
-        raise ValueError(f"policy={policy!r}: expected one of {', '.join(POLICIES)}")
+    get_policy(policy)  # raises on an unknown name
     if capacity_scope not in SCOPES:
         raise ValueError(f"capacity_scope={capacity_scope!r}: expected one of {SCOPES}")
     if capacity_scope == "sequence" and num_sequences < 1:
@@ -328,23 +381,17 @@ def route_reference(
         rows_valid, T, G, E, k, capacity_factor, min_capacity, capacity_align, probs.device
     )
 
-    if policy in PAIR_POLICIES:
-        kept_slot, dense = _keep_pairs(policy, probs, ids, rows_valid, cap_g, G, seed)
+    pol = get_policy(policy)
+    if pol.candidates is None:
+        kept_slot, dense = _keep_pairs(pol, probs, ids, rows_valid, cap_g, G, seed)
         out_ids = torch.where(kept_slot, ids, E)
         out_w = torch.where(kept_slot, topk_weights, torch.zeros_like(topk_weights))
-        if policy == "reroute" and reroute_rounds > 0:
-            scale = token_scale(probs, ids, topk_weights)
-            P, rounds = probs.float(), reroute_rounds
-            if dense is not None:  # small: the dense rounds (see DENSE_CELLS)
-                sel, keep = dense
-                args = (out_ids, out_w, cap_g, (G, T // G, E), scale, rounds)
-                out_ids, out_w = _reroute_dense(P, sel, keep, *args)
-            else:
-                args = (out_ids, out_w, cap_g, G, scale, rounds)
-                out_ids, out_w = _reroute(P, ids, kept_slot, _every_row(rows_valid, T, P), *args)
-    else:  # expanded_drop: candidates are dense (every local expert of every row)
+        if pol.after is not None:
+            step = _Kept(probs, ids, topk_weights, rows_valid, kept_slot, dense, cap_g, G)
+            out_ids, out_w = pol.after(step, out_ids, out_w, reroute_rounds)
+    else:
         rows = _every_row(rows_valid, T, probs)
-        out_ids, out_w = _expanded_drop(probs, ids, topk_weights, rows, cap_g, G, local_experts)
+        out_ids, out_w = pol.candidates(probs, ids, topk_weights, rows, cap_g, G, local_experts)
 
     if renormalize:
         out_w = renormalized(topk_weights, out_w)
@@ -388,49 +435,89 @@ def _group_capacity(rows_valid, T, G, E, k, gamma, min_capacity, align, device) 
 DENSE_CELLS = 8192
 
 
-def _keep_pairs(policy, probs, ids, rows_valid, cap_g, G, seed):
+@dataclasses.dataclass
+class _Kept:
+    """What a pair policy kept, for its ``after`` step."""
+
+    probs: torch.Tensor
+    ids: torch.Tensor
+    topk_weights: torch.Tensor
+    rows_valid: torch.Tensor | None
+    kept_slot: torch.Tensor  # [T, k]
+    dense: tuple[torch.Tensor, torch.Tensor] | None  # (sel, keep) [T, E] where ranked densely
+    cap_g: torch.Tensor
+    G: int
+
+
+def _keep_pairs(policy: Policy, probs, ids, rows_valid, cap_g, G, seed):
     """``kept_slot`` [T, k] of a policy of :data:`PAIR_POLICIES`, and the dense ``(sel, keep)``
     [T, E] masks where the dense ranking computed it (None where the pair ranking did)."""
     T, E = probs.shape
     if T * E > DENSE_CELLS:
         # Ranked on the T*k selected pairs (_keep_selected): cost grows with T*k, not T*E.
-        key = _pair_keys(policy, probs, ids, seed)
+        key = policy.pair_key(probs, ids, seed)
         kept = _keep_selected(key, ids, rows_valid, cap_g, G, E)
         return kept, None
     sel = torch.zeros(T, E, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
     if rows_valid is not None:
         sel &= rows_valid[:, None]
     view = (G, T // G, E)
-    key = _dense_keys(policy, probs, seed).reshape(view)
+    key = policy.dense_key(probs, seed).reshape(view)
     keep = sel & (_rank_rows(key, sel.view(view)) < cap_g).reshape(T, E)
     return keep.gather(1, ids), (sel, keep)
 
 
-def _dense_keys(policy: str, probs: torch.Tensor, seed: int) -> torch.Tensor:
-    """The ranking key of every (row, expert) cell ``[T, E]``: :func:`_pair_keys` of every
-    cell."""
+def _score_dense(probs: torch.Tensor, seed: int) -> torch.Tensor:
+    return probs
+
+
+def _score_pairs(probs: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
+    return probs.gather(1, ids).float()
+
+
+def _row_index(T: int, width: int, device) -> torch.Tensor:
+    return torch.arange(T, device=device).view(-1, 1).expand(T, width)
+
+
+def _order_dense(probs, seed):  # earlier rows first
+    return -_row_index(probs.shape[0], probs.shape[1], probs.device)
+
+
+def _order_pairs(probs, ids, seed):
+    return -_row_index(ids.shape[0], ids.shape[1], ids.device)
+
+
+def _reverse_dense(probs, seed):  # later rows first
+    return _row_index(probs.shape[0], probs.shape[1], probs.device)
+
+
+def _reverse_pairs(probs, ids, seed):
+    return _row_index(ids.shape[0], ids.shape[1], ids.device)
+
+
+def _random_dense(probs, seed):
     T, E = probs.shape
-    dev = probs.device
-    if policy in ("score", "reroute"):
-        return probs
-    if policy == "order":
-        return -torch.arange(T, device=dev).view(-1, 1).expand(T, E)
-    if policy == "reverse":
-        return torch.arange(T, device=dev).view(-1, 1).expand(T, E)
-    return _hash_scores(seed, T, E, dev)  # random
+    return _hash_scores(seed, T, E, probs.device)
 
 
-def _pair_keys(policy: str, probs: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
-    """The ranking key of every selected pair ``[T, k]`` (larger is kept first)."""
-    T, k = ids.shape
-    dev = ids.device
-    if policy in ("score", "reroute"):
-        return probs.gather(1, ids).float()
-    if policy == "order":
-        return -torch.arange(T, device=dev).view(-1, 1).expand(T, k)
-    if policy == "reverse":
-        return torch.arange(T, device=dev).view(-1, 1).expand(T, k)
-    return _hash_keys(seed, torch.arange(T, device=dev).view(-1, 1), ids)  # random
+def _random_pairs(probs, ids, seed):
+    return _hash_keys(seed, torch.arange(ids.shape[0], device=ids.device).view(-1, 1), ids)
+
+
+def _reroute_after(kept: _Kept, out_ids, out_w, rounds: int):
+    """Token Reroute's proposal rounds on what ``score`` kept."""
+    if rounds <= 0:
+        return out_ids, out_w
+    probs, ids = kept.probs, kept.ids
+    T, E = probs.shape
+    scale = token_scale(probs, ids, kept.topk_weights)
+    P, G = probs.float(), kept.G
+    if kept.dense is not None:  # small: the dense rounds (see DENSE_CELLS)
+        sel, keep = kept.dense
+        args = (out_ids, out_w, kept.cap_g, (G, T // G, E), scale, rounds)
+        return _reroute_dense(P, sel, keep, *args)
+    args = (out_ids, out_w, kept.cap_g, G, scale, rounds)
+    return _reroute(P, ids, kept.kept_slot, _every_row(kept.rows_valid, T, P), *args)
 
 
 def _expanded_drop(probs, ids, topk_weights, rows_valid, cap_g, G, local_experts):
@@ -601,3 +688,38 @@ def _reroute_dense(P, sel, keep, out_ids, out_w, cap_g, view, scale, rounds):
         acc_e = e_idx.gather(1, acc_key.sort(dim=-1, stable=True).indices)
         out_ids, out_w = _fill_dropped(out_ids, out_w, acc_e, n_acc, P, scale)
     return out_ids, out_w
+
+
+register_policy(
+    Policy(
+        "score",
+        "keep the pairs of largest router probability (Token Drop)",
+        _score_pairs,
+        _score_dense,
+    )
+)
+register_policy(Policy("order", "keep the earliest tokens", _order_pairs, _order_dense))
+register_policy(Policy("reverse", "keep the latest tokens", _reverse_pairs, _reverse_dense))
+register_policy(Policy("random", "keep a seeded hash-random choice", _random_pairs, _random_dense))
+register_policy(
+    Policy(
+        "expanded_drop",
+        "also offer every local expert to every token; keep the largest probabilities",
+        candidates=_expanded_drop,
+        width=_expanded_width,
+    )
+)
+register_policy(
+    Policy(
+        "reroute",
+        "Token Drop, then dropped pairs propose to experts with room (Token Reroute)",
+        _score_pairs,
+        _score_dense,
+        after=_reroute_after,
+    )
+)
+
+#: The built-in policies (``policy_names()`` also lists registered ones).
+POLICIES = policy_names()
+#: The built-in pair policies (ranked per selected pair).
+PAIR_POLICIES = tuple(n for n in POLICIES if get_policy(n).candidates is None)
