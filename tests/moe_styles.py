@@ -348,7 +348,91 @@ class GptOssClamped(_Style):
         return y.view(T, self.k, H).sum(dim=1).reshape(B, S, H)
 
 
+class SortSlice(_Style):
+    """Selection by a descending ``sort`` over experts and a slice of the first ``k`` values
+    and indices (issue 24's hand-written style), renormalised; stacked SwiGLU experts by a
+    per-pair weight gather and ``einsum``."""
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
+        super().__init__()
+        self.E, self.k = E, k
+        self.gate = nn.Linear(h, E, bias=False)
+        self.w1 = _stacked(E, h, f, h**-0.5)
+        self.w3 = _stacked(E, h, f, h**-0.5)
+        self.w2 = _stacked(E, f, h, f**-0.5)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        p = self.gate(x).softmax(-1)
+        vals, order = p.sort(dim=-1, descending=True)
+        w, ids = vals[:, : self.k], order[:, : self.k]
+        w = w / w.sum(-1, keepdim=True)
+        ids, w = self._route(p, ids, w)
+        g = torch.einsum("th,tkhf->tkf", x, self.w1[ids])
+        u = torch.einsum("th,tkhf->tkf", x, self.w3[ids])
+        y = torch.einsum("tkf,tkfh->tkh", F.silu(g) * u, self.w2[ids])
+        return (y * w[..., None]).sum(1).reshape(B, S, H)
+
+
+class ArgsortGather(_Style):
+    """Selection by ``argsort(descending=True)[:, :k]``, weights gathered from the softmax at
+    the selected experts (not renormalised); a loop over ``nn.ModuleList`` experts with
+    boolean masks (static shapes)."""
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
+        super().__init__()
+        self.E, self.k = E, k
+        self.gate = nn.Linear(h, E, bias=False)
+        self.experts = nn.ModuleList(_Expert(h, f) for _ in range(E))
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        p = torch.softmax(self.gate(x), dim=-1)
+        ids = torch.argsort(p, dim=-1, descending=True)[:, : self.k]
+        w = p.gather(1, ids)
+        ids, w = self._route(p, ids, w)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            we = (w * (ids == e)).sum(-1, keepdim=True)  # 0 for tokens not routed to e
+            out = out + we * expert(x)
+        return out.reshape(B, S, H)
+
+
+class RouterCapacity(_Style):
+    """Capacity enforced in the router (issue 23): the gate weight of each pair past the
+    layer's own capacity in its expert's queue (a cumsum over the flattened one-hot) is zeroed;
+    the experts then run every pair."""
+
+    own_capacity = True
+    p_rule = "- (the layer enforces its own capacity)"
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K, capacity_factor=1.0):
+        super().__init__()
+        self.E, self.k, self.cf = E, k, capacity_factor
+        self.router = nn.Linear(h, E, bias=False)
+        self.w_in = _stacked(E, h, f, h**-0.5)
+        self.w_out = _stacked(E, f, h, f**-0.5)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        T = x.shape[0]
+        gate, idx = self.router(x).softmax(-1).topk(self.k, dim=-1)
+        cap = math.ceil(self.cf * T * self.k / self.E)
+        onehot = F.one_hot(idx, self.E).reshape(-1, self.E)
+        place = (onehot.cumsum(0) * onehot).sum(-1).view(idx.shape)
+        gate = gate * (place <= cap)
+        h = F.gelu(torch.einsum("th,tkhf->tkf", x, self.w_in[idx]))
+        y = torch.einsum("tkf,tkfh->tkh", h, self.w_out[idx])
+        return torch.einsum("tk,tkh->th", gate, y).reshape(B, S, H)
+
+
 _STYLES: dict[str, type[_Style]] = {
+    "sort_slice": SortSlice,
+    "argsort_gather": ArgsortGather,
+    "router_capacity": RouterCapacity,
     "modulelist_where": ModuleListWhere,
     "gshard_top2_own_capacity": GShardTop2,
     "bse_grouped_mm": BSEGroupedMM,

@@ -272,3 +272,23 @@ def test_families_with_their_own_capacity_say_so(name):
     assert not rep.layers, str(rep)
     assert rep.unmatched, str(rep)
     assert all("enforces its own capacity" in r.reason for r in rep.unmatched), str(rep)
+
+
+MATCHED_STYLES = (
+    "sort_slice",
+    "argsort_gather",
+    "modulelist_where",
+    "bse_grouped_mm",
+    "squared_relu",
+    "gptoss_clamped_swiglu",
+)
+
+
+@pytest.mark.parametrize("name", MATCHED_STYLES)
+def test_style_is_matched(results, name):
+    """Dropless styles the passes must rewrite (issue 24: a selection by ``sort``/``argsort``
+    and a slice was not even listed as a site). Their capacity-on checks above skip when
+    nothing matched; this is what keeps them from skipping unnoticed."""
+    rec = _style(results, name)
+    _check_off(rec)
+    assert rec["passes_matched"], rec.get("passes_left")

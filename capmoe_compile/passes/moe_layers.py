@@ -259,7 +259,8 @@ def _selection(site, region: set[fx.Node], order: dict[fx.Node, int]) -> tuple[f
     tk = (site.rows, site.k)
     ids = site.indices
     weights = None
-    masked = _descendants([n for n in region if _is_dispatch(n)])
+    # (a top-k spelled as a sort is the router's, not a dispatch's)
+    masked = _descendants([n for n in region if _is_dispatch(n) and n is not site.node])
     for n in sorted(region, key=order.__getitem__):
         v = _val(n)
         if isinstance(v, torch.Tensor) and same_shape(tuple(v.shape), tk):

@@ -132,6 +132,10 @@ def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
                 E = _shape(logits)[-1]
                 sites.append(TopKSite(node, outs.get(1), outs[0], node.args[3], E, logits))
             continue
+        sort_site = _sort_site(node)
+        if sort_site is not None:
+            sites.append(sort_site)
+            continue
         is_topk = _is(node, {torch.topk, "topk"})
         is_max = _is(node, {torch.max, "max"}) and (len(node.args) > 1 or "dim" in node.kwargs)
         is_argmax = _is(node, {torch.argmax, "argmax"}) and (
@@ -161,6 +165,63 @@ def find_topk_sites(graph: fx.Graph) -> list[TopKSite]:
         sites.append(TopKSite(node, outs.get(0), outs[1], k, shape[-1], scores))
     sites = _sequential_picks(sites)
     return [s for s in sites if not _limits_another(s, sites)]
+
+
+def _leading_slice(node: fx.Node, rank: int) -> int | None:
+    """``k`` where ``node`` is ``t[..., :k]`` (or ``t[:, :k]`` for ``rank`` 2) of its input."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    idx = node.args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if not idx or not isinstance(idx[-1], slice):
+        return None
+    last = idx[-1]
+    whole = slice(None)
+    head = idx[:-1]
+    if not (head == (Ellipsis,) or (len(head) == rank - 1 and all(h == whole for h in head))):
+        return None
+    if last.start not in (None, 0) or last.step not in (None, 1) or not isinstance(last.stop, int):
+        return None
+    return last.stop if last.stop > 0 else None
+
+
+def _sort_site(node: fx.Node) -> TopKSite | None:
+    """A top-k spelled as a descending sort over experts and a slice of the first ``k``:
+    ``probs.sort(-1, descending=True)`` then ``[..., :k]`` of values and indices, or
+    ``probs.argsort(-1, descending=True)[..., :k]`` (indices only, as an argmax)."""
+    is_sort = _is(node, {torch.sort, "sort"})
+    is_argsort = _is(node, {torch.argsort, "argsort"})
+    if not (is_sort or is_argsort) or not isinstance(node.args[0], fx.Node):
+        return None
+    scores = node.args[0]
+    shape = _shape(scores)
+    v = scores.meta.get("example_value")
+    if shape is None or len(shape) < 2 or v is None or not v.is_floating_point():
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    descending = node.args[2] if len(node.args) > 2 else node.kwargs.get("descending", False)
+    if dim not in (-1, len(shape) - 1) or descending is not True:
+        return None
+    if is_argsort:
+        cuts = [(u, _leading_slice(u, len(shape))) for u in node.users]
+        if len(cuts) != 1 or cuts[0][1] is None:
+            return None
+        (ind, k), vals = cuts[0], None
+    else:
+        outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        if set(outs) - {0, 1} or 1 not in outs:
+            return None
+        icuts = [(u, _leading_slice(u, len(shape))) for u in outs[1].users]
+        vcuts = [(u, _leading_slice(u, len(shape))) for u in outs[0].users] if 0 in outs else []
+        if len(icuts) != 1 or icuts[0][1] is None or len(vcuts) > 1:
+            return None
+        ind, k = icuts[0]
+        vals = vcuts[0][0] if vcuts and vcuts[0][1] == k else None
+        if vcuts and vals is None:
+            return None
+    if k >= shape[-1]:
+        return None
+    return TopKSite(node, vals, ind, k, shape[-1], scores)
 
 
 _SCATTER = {torch.scatter, "scatter"}
