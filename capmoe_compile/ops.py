@@ -86,8 +86,11 @@ def _route_fake(
 # when it runs (global config < ``options=`` < per-module overrides, cached per config version),
 # so changing the configuration takes effect on the next call without a recompile and a stale
 # graph is impossible. Only the output width is structural: it is fixed when the graph is
-# compiled (k, or k' of ``expanded_drop``), and a call whose configuration needs another width
-# raises instead of computing something else.
+# compiled (k, or k' of ``expanded_drop``), and Dynamo guards it (``pipeline.guard_width``): a
+# call whose configuration needs another width recompiles the frame (or reuses the entry
+# compiled for that width) before this op runs. A graph compiled without Dynamo's guards (the
+# passes run by hand) pads a narrower selection with dropped pairs, which changes nothing, and
+# raises where its width is too narrow, instead of computing something else.
 
 
 @custom_op("capmoe::route_layer")
@@ -113,12 +116,12 @@ def route_layer(
     """
     h = _layer(layer)
     opts = h.options(anchor)
-    if h.width(opts) != width:
+    need = h.width(opts)
+    if need > width:  # only without Dynamo's guard: see pipeline.guard_width
         raise RuntimeError(
-            f"capmoe: layer {h.name} was compiled for {width} experts per token, but the "
-            f"configuration now asks for {h.width(opts)} (policy={opts['policy']!r}); switching "
-            "to or from expanded_drop changes the graph: call torch._dynamo.reset() and run "
-            "the compiled model again"
+            f"capmoe: layer {h.name} was compiled (outside torch.compile, so without the guard "
+            f"that recompiles it) for {width} experts per token, but the configuration now asks "
+            f"for {need} (policy={opts['policy']!r}): run the passes again on this graph"
         )
     T, k = topk_ids.shape
     ids = topk_ids.long()
@@ -141,6 +144,10 @@ def route_layer(
         )
     if telemetry.is_recording():
         telemetry.record(h.name, ids, out_ids, h.num_experts, opts, valid, max(num_sequences, 1))
+    if need < width:  # pairs with expert E and weight 0 are dropped: they contribute nothing
+        pad = width - need
+        out_ids = torch.cat([out_ids, out_ids.new_full((T, pad), h.num_experts)], 1)
+        out_w = torch.cat([out_w, out_w.new_zeros((T, pad))], 1)
     tile = gemm_tile(opts)
     if tile and probs.device.type != "cpu" and h.name not in _WARNED_TILES:
         _WARNED_TILES.add(h.name)

@@ -75,10 +75,12 @@ def register_lowering(name: str, lower: Lowering, *, fallback: bool = False) -> 
 
 
 def lower(graph: fx.Graph, plan: LayerPlan) -> tuple[fx.Node, str]:
-    """Emit ``plan`` with the first lowering that accepts it."""
+    """Emit ``plan`` with the first lowering that accepts it, and guard its width (see
+    :func:`guard_width`)."""
     for _, fn in _LOWERINGS:
         got = fn(graph, plan)
         if got is not None:
+            guard_width(plan)
             return got
     raise RuntimeError(
         "capmoe: no lowering is registered (import capmoe_compile, which registers them)"
@@ -116,6 +118,7 @@ class LayerHandle:
         self.params = params  # the layer's expert weights (the compiled graph holds them too)
         self.classes = classes
         self._cache: tuple[Any, dict] | None = None
+        self._width: tuple[dict, int] | None = None
 
     def options(self, anchor: torch.Tensor | None = None) -> dict:
         """The options in force now. ``anchor`` is the layer's first expert weight as the
@@ -128,6 +131,7 @@ class LayerHandle:
         if self._cache is None or self._cache[0] != key:
             opts = module_config.resolve_layer(self.compile_options, params, self.classes)
             self._cache = (key, opts)
+            warn_outranked(self.compile_options)
         return self._cache[1]
 
     def width(self, opts: dict) -> int:
@@ -135,6 +139,44 @@ class LayerHandle:
         if opts["capacity_factor"] is None:
             return self.top_k
         return output_width(self.top_k, self.num_experts, opts["policy"], opts["local_experts"])
+
+    def width_now(self, anchor: torch.Tensor | None = None) -> int:
+        """:meth:`width` under the options in force now (cached with them)."""
+        opts = self.options(anchor)
+        if self._width is None or self._width[0] is not opts:
+            self._width = (opts, self.width(opts))
+        return self._width[1]
+
+
+_WARNED_OUTRANKED: set[tuple[str, str, str]] = set()
+
+
+def warn_outranked(compile_options: dict) -> None:
+    """Warn, once per knob and pair of values, where ``options=`` outranks a value someone set
+    in ``capmoe_compile.config`` (``config.patch`` or an assignment): that value does nothing
+    for this compiled model, which is easy to miss."""
+    import warnings
+
+    from . import config
+
+    for name, value in compile_options.items():
+        if name not in config.KNOBS:
+            continue
+        value, now = config.validate(name, value), getattr(config, name)
+        if now == config.KNOBS[name] or now == value:
+            continue
+        key = (name, repr(now), repr(value))
+        if key in _WARNED_OUTRANKED:
+            continue
+        _WARNED_OUTRANKED.add(key)
+        warnings.warn(
+            f"capmoe: torch.compile(..., options={{{name!r}: {value!r}}}) outranks "
+            f"capmoe_compile.config {name}={now!r} (set by config.patch or an assignment), so "
+            f"{name}={value!r} applies to this compiled model. Precedence: config < options= < "
+            f"configure(class) < configure(instance); leave {name!r} out of options= to let "
+            "config decide",
+            stacklevel=3,
+        )
 
 
 _LAYERS: list[LayerHandle] = []
@@ -147,3 +189,60 @@ def register_layer(handle: LayerHandle) -> int:
 
 def layer(index: int) -> LayerHandle:
     return _LAYERS[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# The one structural option: the routed selection's width.
+#
+# Every option is resolved when a layer runs, except the width of its routed selection: k, or
+# k' > k under ``expanded_drop`` (tokens get more than k experts), which fixes the shapes of the
+# graph after the route. So a rewritten layer's width is guarded: while Dynamo traces the frame
+# (the backend runs inside its trace), :func:`guard_width` adds a guard "this layer's width
+# under the options in force now is still ``plan.width``" to the frame's guards. A call after a
+# change of width (``config.patch(policy="expanded_drop")``, ``configure``, ``exempt``, ...)
+# fails that guard, and Dynamo recompiles the frame for the new width, or reuses the entry it
+# compiled for that width before: switching back and forth compiles each width once. Every
+# other option change leaves the guard passing (no recompile).
+#
+# The guard sits on the layer's first expert weight as the frame passes it (its ``anchor``, the
+# tensor ``capmoe::route_layer`` resolves per-instance overrides with), so two instances of one
+# class that share a compiled frame are each checked with their own overrides. Its cost per
+# call is one Python call per layer that compares the configuration version and the weight's
+# data pointer with the last ones it saw.
+
+
+def guard_width(plan: LayerPlan) -> bool:
+    """Add the width guard of ``plan`` to the frame Dynamo is tracing; False (nothing added)
+    outside a Dynamo trace (e.g. passes run on a graph by hand): such a graph has no guards,
+    and ``capmoe::route_layer`` then raises if its width no longer fits."""
+    from torch._guards import Guard, TracingContext
+
+    if TracingContext.try_get() is None:
+        return False
+    from torch._dynamo.guards import install_guard
+    from torch._dynamo.source import GlobalStateSource
+
+    handle, width = layer(plan.layer), plan.width
+    grapharg = plan.params[0].meta.get("grapharg") if plan.params else None
+    source = getattr(grapharg, "source", None)
+    what = f"capmoe width of {handle.name} == {width}"
+
+    if source is not None:  # checked with the weight the running frame passes
+
+        def check(anchor: Any) -> bool:
+            return handle.width_now(anchor) == width
+
+    else:  # the weights are graph constants: the graph belongs to one instance
+
+        def check(anchor: Any) -> bool:
+            return handle.width_now() == width
+
+    def create(builder: Any, guard: Guard) -> None:
+        from torch._dynamo.guards import get_verbose_code_parts
+
+        manager = builder.guard_manager.root if source is None else builder.get_guard_manager(guard)
+        manager.add_lambda_guard(check, get_verbose_code_parts(what, guard), guard.user_stack)
+
+    create.__name__ = "CAPMOE_WIDTH_MATCH"  # how Dynamo's logs name the guard
+    install_guard(Guard(source if source is not None else GlobalStateSource(), create))
+    return True
