@@ -460,3 +460,109 @@ def test_compiling_does_not_repeat_in_place_updates():
     with torch.no_grad():
         torch.testing.assert_close(first, ref(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(second, ref(x), atol=1e-5, rtol=1e-5)
+
+
+# --- issue 23: configuration changes between calls ---
+#
+# Every documented knob changed between calls (config.patch, configure, exempt, options=) takes
+# effect on the next call: resolved at run time, or, for the routed width (expanded_drop gives
+# tokens more than k experts), recompiled through the Dynamo guard of pipeline.guard_width.
+# Before the fix, the first call after a width change raised RuntimeError("... call
+# torch._dynamo.reset()"), and options= silently outranked a config.patch.
+
+
+def _router3d_oracle(model: Block, x: torch.Tensor, **opts) -> torch.Tensor:
+    """What a fresh compile of ``Block(Router3D())`` computes under ``opts`` (SPEC.md): the
+    model's selection through capmoe_compile.route, the experts by hand."""
+    m = model.moe
+    xf = model.norm(x).reshape(-1, H)
+    P = torch.softmax(m.gate(xf), -1)
+    w, ids = P.topk(m.k, -1)
+    E = P.shape[1]
+    ids, w = capmoe_compile.route(P, ids, w, **{"capacity_factor": None, **opts})
+    out = torch.zeros_like(xf)
+    for j in range(ids.shape[1]):
+        keep = ids[:, j] < E
+        e = ids[keep, j]
+        h = F.gelu(torch.einsum("nh,nhf->nf", xf[keep], m.w1[e]))
+        out[keep] += w[keep, j, None] * torch.einsum("nf,nfh->nh", h, m.w2[e])
+    return x + out.view_as(x)
+
+
+def _skewed_block(seed: int = 0) -> tuple[Block, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = Block(Router3D()).eval()
+    d = _skewed(model.moe, model.moe.gate, strength=2.0)
+    return model, torch.randn(2, 16, H) + 2 * d
+
+
+def test_knob_switches_between_calls_take_effect_without_reset():
+    from capmoe_compile import config, module_config
+
+    model, x = _skewed_block()
+    compiled = torch.compile(model, backend="capmoe")
+    k_plus = {"capacity_factor": 0.5, "policy": "expanded_drop"}
+    # (global patch, per-module override of model.moe, graphs compiled so far in this test)
+    steps = [
+        ({"capacity_factor": 0.5}, None, 1),  # width k
+        (k_plus, None, 2),  # width k' = E: recompiles (raised RuntimeError before the fix)
+        ({"capacity_factor": 0.75, "policy": "order"}, None, 2),  # width k again: entry 1
+        ({**k_plus, "capacity_factor": 0.75}, None, 2),  # width E again: entry 2
+        ({**k_plus, "local_experts": (0, 1)}, None, 3),  # width k + 2: recompiles
+        ({"capacity_factor": 0.5}, {"policy": "expanded_drop"}, 3),  # configure: width E
+        ({"capacity_factor": 0.5, "policy": "reroute"}, {"capacity_factor": 1.0}, 3),
+        (k_plus, {"capacity_factor": None}, 3),  # exempt: width k, as written
+        ({}, None, 3),  # capacity off: as written
+    ]
+    start = backend.compile_count()
+    outs = []
+    try:
+        with torch.no_grad():
+            for patch, override, compiles in steps:
+                if override is not None:
+                    module_config.configure(model.moe, **override)
+                with config.patch(**patch):
+                    got = compiled(x)
+                    want = _router3d_oracle(model, x, **{**patch, **(override or {})})
+                module_config.clear(model.moe)
+                what = f"patch {patch}, override {override}"
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=what)
+                assert backend.compile_count() - start == compiles, what
+                outs.append(got)
+            eager = model(x)
+    finally:
+        module_config.clear(model.moe)
+    torch.testing.assert_close(outs[-1], eager, atol=1e-5, rtol=1e-5)
+    # the switches mattered: expanded_drop and score differ on this skewed batch
+    assert not torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_options_outranking_a_config_patch_warns_once_and_applies():
+    import warnings
+
+    from capmoe_compile import config, pipeline
+
+    model, x = _skewed_block(seed=1)
+    getattr(pipeline, "_WARNED_OUTRANKED", set()).clear()  # warned once per process
+    narrow = torch.compile(model, backend="capmoe", options={"capacity_factor": 0.5})
+    wide = torch.compile(
+        model, backend="capmoe", options={"capacity_factor": 0.5, "policy": "expanded_drop"}
+    )
+    with torch.no_grad(), config.patch(capacity_factor=1.5, policy="expanded_drop"):
+        pattern = r"options=\{'capacity_factor': 0\.5\}.*config capacity_factor=1\.5"
+        with pytest.warns(UserWarning, match=pattern):
+            got = narrow(x)
+        torch.testing.assert_close(
+            got, _router3d_oracle(model, x, capacity_factor=0.5, policy="expanded_drop")
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once: the same pair of values warns no more
+            narrow(x)
+    with torch.no_grad(), config.patch(policy="order"):  # options= changed between calls
+        for compiled, policy in [
+            (wide, "expanded_drop"),
+            (narrow, "order"),
+            (wide, "expanded_drop"),
+        ]:
+            want = _router3d_oracle(model, x, capacity_factor=0.5, policy=policy)
+            torch.testing.assert_close(compiled(x), want, atol=1e-5, rtol=1e-5, msg=policy)
