@@ -15,7 +15,11 @@ and ``patch`` changes knobs temporarily, as a context manager or a decorator::
 
 Precedence, least to most specific: the defaults below < this module < ``options=`` given to
 ``torch.compile`` (see ``resolve``) < per-module overrides (``capmoe_compile.module_config``).
-``version()`` increases on every change so compiled graphs notice and recompile.
+Where ``options=`` outranks a value set here, a warning names both (once per pair of values).
+``version()`` increases on every change, so compiled layers resolve their options again on
+their next call (no recompile), and the width guard of ``pipeline.guard_width`` checks again
+whether a layer's routed width changed (``expanded_drop``: then, and only then, the frame
+recompiles, once per width).
 
 Knobs (SPEC.md has the exact semantics):
 
@@ -100,8 +104,8 @@ def _bump() -> None:
     _version += 1
 
 
-def _fail(name: str, expected: str, value: object) -> ValueError:
-    return ValueError(f"capmoe config option {name!r} must be {expected}; got {value!r}")
+def _fail(name: str, expected: str, value: object, hint: str = "") -> ValueError:
+    return ValueError(f"capmoe config option {name!r} must be {expected}; got {value!r}{hint}")
 
 
 def _int(name: str, value: object, low: int, expected: str) -> int:
@@ -112,7 +116,9 @@ def _int(name: str, value: object, low: int, expected: str) -> int:
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise _fail(name, "one of " + ", ".join(map(repr, allowed)), value)
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f". Did you mean {close[0]!r}?" if close and isinstance(value, str) else ""
+        raise _fail(name, "one of " + ", ".join(map(repr, allowed)), value, hint)
     return str(value)
 
 

@@ -9,7 +9,9 @@ instance, and win over ``capmoe_compile.config`` and ``torch.compile(options=...
     @configure(policy="order")
     class MyMoE(nn.Module): ...
 
-Every change bumps ``config.version()`` so compiled graphs recompile.
+Every change bumps ``config.version()``, so compiled layers resolve their options again on the
+next call; only a change of a layer's routed width (``expanded_drop``) recompiles its frame,
+through the guard of ``pipeline.guard_width``.
 """
 
 from __future__ import annotations
