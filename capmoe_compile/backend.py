@@ -76,4 +76,11 @@ class OptionError(ValueError, torch._dynamo.exc.ShortenTraceback):
 
     def __init__(self, message: str, frame: types.FrameType | None = None) -> None:
         ValueError.__init__(self, message)
+        self.message = message
         self.first_useful_frame = frame  # Dynamo cuts the traceback's frames before this one
+
+    def __str__(self) -> str:
+        # Dynamo's ``augment_exc_message`` appends "Set TORCHDYNAMO_VERBOSE=1 ... reporting a bug
+        # to PyTorch" to ``args[0]`` of every exception escaping a frame it traced; a bad option
+        # is the user's to fix, not a PyTorch bug, so the message is the one raised
+        return self.message
