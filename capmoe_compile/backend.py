@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import config
+from .bridge import check_capture_used
 from .context import compile_context
 
 _compile_count = 0
@@ -58,6 +59,9 @@ def capmoe_backend(
     except ValueError as e:
         raise OptionError(str(e), inspect.currentframe()) from None
     reports = run_passes(gm, example_inputs, options)
+    # a frame traced with the capture flags whose data-dependent values no rewrite took is traced
+    # again without them, as Inductor traces it: raise before Inductor's compile, not after
+    check_capture_used(gm)
     with torch._inductor.config.patch(list_mode_options(mode) if mode else {}):
         compiled = compile_fx(gm, list(example_inputs))
     _compile_count += 1

@@ -12,8 +12,10 @@ Two things break a layer's graph between the top-k and the experts:
 :func:`capture_context` is the capmoe backend's ``backend_ctx_ctor``: Dynamo enters it around
 every call of a model compiled with ``backend="capmoe"`` (tracing, guards and the compiled code),
 and nowhere else, so another ``torch.compile`` in the same process keeps the global settings.
-Inside it, the two Dynamo flags are set, and a transformers experts module running its
-``eager`` implementation runs :func:`bridged_forward` of its own ``forward`` instead: the same
+Inside it, each frame is traced first with the two Dynamo flags set, and again without them
+(as ``backend="inductor"`` traces it) when that trial fails or leaves a data-dependent value
+no rewrite took (see "the capture flags, per frame" below); and a transformers experts module
+running its ``eager`` implementation runs :func:`bridged_forward` of its own ``forward`` instead: the same
 source with the loop over the hit experts turned into a loop over *every* expert index (the
 ``nonzero`` replaced by the list of all indices). That is the same computation: an expert no
 token chose selects no rows, and the loop body (checked by :func:`_loop_ok`: only plain
@@ -78,19 +80,18 @@ _forward_backend_ctx()
 
 
 class capture_context:  # noqa: N801 - used as a function: Dynamo calls backend_ctx_ctor()
-    """Dynamo flags and the transformers eager-experts bridge, for one compiled call.
+    """The transformers eager-experts bridge, for one compiled call; the capture flags are set
+    per frame, during its trace only (:func:`_install_frame_hooks`, installed on first entry).
 
     A plain class, not ``contextlib.contextmanager``: Dynamo enters it on every call of the
     compiled model, so entering and leaving must cost microseconds (``config.patch`` costs
     tens of them)."""
 
-    __slots__ = ("_prev", "_interface", "_swapped")
+    __slots__ = ("_interface", "_swapped")
 
     def __enter__(self) -> None:
-        cfg = torch._dynamo.config
-        self._prev = (cfg.capture_scalar_outputs, cfg.capture_dynamic_output_shape_ops)
-        cfg.capture_scalar_outputs = True
-        cfg.capture_dynamic_output_shape_ops = True
+        if not _hooks_installed:
+            _install_frame_hooks()
         interface = _experts_interface()
         self._interface = None
         if interface is not None and "eager" not in interface._local_mapping:
@@ -109,8 +110,155 @@ class capture_context:  # noqa: N801 - used as a function: Dynamo calls backend_
             cls.forward = original
         if self._interface is not None:
             self._interface._local_mapping.pop("eager", None)
+
+
+# --- the capture flags, per frame ------------------------------------------------------------
+#
+# The flags change how *every* frame traces, not only the layers they are for: with them a
+# ``counts.tolist()`` feeding ``torch.split`` becomes unbacked sizes that later raise
+# ``GuardOnDataDependentSymNode`` (where Inductor breaks the graph and runs), and a loop over a
+# ``ModuleList`` of experts that no pass rewrites is captured whole, so Inductor fuses across what
+# were graph breaks and (in bf16) computes something else than it does without them. So a frame
+# of a bridged compile is traced with the flags first, and traced again without them (as
+# ``backend="inductor"`` traces it) when that trial fails, or when the graph it gave still holds
+# a data-dependent value after the backend's passes (the flags let in something no rewrite
+# took out). A frame keeps them only where a rewrite consumed everything they captured.
+
+_hooks_installed = False
+_trial = False  # True while a frame is traced with the flags this module turned on
+# code object -> why its last trace with the flags was dropped (for explain and debugging)
+RETRACED: dict[Any, str] = {}
+
+
+class RetraceWithoutCapture(torch._dynamo.exc.ShortenTraceback):
+    """Raised (by :func:`check_capture_used` or a failed trial) while a frame is traced with
+    the capture flags: the frame is traced again without them. A ``ShortenTraceback``, so that
+    Dynamo lets it through a backend call unwrapped (not turned into a graph break)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, first_useful_frame=None)
+
+
+def _bridged_compile(compiler_fn: Any) -> bool:
+    """Whether Dynamo compiles this frame for a backend whose context is :class:`capture_context`
+    (``backend="capmoe"``, ``explain``, test backends that declare it)."""
+    ctor = getattr(compiler_fn, "backend_ctx_ctor", None)
+    return isinstance(ctor, type) and issubclass(ctor, capture_context)
+
+
+def data_dependent_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The live nodes of ``gm`` whose value holds an unbacked symbol its inputs did not give it:
+    what only the capture flags let into a graph (``nonzero``, ``torch.where(mask)``, ``item``,
+    ``tolist``, boolean indexing, ...). Dead nodes a rewrite left behind do not count."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    def unbacked(n: torch.fx.Node) -> set:
+        val = n.meta.get("example_value", n.meta.get("val"))
+        try:
+            return set(free_unbacked_symbols(val)) if val is not None else set()
+        except Exception:  # noqa: BLE001 - a value free_unbacked_symbols cannot walk
+            return set()
+
+    nodes = list(gm.graph.nodes)
+    given: set = set()
+    for n in nodes:
+        if n.op == "placeholder":
+            given |= unbacked(n)  # mark_unbacked inputs: not the flags' doing
+    live: set[torch.fx.Node] = set()
+    for n in reversed(nodes):
+        target = getattr(n.target, "__name__", str(n.target))
+        if (
+            n.op == "output"
+            or any(u in live for u in n.users)
+            or (n.op in ("call_method", "call_function") and target.endswith("_"))
+            or (n.op == "call_function" and n.is_impure())
+        ):
+            live.add(n)
+    return [
+        n
+        for n in nodes
+        if n in live and n.op not in ("placeholder", "output") and unbacked(n) - given
+    ]
+
+
+def check_capture_used(gm: torch.fx.GraphModule) -> None:
+    """Raise :class:`RetraceWithoutCapture` when ``gm`` was traced with the flags this module
+    turned on and, after the backend's passes, still holds a data-dependent value: the flags
+    changed the graph for code no rewrite took (it then traces as with ``backend="inductor"``).
+    A backend calls this after its passes and before its expensive compile; Dynamo's
+    ``call_user_compiler`` calls it after every backend of a bridged compile as well."""
+    if not _trial or getattr(gm, "_capmoe_capture_checked", False):
+        return
+    gm._capmoe_capture_checked = True
+    left = data_dependent_nodes(gm)
+    if left:
+        names = ", ".join(sorted({getattr(n.target, "__name__", str(n.target)) for n in left}))
+        raise RetraceWithoutCapture(f"data-dependent values no rewrite took: {names}")
+
+
+def _install_frame_hooks() -> None:
+    """Wrap Dynamo's ``trace_frame`` (one trace of one frame) and
+    ``OutputGraph.call_user_compiler`` (one backend call): for a frame of a bridged compile, the
+    first trace runs with both flags, and a failure or :func:`check_capture_used` restarts the
+    frame's analysis without them (Dynamo's own ``RestartAnalysis`` loop, as a graph break
+    does). Other compiles are untouched: the wrappers call through."""
+    global _hooks_installed
+    from torch._dynamo import convert_frame
+    from torch._dynamo.output_graph import OutputGraph
+
+    _hooks_installed = True
+    if getattr(convert_frame.trace_frame, "_capmoe_wrapped", False):
+        return
+    trace_frame = convert_frame.trace_frame
+    call_user_compiler = OutputGraph.call_user_compiler
+
+    @functools.wraps(trace_frame)
+    def traced(code, globals_, locals_, builtins, closure, compiler_fn, tf_mode_stack,
+               one_graph, speculation_log, *args, **kwargs):  # fmt: skip
+        global _trial
         cfg = torch._dynamo.config
-        cfg.capture_scalar_outputs, cfg.capture_dynamic_output_shape_ops = self._prev
+        prev = (cfg.capture_scalar_outputs, cfg.capture_dynamic_output_shape_ops)
+        trial = (
+            not one_graph  # fullgraph captures data-dependent values anyway
+            and prev != (True, True)  # the user's own flags: nothing to take back
+            and not getattr(speculation_log, "_capmoe_plain", False)
+            and _bridged_compile(compiler_fn)
+        )
+        outer = _trial
+        _trial = trial
+        if trial:
+            cfg.capture_scalar_outputs = cfg.capture_dynamic_output_shape_ops = True
+        try:
+            return trace_frame(code, globals_, locals_, builtins, closure, compiler_fn,
+                               tf_mode_stack, one_graph, speculation_log, *args, **kwargs)  # fmt: skip
+        except (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame):
+            raise
+        except Exception as e:
+            from .backend import OptionError
+
+            if not trial or isinstance(e, OptionError):
+                raise
+            RETRACED[code] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            speculation_log.clear()  # the trial's graph breaks were found with the flags
+            speculation_log._capmoe_plain = True
+            restart = torch._dynamo.exc.RestartAnalysis(
+                restart_reason=f"capmoe: traced again without capture flags ({RETRACED[code]})"
+            )
+            restart._torch_dynamo_tracer_output = getattr(e, "_torch_dynamo_tracer_output", None)
+            raise restart from e
+        finally:
+            _trial = outer
+            cfg.capture_scalar_outputs, cfg.capture_dynamic_output_shape_ops = prev
+
+    def checked(self, gm, example_inputs):
+        compiled = call_user_compiler(self, gm, example_inputs)
+        check_capture_used(gm)
+        return compiled
+
+    traced._capmoe_wrapped = True
+    convert_frame.trace_frame = traced
+    functools.update_wrapper(checked, call_user_compiler)
+    OutputGraph.call_user_compiler = checked
 
 
 def _experts_interface():

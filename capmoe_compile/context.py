@@ -16,7 +16,9 @@ from . import bridge
 class compile_context(bridge.capture_context):  # noqa: N801 - Dynamo calls backend_ctx_ctor()
     """What Dynamo enters around every call of a model compiled with ``backend="capmoe"``
     (tracing, guards, compiled code), and nowhere else: the graph-break bridges
-    (:class:`bridge.capture_context`) and no duck sizing. Duck sizing gives two dimensions
+    (:class:`bridge.capture_context`: the capture flags per frame, kept only where a rewrite
+    takes what they captured, so a frame otherwise traces as with ``backend="inductor"``) and
+    no duck sizing. Duck sizing gives two dimensions
     one symbol when they happen to be equal at the first compile (a batch of 3 prompts of 3
     tokens), and the next call where they differ recompiles: in serving, batch size and prompt
     length are independent, so capmoe's graphs keep them apart."""
