@@ -1,0 +1,336 @@
+"""Replicas, capacity, and both: the rank-level straggler model on the shipped models.
+
+    python -m benchmarks.plan_sim --model tiny --out benchmarks/results/plan_sim_tiny.json
+    python -m benchmarks.plan_sim --model balanced --out benchmarks/results/plan_sim_balanced.json
+
+1. *Calibration loads*: the model compiled with ``backend="capmoe"``, capacity off, over the
+   calibration windows (the first part of the held-out files, ``split_validation``), recorded
+   by ``record_stats`` -> ``capmoe_compile.plan.layer_loads``.
+2. *Plans* (``capmoe_compile.plan.plan``) at ``--ranks`` ranks with ``ceil(E / N) + 1`` slots a
+   rank (same physical slots for every setup): replicas alone (copies, capacity off), capacity
+   alone (no copies, the experts packed by the same greedy, gamma per expert), both (copies,
+   gamma per copy), each capacity setup for every gamma of ``--gammas``.
+3. *Held-out*: every plan runs the model eagerly on the held-out windows (the rest of the
+   held-out files) with each MoE router's output replaced by
+   ``capmoe_compile.replicas.route_replicas`` (policy ``score``): perplexity, and per layer
+   call the pairs each rank computes (its copies' kept pairs). Modeled time of a setup: sum
+   over layers and calls of the most loaded rank's pairs; speedup against the baseline
+   (``E / N`` contiguous experts a rank, capacity off: today's ``expert_parallel``).
+4. Per setup, the fastest plan whose held-out perplexity rises by at most ``--max-ppl``
+   (0.5%); the verdict: both / max(replicas, capacity) >= 1.10.
+5. *Scale*: the simulator (``plan.simulate``-style, score policy, loads of the held-out
+   baseline pass) for 2..64 ranks with the gammas chosen in 4.
+
+Writes JSON and a PNG (speedup vs ranks; perplexity change vs speedup per plan). Eager, CPU,
+deterministic; timings are not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+GAMMAS = (2.0, 1.75, 1.5, 1.4, 1.3, 1.25, 1.2, 1.15, 1.1, 1.05, 1.0, 0.9)
+SWEEP = (2, 4, 8, 16, 32, 64)
+
+
+def _load(name: str):
+    from capmoe_compile.models import load_balanced_moe, load_tiny_moe
+
+    return (load_balanced_moe if name == "balanced" else load_tiny_moe)()[0]
+
+
+def _gates(model) -> dict[str, torch.nn.Module]:
+    """MoE layer name (as record_stats names it: the block holding ``gate`` and ``experts``)
+    -> its router module."""
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "gate") and hasattr(mod, "experts"):
+            out[name] = mod.gate
+    return out
+
+
+class Hooked:
+    """The model's routers replaced by ``route_replicas`` per layer (placement, gamma)."""
+
+    def __init__(self, model, ranks: int):
+        self.model = model
+        self.gates = _gates(model)
+        self.setup: dict[str, tuple] = {}
+        self.ranks = ranks
+        self.rank_max: list[int] = []  # per layer call: most loaded rank's pairs
+        self.rank_sum = 0
+        self.before: dict[str, list[torch.Tensor]] = {n: [] for n in self.gates}
+        self.pairs = 0
+        for name, gate in self.gates.items():
+            gate.register_forward_hook(self._hook(name))
+
+    def _hook(self, name):
+        from capmoe_compile.replicas import route_replicas
+
+        def hook(mod, args, out):
+            logits, weights, ids = out
+            E = logits.shape[-1]
+            P = logits.float().softmax(-1)
+            pl, gamma = self.setup[name]
+            r = route_replicas(P, ids, weights, pl, capacity_factor=gamma, policy="score")
+            self.before[name].append(torch.bincount(ids.flatten(), minlength=E))
+            kept = r.copy_ids < pl.num_copies
+            per_copy = torch.bincount(r.copy_ids[kept], minlength=pl.num_copies)
+            rank = torch.zeros(pl.num_ranks, dtype=torch.int64).index_add_(
+                0, torch.tensor(pl.rank_of), per_copy
+            )
+            self.rank_max.append(int(rank.max()))
+            self.rank_sum += int(rank.sum())
+            self.pairs += ids.numel()
+            new_ids = torch.where(r.ids < E, r.ids, 0)
+            return logits, r.weights.to(weights.dtype), new_ids
+
+        return hook
+
+    @torch.no_grad()
+    def evaluate(self, setup: dict[str, tuple], windows: torch.Tensor, batch: int) -> dict:
+        self.setup = setup
+        self.rank_max, self.rank_sum, self.pairs = [], 0, 0
+        self.before = {n: [] for n in self.gates}
+        nll, count = 0.0, 0
+        for i in range(0, windows.shape[0], batch):
+            x = windows[i : i + batch]
+            logits = self.model(x, use_cache=False).logits[:, :-1].float()
+            nll += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            ).item()
+            count += x[:, 1:].numel()
+        return {
+            "perplexity": math.exp(nll / count),
+            "time": sum(self.rank_max),
+            "dropped_share": 1 - self.rank_sum / self.pairs,
+        }
+
+
+def run(
+    model_name: str = "tiny",
+    ranks: int = 8,
+    spare_per_rank: int = 1,
+    batch: int = 8,
+    seq: int = 256,
+    cal_windows: int = 32,
+    windows: int = 128,
+    gammas=GAMMAS,
+    max_ppl: float = 0.005,
+    sweep=SWEEP,
+    progress: bool = True,
+) -> dict:
+    import capmoe_compile as cc
+    from capmoe_compile import plan as P
+    from capmoe_compile.models import split_validation, stdlib_corpus, validation_windows
+    from capmoe_compile.replicas import Placement
+
+    t0 = time.perf_counter()
+
+    def say(msg):
+        if progress:
+            print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    model = _load(model_name)
+    cal_part, held_part = split_validation(stdlib_corpus())
+    cal = validation_windows(cal_part, seq, cal_windows)
+    held = validation_windows(held_part, seq, windows - windows % batch)
+
+    # 1. calibration loads, recorded by record_stats from the compiled model
+    compiled = torch.compile(model, backend="capmoe", dynamic=False)
+    with torch.no_grad(), cc.config.patch(capacity_factor=None), cc.record_stats() as st:
+        for i in range(0, cal.shape[0], batch):
+            compiled(cal[i : i + batch], use_cache=False)
+    torch._dynamo.reset()
+    loads = P.layer_loads(st)
+    say(f"calibration loads: {len(loads)} layers x {len(st.layers) // len(loads)} calls")
+
+    hooked = Hooked(model, ranks)
+    E = next(iter(loads.values())).num_experts
+    k = next(iter(loads.values())).top_k
+
+    def setup_of(plan_obj):
+        return {n: (plan_obj.placement(n), plan_obj.layers[n]["capacity_factor"]) for n in loads}
+
+    # 2./3. baseline, replicas, capacity(g), both(g) on held-out
+    base_setup = {n: (Placement.identity(E, ranks), None) for n in loads}
+    base = hooked.evaluate(base_setup, held, batch)
+    held_loads = {
+        n: P.LayerLoads(torch.stack(v), torch.full((len(v),), batch * seq), k)
+        for n, v in hooked.before.items()
+    }
+    say(f"baseline: ppl {base['perplexity']:.4f}, time {base['time']}")
+    # the hook's counts are what record_stats records (same routing, capacity off)
+    rows = []
+
+    def add(kind, gamma, plan_obj):
+        res = hooked.evaluate(setup_of(plan_obj), held, batch)
+        row = {
+            "setup": kind,
+            "gamma": gamma,
+            "perplexity": res["perplexity"],
+            "ppl_change": res["perplexity"] / base["perplexity"] - 1,
+            "speedup": base["time"] / res["time"],
+            "dropped_share": res["dropped_share"],
+            "modeled_on_calibration": plan_obj.record["modeled_speedup"],
+            "plan": plan_obj.to_dict(),
+        }
+        rows.append(row)
+        say(
+            f"{kind:9s} gamma={gamma}: ppl {row['ppl_change']:+.3%} speedup {row['speedup']:.3f}"
+            f" dropped {row['dropped_share']:.3%}"
+        )
+
+    add("replicas", None, P.plan(loads, ranks, spare_per_rank))
+    for g in gammas:
+        add("capacity", g, P.plan(loads, ranks, spare_per_rank, gamma=g, replicas=False))
+        add("both", g, P.plan(loads, ranks, spare_per_rank, gamma=g))
+    # capacity on today's contiguous placement, for reference
+    for g in gammas:
+        contiguous = P.Plan(ranks, math.ceil(E / ranks), {
+            n: {"placement": Placement.identity(E, ranks).to_dict(), "capacity_factor": g,
+                "policy": "score"} for n in loads}, {"modeled_speedup": None})  # fmt: skip
+        add("capacity_contiguous", g, contiguous)
+
+    best = {}
+    for kind in ("replicas", "capacity", "both", "capacity_contiguous"):
+        ok = [r for r in rows if r["setup"] == kind and r["ppl_change"] <= max_ppl]
+        best[kind] = max(ok, key=lambda r: r["speedup"]) if ok else None
+    alone = max(
+        (best[x]["speedup"] for x in ("replicas", "capacity", "capacity_contiguous") if best[x]),
+        default=1.0,
+    )
+    both = best["both"]["speedup"] if best["both"] else 1.0
+    verdict = {
+        "both": both,
+        "better_alone": alone,
+        "ratio": both / alone,
+        "meets_10pct": both / alone >= 1.10,
+    }
+    say(f"verdict: both {both:.3f} / better alone {alone:.3f} = {both / alone:.3f}")
+
+    # 5. scale: the simulator over the held-out baseline loads, gammas chosen above
+    g_cap = best["capacity"]["gamma"] if best["capacity"] else None
+    g_both = best["both"]["gamma"] if best["both"] else None
+    scale = []
+    for n in sweep:
+        plans = {
+            "replicas": P.plan(loads, n, spare_per_rank),
+            "capacity": P.plan(loads, n, spare_per_rank, gamma=g_cap, replicas=False),
+            "both": P.plan(loads, n, spare_per_rank, gamma=g_both),
+        }
+        t_base = sum(P._cost(held_loads[x], Placement.identity(E, n), None) for x in held_loads)
+        entry = {"ranks": n, "baseline_time": t_base}
+        for kind, pobj in plans.items():
+            t = sum(
+                P._cost(held_loads[x], pobj.placement(x), pobj.layers[x]["capacity_factor"])
+                for x in held_loads
+            )
+            entry[kind] = t_base / t
+        scale.append(entry)
+        say(f"simulated {n} ranks: " + ", ".join(f"{k}={entry[k]:.3f}" for k in plans))
+
+    return {
+        "benchmark": "plan_sim",
+        "model": model_name,
+        "E": E,
+        "top_k": k,
+        "ranks": ranks,
+        "slots_per_rank": P.slots_for(E, ranks, spare_per_rank),
+        "batch": batch,
+        "seq": seq,
+        "cal_windows": cal_windows,
+        "held_windows": int(held.shape[0]),
+        "max_ppl_increase": max_ppl,
+        "policy": "score",
+        "baseline": base,
+        "rows": rows,
+        "best": {
+            k: (None if v is None else {x: v[x] for x in v if x != "plan"}) for k, v in best.items()
+        },  # fmt: skip
+        "verdict": verdict,
+        "scale": scale,
+        "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 9), squeeze=False)
+    for col, res in enumerate(results):
+        ax = axes[0][col]
+        ns = [e["ranks"] for e in res["scale"]]
+        for kind, style in (("replicas", "o-"), ("capacity", "s-"), ("both", "^-")):
+            ax.plot(ns, [e[kind] for e in res["scale"]], style, label=kind)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("ranks (simulated)")
+        ax.set_ylabel("modeled EP speedup vs contiguous, capacity off")
+        b = res["best"]
+        ax.set_title(
+            f"{res['model']} (E={res['E']}, k={res['top_k']}): capacity gamma="
+            f"{b['capacity'] and b['capacity']['gamma']}, both gamma={b['both'] and b['both']['gamma']}"
+        )
+        ax.legend()
+        ax.grid(alpha=0.3)
+        ax = axes[1][col]
+        for kind, style in (("capacity", "s"), ("both", "^"), ("capacity_contiguous", "x"),
+                            ("replicas", "o")):  # fmt: skip
+            pts = [r for r in res["rows"] if r["setup"] == kind]
+            ax.plot([r["speedup"] for r in pts], [100 * r["ppl_change"] for r in pts], style,
+                    label=kind)  # fmt: skip
+        ax.axhline(100 * res["max_ppl_increase"], color="grey", ls="--", lw=1)
+        ax.set_xlabel(f"modeled EP speedup at {res['ranks']} ranks (held-out)")
+        ax.set_ylabel("held-out perplexity change (%)")
+        ax.set_ylim(-0.2, max(3.0, 100 * res["max_ppl_increase"] * 2))
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", nargs="+", default=["tiny", "balanced"])
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=128)
+    ap.add_argument("--cal-windows", type=int, default=32)
+    ap.add_argument("--max-ppl", type=float, default=0.005)
+    ap.add_argument("--out", default="benchmarks/results/plan_sim.json")
+    ap.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    results = [
+        run(
+            m,
+            ranks=args.ranks,
+            windows=args.windows,
+            cal_windows=args.cal_windows,
+            max_ppl=args.max_ppl,
+        )  # fmt: skip
+        for m in args.model
+    ]
+    slim = [{k: v for k, v in r.items() if k != "rows"} | {
+        "rows": [{k: v for k, v in row.items() if k != "plan"} for row in r["rows"]],
+        "plans": {f"{row['setup']}@{row['gamma']}": row["plan"] for row in r["rows"]},
+    } for r in results]  # fmt: skip
+    with open(args.out, "w") as f:
+        json.dump({"results": slim}, f, indent=1)
+    plot(results, args.plot or os.path.splitext(args.out)[0] + ".png")
+    for r in results:
+        print(json.dumps({"model": r["model"], "best": r["best"], "verdict": r["verdict"]}))
+
+
+if __name__ == "__main__":
+    main()
