@@ -64,7 +64,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,6 +442,7 @@ def _backtrack(choices, picks, bucket: int, total_before: int) -> dict[str, int]
 
 def _measure(compiled, root, batches, policies, gammas, stop_loss, say):
     """Steps 1 and 2 of the search: the baseline pass and the per-layer sensitivity passes."""
+    say("baseline pass (capacity off; its first call compiles the model)")
     base = _run(compiled, batches, keep_calls=True)
     passes = 1
     if not base.max_before:
@@ -515,11 +516,14 @@ def _reused(reuse: Calibration, policies, gammas, batches) -> tuple[_Pass, dict]
     return base, rec["sensitivity"]
 
 
-def _reporter(progress: bool, t0: float):
-    """``say(msg)``: prints ``msg`` with the seconds since ``t0`` if ``progress``, else nothing."""
+def _reporter(progress: bool | Callable[[str], None], t0: float):
+    """``say(msg)``: prints ``msg`` with the seconds since ``t0`` if ``progress`` is True, hands
+    it to ``progress`` if that is a callable (``capmoe calibrate``'s status line), else nothing."""
 
     def say(msg: str) -> None:
-        if progress:
+        if callable(progress):
+            progress(msg)
+        elif progress:
             print(f"[calibrate {time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
 
     return say
@@ -793,7 +797,7 @@ def calibrate(
     repair_rounds: int = 3,
     compiled: Any = None,
     reuse: Calibration | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[str], None] = False,
 ) -> Calibration:
     """Search per-layer capacity factors (and, with several ``policies``, per-layer policies)
     that reach a modeled expert-parallel speedup of ``target`` at the least loss on
@@ -812,6 +816,9 @@ def calibrate(
     How the search works, what it costs, and how per-layer speedups combine into the model's:
     see the module docstring. Deterministic for fixed inputs and ``seed`` (one compile, no
     timing; the loss is reduced in float64 in a fixed order).
+
+    ``progress``: ``True`` prints every step (a pass's result) with the seconds since the
+    start; a callable receives each step's message instead.
     """
     policies, gammas, batches = _check_arguments(
         target, max_ppl_increase, policies, gammas, batches
