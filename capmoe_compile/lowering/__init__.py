@@ -14,7 +14,7 @@ import operator
 from torch import fx
 
 from .. import experts, ops, pipeline
-from . import grouped
+from . import grouped, kernels
 
 
 def lower_single_device(graph: fx.Graph, plan: pipeline.LayerPlan) -> tuple[fx.Node, str]:
@@ -36,13 +36,13 @@ def lower_single_device(graph: fx.Graph, plan: pipeline.LayerPlan) -> tuple[fx.N
     tile = graph.call_function(operator.getitem, (routed, 2))  # batch-invariant GEMMs
     x_val = plan.x.meta.get("example_value")
     dtype = plan.x_dtype
-    if grouped.supports(plan.form, dtype) and all(p.dtype == dtype for p in plan.param_values):
-        fast = grouped.moe_experts_grouped  # traced by AOTAutograd: Inductor fuses it
-        what = grouped.describe(x_val, plan.param_values, plan.form)
-    else:
+    query = kernels.KernelQuery.of(x_val, plan.param_values, plan.form)
+    kernel, _ = kernels.choose(query)
+    what = kernels.describe_choice(query)
+    if kernel.opaque:
         fast = experts.moe_experts_op._opoverload  # the eager reference, opaque
-        kind = "stacked" if plan.form.stacked else "per-expert"
-        what = f"reference (no fast path for {dtype} {kind} experts)"
+    else:
+        fast = grouped.moe_experts_grouped  # traced by AOTAutograd: Inductor fuses it
     args = (plan.x, ids, w, list(plan.params), plan.form.to_str(), tile)
     out = graph.call_function(fast, args)
     if plan.out_dtype != dtype:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ..experts import ExpertForm
+from ..experts import ExpertForm, ascending_experts, combine_rows
 from ..library import custom_op
+from . import kernels
 from .cpu_experts import experts_cpu
 from .invariant import tiled_grouped_mm
 
@@ -33,8 +34,17 @@ CPU_OP_MIN_WEIGHTS = 1 << 22
 
 
 def supports(form: ExpertForm, dtype: torch.dtype) -> bool:
-    """Whether :func:`moe_experts_grouped` handles this expert form and dtype."""
-    return form.stacked and dtype in SUPPORTED_DTYPES
+    """Whether :func:`moe_experts_grouped` handles this expert form and dtype (one of the
+    kernels below does: :func:`_traced_supports`'s conditions)."""
+    return _traced_supports_form(form, dtype)[0]
+
+
+def _traced_supports_form(form: ExpertForm, dtype: torch.dtype) -> tuple[bool, str]:
+    if not form.stacked:
+        return False, "experts are separate modules, not stacked [E, ...] weights"
+    if dtype not in SUPPORTED_DTYPES:
+        return False, f"{str(dtype).removeprefix('torch.')} (fp32 and bf16 only)"
+    return True, ""
 
 
 @custom_op("capmoe::grouped_mm")
@@ -99,34 +109,14 @@ def moe_experts_grouped(
     H=256, F=512, E=8, T=256: 3.1 ms traced vs 3.6 ms op; ``benchmarks.ci``'s timing block).
     """
     f = ExpertForm.from_str(form) if isinstance(form, str) else form
-    path = describe(x, params, f)
-    if path == CPU_OP:
-        f_str = form if isinstance(form, str) else _form_str(form)
-        return experts_cpu(x, ids, weights, params, f_str, tile)
-    if path == TRITON_OP:
-        from . import triton_moe
-
-        # The hand-written fused kernels (lowering/triton_moe.py). Never timed on a GPU here
-        # (none was lent), and ``tile`` is not read: no batch invariance on CUDA yet.
-        return triton_moe.moe_experts_triton(x, ids, weights, params, f)
-    return moe_experts_traced(x, ids, weights, params, f, tile)
-
-
-CPU_OP, TRITON_OP, TRACED = "capmoe::experts_cpu", "capmoe::triton_moe_experts", "traced grouped_mm"
+    kernel, _ = kernels.choose(kernels.KernelQuery.of(x, params, f))
+    return kernel.run(x, ids, weights, params, form if isinstance(form, str) else f, tile)
 
 
 def describe(x: torch.Tensor, params: list[torch.Tensor], form: ExpertForm) -> str:
-    """Which path :func:`moe_experts_grouped` takes for these (example) tensors: decided at
-    trace time from static properties (device, dtype, weight size); also what ``explain`` says."""
-    if x.device.type == "cpu" and sum(p.numel() for p in params) >= CPU_OP_MIN_WEIGHTS:
-        return CPU_OP
-    if x.is_cuda:
-        from . import triton_moe  # imports triton: only where it can run
-
-        same_dtype = all(p.dtype == x.dtype for p in params)
-        if same_dtype and triton_moe.supports(form, x.dtype, x.device):
-            return TRITON_OP
-    return TRACED
+    """Which kernel runs these (example) tensors, and why not the ones before it: decided at
+    trace time from static properties (device, dtype, form, weight size); for ``explain``."""
+    return kernels.describe_choice(kernels.KernelQuery.of(x, params, form))
 
 
 def moe_experts_traced(
@@ -163,6 +153,79 @@ def moe_experts_traced(
     # masked in token order, one reduction over k that Inductor fuses (an index_add_ would be
     # per-element atomics, and weighting in expert order a second [T*k, H] buffer).
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=x.device))
-    rows = y[pos].view(T, k, -1).float()
+    rows = y[pos].view(T, k, -1)
+    if f.combine == "dtype":  # each token's pairs in ascending expert id (ExpertForm.combine)
+        o = ascending_experts(ids)
+        rows = rows.gather(1, o[:, :, None].expand_as(rows))
+        weights, ids = weights.gather(1, o), ids.gather(1, o)
     keep = (ids < E)[:, :, None]
-    return torch.where(keep, rows * weights.float()[:, :, None], 0.0).sum(1).to(x.dtype)
+    return combine_rows(rows, weights, keep, f, x.dtype)
+
+
+# --- the experts kernels (lowering/kernels.py), highest priority first --------------------------
+
+
+def _cpu_op_supports(q: kernels.KernelQuery) -> tuple[bool, str]:
+    if q.device.type != "cpu":
+        return False, "not on CPU"
+    ok, why = _traced_supports_form(q.form, q.dtype)
+    if not ok or not q.same_dtype:
+        return False, why or "expert weights in another dtype than the tokens"
+    if q.weight_elements < CPU_OP_MIN_WEIGHTS:
+        n = q.weight_elements
+        size = f"{n / 2**20:.2g} Mi elements" if q.explain else "fewer elements"
+        return False, (
+            f"expert weights {size} < {CPU_OP_MIN_WEIGHTS >> 20} Mi "
+            "(the op's fixed cost per call outweighs the GEMMs)"
+        )
+    return True, ""
+
+
+def _cpu_op_run(x, ids, weights, params, form, tile):
+    f_str = form if isinstance(form, str) else _form_str(form)
+    return experts_cpu(x, ids, weights, params, f_str, tile)
+
+
+def _triton_supports(q: kernels.KernelQuery) -> tuple[bool, str]:
+    if q.device.type != "cuda":
+        return False, "not on CUDA"
+    from . import triton_moe  # imports triton: only where it can run
+
+    if not q.same_dtype:
+        return False, "expert weights in another dtype than the tokens"
+    if not triton_moe.supports(q.form, q.dtype, q.device):
+        return False, "form or dtype the fused kernels do not cover"
+    return True, ""
+
+
+def _triton_run(x, ids, weights, params, form, tile):
+    from . import triton_moe
+
+    # The hand-written fused kernels (lowering/triton_moe.py). Never timed on a GPU here
+    # (none was lent), and ``tile`` is not read: no batch invariance on CUDA yet.
+    f = ExpertForm.from_str(form) if isinstance(form, str) else form
+    return triton_moe.moe_experts_triton(x, ids, weights, params, f)
+
+
+def _traced_supports(q: kernels.KernelQuery) -> tuple[bool, str]:
+    ok, why = _traced_supports_form(q.form, q.dtype)
+    if ok and not q.same_dtype:
+        return False, "expert weights in another dtype than the tokens"
+    return ok, why
+
+
+def _reference_run(x, ids, weights, params, form, tile):
+    from ..experts import moe_experts_op
+
+    f_str = form if isinstance(form, str) else form.to_str()
+    return moe_experts_op(x, ids, weights, params, f_str, tile)
+
+
+CPU_OP, TRITON_OP, TRACED = "capmoe::experts_cpu", "capmoe::triton_moe_experts", "traced grouped_mm"
+REFERENCE = "reference"
+kernels.register_kernel(kernels.Kernel(CPU_OP, 30, _cpu_op_supports, _cpu_op_run))
+kernels.register_kernel(kernels.Kernel(TRITON_OP, 20, _triton_supports, _triton_run))
+kernels.register_kernel(kernels.Kernel(TRACED, 10, _traced_supports, moe_experts_traced))
+kernels.register_kernel(
+    kernels.Kernel(REFERENCE, 0, lambda q: (True, ""), _reference_run, opaque=True)
+)
