@@ -34,9 +34,11 @@ def test_flags_only_for_capmoe_compiles():
     assert _flags() == before
 
 
-def test_where_loop_is_one_graph_under_capmoe_only():
+def test_where_loop_no_rewrite_takes_traces_as_without_bridges():
     """A loop over experts with ``torch.where`` (data-dependent shapes) is one graph with the
-    capmoe bridges and breaks without them; both compute what eager computes."""
+    capture flags; when no pass rewrites it (this backend has none), the frame is traced again
+    without them, as plain backends trace it (issue 23): the graphs that run are the plain
+    ones, and both compute what eager computes."""
 
     def f(x, ids):
         out = torch.zeros_like(x)
@@ -46,16 +48,23 @@ def test_where_loop_is_one_graph_under_capmoe_only():
         return out
 
     x, ids = torch.randn(16, 8), torch.randint(0, 4, (16,))
-    plain, bridged = CompileCounter(), CompileCounter()
+    plain, trials = CompileCounter(), []
+
+    def bridged(gm, example_inputs):
+        trials.append(bridge._trial and bool(bridge.data_dependent_nodes(gm)))
+        return gm.forward
+
     bridged.backend_ctx_ctor = bridge.capture_context
     want = f(x, ids)
     torch._dynamo.reset()
     assert torch.equal(torch.compile(f, backend=plain)(x, ids), want)
     torch._dynamo.reset()
+    bridge.RETRACED.pop(f.__code__, None)
     assert torch.equal(torch.compile(f, backend=bridged)(x, ids), want)
     torch._dynamo.reset()
-    assert bridged.frame_count == 1
-    assert plain.frame_count != 1  # broken up, or (a break inside a loop) not compiled at all
+    assert trials[0], "the trial with the flags captures the loop whole"
+    assert "where" in bridge.RETRACED[f.__code__]
+    assert len(trials) - 1 == plain.frame_count  # then the plain graphs
 
 
 # --- the eager-experts loop over hit experts --------------------------------------------------
