@@ -243,10 +243,37 @@ def place(
     if refine_passes <= 0:
         return first
     held = _refine(ll, first, ranks, slots_per_rank, gamma, refine_passes)
+    held = _retarget(ll, held, E, gamma, refine_passes)
+    held = _refine(ll, _placement(held, E), ranks, slots_per_rank, gamma, refine_passes)
     second = _placement(held, E)
     # the refinement moves copies with their loads fixed; renumbering can shift a pair
     # between copies of one expert, so keep whichever is better exactly
     return second if _cost(ll, second, gamma) <= _cost(ll, first, gamma) else first
+
+
+def _retarget(ll, held, E, gamma, passes) -> list[list[int]]:
+    """Which experts get the redundant copies, revisited: a copy of an expert with more than
+    one copy may become a copy of any other expert (same rank) where that lowers the exact
+    straggler cost. EPLB fixes this choice on the mean load alone."""
+    cost = _cost(ll, _placement(held, E), gamma)
+    for _ in range(passes):
+        improved = False
+        for r, h in enumerate(held):
+            for i in range(len(h)):
+                if sum(x.count(h[i]) for x in held) < 2:
+                    continue
+                for b in range(E):
+                    if b == h[i]:
+                        continue
+                    cand = [list(x) for x in held]
+                    cand[r][i] = b
+                    c = _cost(ll, _placement(cand, E), gamma)
+                    if c < cost:
+                        held, cost, improved = cand, c, True
+                        h = held[r]
+        if not improved:
+            break
+    return held
 
 
 def _refine(ll, pl: Placement, ranks, slots, gamma, passes) -> list[list[int]]:
@@ -456,3 +483,57 @@ def simulate(
     for v in out["setups"].values():
         v["speedup"] = base / v["time"] if v["time"] else 1.0
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the command line: ``capmoe plan``
+# --------------------------------------------------------------------------------------------
+
+
+def add_cli(sub) -> None:
+    """Add ``plan`` to the ``capmoe`` subcommands (``sub``: argparse subparsers)."""
+    p = sub.add_parser(
+        "plan",
+        help="per-layer expert copies, ranks and capacity from record_stats loads",
+        description="Plan redundant expert copies and capacity per copy from loads recorded "
+        "by record_stats (capmoe_compile.plan.save_loads writes the LOADS file).",
+    )
+    p.add_argument("loads", metavar="LOADS", help="a capmoe-loads JSON (plan.save_loads)")
+    p.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks")
+    p.add_argument("--spare", type=int, default=1, help="spare slots per rank (default: 1)")
+    cap = p.add_mutually_exclusive_group()
+    cap.add_argument("--gamma", type=float, help="capacity factor per copy, every layer")
+    cap.add_argument("--max-drop", type=float, help="per layer: smallest gamma dropping <= this")
+    p.add_argument("--no-replicas", action="store_true", help="capacity alone (no copies)")
+    p.add_argument("--out", required=True, help="where the plan JSON goes")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args, progress=None) -> int:
+    if args.ranks < 1 or args.spare < 0:
+        raise SystemExit("capmoe plan: --ranks must be >= 1 and --spare >= 0")
+    for v, flag in ((args.gamma, "--gamma"), (args.max_drop, "--max-drop")):
+        if v is not None and v <= 0:
+            raise SystemExit(f"capmoe plan: {flag} must be > 0")
+    try:
+        loads = load_loads(args.loads)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"capmoe plan: cannot read {args.loads}: {e}") from None
+    p = plan(
+        loads,
+        args.ranks,
+        args.spare,
+        gamma=args.gamma,
+        max_drop=args.max_drop,
+        replicas=not args.no_replicas,
+    )
+    p.save(args.out)
+    for name, layer in p.layers.items():
+        m, pl = layer["modeled"], Placement.from_dict(layer["placement"])
+        print(
+            f"{name}: {pl.num_copies} copies (R={pl.redundant}) on {args.ranks} ranks, "
+            f"gamma={layer['capacity_factor']}, modeled speedup {m['speedup']:.3f}, "
+            f"dropped {m['dropped_share']:.2%}"
+        )
+    print(f"modeled speedup {p.record['modeled_speedup']:.3f}; plan written to {args.out}")
+    return 0
