@@ -75,7 +75,13 @@ class ExplainReport:
             tokens = "-" if s is None else str(s.tokens)
             cap = "-" if s is None or s.capacity is None else str(s.capacity)
             pad = r.padding
-            if s is not None and not s.padding_excluded and r.padding.startswith("padding"):
+            if s is not None and s.exempt:
+                cap, pad = "exempt", "exempt (configure/exempt): runs as written, all rows count"
+            elif s is not None and s.capacity_factor is None:
+                cap, pad = "off", "capacity off: runs as written, all rows count"
+            elif s is not None and s.capacity is None:
+                pad = f"T below min_tokens: runs as written; {r.padding}"
+            elif s is not None and not s.padding_excluded and r.padding.startswith("padding"):
                 pad = f"all rows count in this call (the mask is not [B, S]); {r.padding}"
             lines.append(
                 f"{r.name:<32} {r.num_experts:>4} {r.top_k:>3} {r.router:<26} {r.dispatch:<11} "

@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
+import torch
 from torch import nn
 
 from . import config
@@ -107,3 +108,43 @@ def resolve_layer(
     """A layer's effective options: config < ``options=`` < per-module overrides (of the
     classes on its module path and of the modules that own its expert ``params``)."""
     return {**config.resolve(options), **_overrides(params, classes)}
+
+
+# Instances whose parameters a compile has seen all of, so warn_unmatched has judged them once.
+_checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def warn_unmatched(graph_tensors: list, layer_params: list[list]) -> None:
+    """Warn where a configured instance has no matched MoE layer under it, at the first compile
+    whose graph holds all of its parameters (one that holds only some, across a graph break,
+    cannot tell): its options apply to nothing, e.g. ``configure(model.layers[0].self_attn)``.
+    ``layer_params``: the expert parameters of each layer the passes matched in that graph."""
+    import warnings
+
+    def ptrs(tensors) -> set[int]:
+        out = set()
+        for t in tensors:
+            try:
+                out.add(t.data_ptr())
+            except Exception:  # noqa: BLE001 - a fake or meta tensor holds no storage
+                pass
+        return out
+
+    in_graph = ptrs(t for t in graph_tensors if isinstance(t, torch.Tensor))
+    layers = [ptrs(p) for p in layer_params]
+    for mod, opts in list(_by_instance.items()):
+        if mod in _checked:
+            continue
+        own = ptrs(mod.parameters())
+        if own and not own <= in_graph:
+            continue
+        _checked.add(mod)
+        if not any(own & layer for layer in layers):
+            warnings.warn(
+                f"capmoe: configure({type(mod).__name__} instance, "
+                f"{', '.join(f'{k}={v!r}' for k, v in opts.items())}) has no MoE layer under it "
+                "that the capmoe passes matched, so its options apply to nothing: configure the "
+                "MoE block (capmoe_compile.explain lists the matched layers by name) or a module "
+                "above it",
+                stacklevel=2,
+            )

@@ -143,7 +143,15 @@ def route_layer(
             valid=valid,
         )
     if telemetry.is_recording():
-        telemetry.record(h.name, ids, out_ids, h.num_experts, opts, valid, max(num_sequences, 1))
+        from . import config
+
+        # exempt: a per-module override turned capacity off where config and options= have it on
+        exempt = opts["capacity_factor"] is None and (
+            config.resolve(h.compile_options)["capacity_factor"] is not None
+        )
+        telemetry.record(
+            h.name, ids, out_ids, h.num_experts, opts, valid, max(num_sequences, 1), exempt
+        )
     if need < width:  # pairs with expert E and weight 0 are dropped: they contribute nothing
         pad = width - need
         out_ids = torch.cat([out_ids, out_ids.new_full((T, pad), h.num_experts)], 1)

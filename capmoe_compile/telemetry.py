@@ -42,6 +42,8 @@ class LayerStats:
     sequences: int = 1  # B of the [B, S] the rows came from (1 where that is unknown)
     phase: str = "prefill"  # "decode": one row per sequence (see the module docstring)
     padding_excluded: bool = False  # padding rows were tied to the mask and left out
+    capacity_factor: float | None = None  # the layer's gamma in this call (None: capacity off)
+    exempt: bool = False  # capacity off for this layer only, by configure/exempt
 
     @property
     def imbalance_before(self) -> float:
@@ -113,7 +115,14 @@ def _dense(ids: torch.Tensor, E: int) -> torch.Tensor:
 
 
 def record(
-    name: str, ids_before, ids_after, num_experts: int, opts, valid=None, num_sequences: int = 1
+    name: str,
+    ids_before,
+    ids_after,
+    num_experts: int,
+    opts,
+    valid=None,
+    num_sequences: int = 1,
+    exempt: bool = False,
 ) -> None:
     """Append one layer call's figures to every active :func:`record_stats` block.
 
@@ -152,6 +161,8 @@ def record(
         sequences=num_sequences,
         phase=phase,
         padding_excluded=valid is not None,
+        capacity_factor=opts["capacity_factor"],
+        exempt=exempt,
     )
     for s in _active:
         s.layers.append(rec)

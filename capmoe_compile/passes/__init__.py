@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .. import config
+from .. import config, module_config
 from .moe_layers import LayerReport, rewrite_moe_layers
 
 log = logging.getLogger("capmoe_compile")
@@ -31,4 +31,6 @@ def run_passes(
         if not r.matched and (r.name, r.reason) not in _warned:
             _warned.add((r.name, r.reason))
             log.warning("capmoe: left %s as written: %s", r.name, r.reason)
+    graph_tensors = [*example_inputs, *gm.parameters(), *gm.buffers()]
+    module_config.warn_unmatched(graph_tensors, [r.params for r in reports if r.matched])
     return reports

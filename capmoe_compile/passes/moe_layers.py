@@ -389,6 +389,18 @@ def _hint(size) -> int:
     return optimization_hint(size)
 
 
+def _input_name(node: fx.Node) -> str:
+    """The name a user knows a graph input by: ``attention_mask``, not Dynamo's placeholder
+    ``l_kwargs_attention_mask_`` (the last key or attribute of the input's source)."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    text = getattr(source, "name", None)
+    if isinstance(text, str):
+        m = re.search(r"\[['\"]([^'\"]+)['\"]\]$|\.(\w+)$", text)
+        if m:
+            return m.group(1) or m.group(2)
+    return re.sub(r"^[lL]_(kwargs_|args_)?", "", node.name).rstrip("_") or node.name
+
+
 def _sequence_tie(
     graph: fx.Graph, x: fx.Node, layer_path: str
 ) -> tuple[fx.Node | None, fx.Node | None, str]:
@@ -433,15 +445,17 @@ def _sequence_tie(
         return (
             None,
             None,
-            why + (f" (the graph has {masks[0].name}, but it cannot be tied)" if masks else ""),
+            why
+            + (f" (the graph has {_input_name(masks[0])}, but it cannot be tied)" if masks else ""),
         )
     B, S = (_hint(d) for d in _val(seq).shape[:2])
     fits = [m for m in masks if tuple(_hint(d) for d in _val(m).shape) == (B, S)]
     if len(fits) > 1:
-        names = ", ".join(m.name for m in fits)
+        names = ", ".join(_input_name(m) for m in fits)
         return seq, None, f"several attention masks fit the rows ({names}): all rows count"
     if fits:
-        return seq, fits[0], f"padding excluded where {fits[0].name} is [B, S] (checked per call)"
+        where = _input_name(fits[0])
+        return seq, fits[0], f"padding excluded where {where} is [B, S] (checked per call)"
     return seq, None, "no 2-D attention_mask input of shape [B, S]: all rows count"
 
 
