@@ -62,6 +62,12 @@ class ExpertForm:
     # Softcapped SwiGLU (Inkling-2): ``cap(g, c) = tanh(g / c) * c``; the inner product is
     # ``cap(g, c_gate) * sigmoid(g) * cap(up, c_up)``, in float32, cast back. (c_gate, c_up)
     softcap: tuple[float, float] | None = None
+    # How the weighted expert outputs are summed (bf16/fp16 layers; float32 is exact either
+    # way): "float32": in float32, rounded once (the default); "dtype": as the common eager
+    # loop does (``out.index_add_(0, rows, expert(x) * w)`` over experts in id order): each
+    # product rounded to the layer's dtype and added in that dtype, experts in ascending id
+    # order. The verifier picks the one that reproduces the layer's own rounding.
+    combine: str = "float32"
 
     def __post_init__(self) -> None:
         # Decided once, a bool: Dynamo tracing a call that takes a form as an input would
@@ -102,6 +108,7 @@ class ExpertForm:
             alpha=d.get("alpha", 1.0),
             up_shift=d.get("up_shift", 0.0),
             softcap=tuple(d["softcap"]) if d.get("softcap") else None,
+            combine=d.get("combine", "float32"),
         )
 
     def describe(self) -> str:
@@ -175,10 +182,12 @@ class ExpertForm:
         """One expert on rows ``x`` [n, H]."""
 
         def lin(role: str, h: torch.Tensor) -> torch.Tensor:
+            # the bias added inside the product, rounded once, as nn.Linear does
             w = p[role]
-            y = h @ (w if role in self.transposed else w.t())
             b = p.get("b_" + role)
-            return y if b is None else y + b
+            if role not in self.transposed:
+                return F.linear(h, w, b)
+            return h @ w if b is None else torch.addmm(b, h, w)
 
         return self.mlp(x, lin)
 
@@ -197,7 +206,9 @@ def moe_experts_reference(
     ``tile`` rows, so a row's result does not depend on its group's size (batch invariance,
     ``lowering/invariant.py``)."""
     E = form.num_experts(params)
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    in_dtype = form.combine == "dtype"  # see ExpertForm.combine
+    acc = x.dtype if in_dtype else torch.float32
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)
     flat_ids = ids.reshape(-1)
     flat_w = weights.reshape(-1)
     k = ids.shape[1]
@@ -207,8 +218,31 @@ def moe_experts_reference(
             continue
         rows = pos // k
         y = _apply_tiled(form, x[rows], form.expert_params(params, e), tile)
-        out.index_add_(0, rows, y.float() * flat_w[pos].float()[:, None])
+        out.index_add_(0, rows, (y.float() * flat_w[pos].float()[:, None]).to(acc))
     return out.to(x.dtype)
+
+
+def combine_rows(
+    rows: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor, form: ExpertForm, dtype
+) -> torch.Tensor:
+    """``sum_j weights[t, j] * rows[t, j]`` over the kept pairs, rounded as ``form.combine``
+    says (:class:`ExpertForm`): ``rows`` [T, k, H] in token order, ``keep`` [T, k, 1]. For
+    "dtype" the products are rounded to ``dtype`` and added in it, pair 0 first: each token's
+    pairs must come in ascending expert id order (:func:`ascending_experts`)."""
+    prod = torch.where(keep, rows.float() * weights.float()[:, :, None], 0.0)
+    if form.combine != "dtype" or dtype == torch.float32:
+        return prod.sum(1).to(dtype)
+    prod = prod.to(dtype)
+    out = prod[:, 0]
+    for j in range(1, prod.shape[1]):
+        out = (out.float() + prod[:, j].float()).to(dtype)
+    return out
+
+
+def ascending_experts(ids: torch.Tensor) -> torch.Tensor:
+    """Each token's pair positions ([T, k]) in ascending expert id order (the order an eager
+    per-expert loop adds them in; the sentinel id, the largest, last)."""
+    return torch.argsort(ids, dim=1, stable=True)
 
 
 def _apply_tiled(form: ExpertForm, rows: torch.Tensor, p, tile: int) -> torch.Tensor:
