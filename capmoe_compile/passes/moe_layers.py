@@ -721,8 +721,7 @@ def _identify_form(region: Region, values: dict[fx.Node, Any]) -> ExpertForm:
         except (RuntimeError, TypeError):
             pass  # the region does not run in float32 (a dtype it insists on): as written
         else:
-            _confirm_in_dtype(region, values, values32, sub32, form)
-            return form
+            return _confirm_in_dtype(region, values, values32, sub32, form)
     return _identify_in(region, values, _extract(region))
 
 
@@ -770,8 +769,9 @@ def _confirm_in_dtype(
     values32: dict[fx.Node, Any],
     sub32: fx.GraphModule,
     form: ExpertForm,
-) -> None:
-    """The form found in float32 must reproduce the region in the real dtype on every trial.
+) -> ExpertForm:
+    """The form found in float32, confirmed in the real dtype on every trial, with the
+    combine rounding (``ExpertForm.combine``) that reproduces the region's own more closely.
 
     Both the region and the form round their intermediates (the region, e.g., accumulates its
     experts' outputs in bf16; the form in float32): the form passes if it is within the
@@ -783,20 +783,26 @@ def _confirm_in_dtype(
     roots32 = [values32[r] for r in region.roots]
     params = [values[p] for p in region.params]
     E = region.site.num_experts
-    far = noise = 0.0
+    combines = [dataclasses.replace(form, combine=c) for c in ("dtype", "float32")]
+    far = dict.fromkeys(combines, 0.0)
+    noise = 0.0
     with torch.no_grad():
         for t in _trials(x, ids.long(), w, E):
             got = sub(t.x, t.ids.to(ids.dtype), t.weights, *roots)
             exact = sub32(_upcast(t.x), t.ids.to(ids.dtype), _upcast(t.weights), *roots32)
-            ref = moe_experts_reference(t.x, t.ids, t.weights, params, form)
-            far = max(far, _error(ref, got))
             noise = max(noise, _error(exact.to(got.dtype), got))
+            for f in combines:
+                ref = moe_experts_reference(t.x, t.ids, t.weights, params, f)
+                far[f] = max(far[f], _error(ref, got))
+    form = min(combines, key=far.__getitem__)  # ties: "dtype", as the eager loop rounds
+    far = far[form]
     if far > max(1.0, 2.0 * noise):
         raise Unmatched(
             f"the expert form {form.describe()} reproduces the experts in float32 but not in "
             f"{x.dtype}: {far:.3g} tolerances from the region, whose own {x.dtype} rounding "
             f"is {noise:.3g}"
         )
+    return form
 
 
 def _identify_in(region: Region, values: dict[fx.Node, Any], sub: fx.GraphModule) -> ExpertForm:
