@@ -13,6 +13,18 @@ pairs past the model's own capacity): for those the only promise is "left as wri
 differential check below treats a rewrite that changes the output as wrong. ``scaled_logits``
 is a router whose ``P`` no named pattern identifies: it must be left as written too.
 
+Issue 23's additions: capacity enforced in the router (``router_cap``: the gate weight of pairs
+past the layer's own capacity zeroed, positions from a cumsum over the flat one-hot, per top-k
+slot, or an argsort rank by expert or by weight; ``cap`` binding, moderate (not binding on the
+check's own inputs, binding on others) or never (``C = T``)): SPEC's token-wise rule says such a
+layer is left as written unless its cap can never bind, so ``expected_match`` is False and the
+check expects eager with capacity on. Dispatch by ``torch.split(rows, counts.tolist())``
+(``split_tolist``, ``split_index_add``). bf16 models of several layers (:class:`ModelSpec`).
+Configuration switches between calls of one compiled model (:class:`Step`,
+:func:`switch_steps`). :func:`check` compiles with ``backend="capmoe"`` itself and with a
+reference backend (Inductor, or Dynamo + AOT eager), and counts a capmoe failure where the
+reference compiles as wrong.
+
 Used by ``tests/test_generator.py`` (a seeded subset in CI) and
 ``benchmarks/layer_generator.py`` (thousands).
 """
