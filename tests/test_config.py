@@ -256,3 +256,59 @@ def test_instance_overrides_are_weak():
     del layer
     gc.collect()
     assert not module_config._by_instance
+
+
+def test_options_outranking_config_warns_once_naming_both():
+    """issue 23: options= silently outranked a config.patch; now a warning names both, once
+    per knob and pair of values, and only where a value set in config is outranked."""
+    import warnings
+
+    import torch
+
+    from capmoe_compile import pipeline
+
+    pipeline._WARNED_OUTRANKED.clear()
+    w = nn.Parameter(torch.zeros(4, 2))
+    handle = pipeline.LayerHandle("moe", 4, 2, {"capacity_factor": 1, "seed": 3}, [w], [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert handle.options()["capacity_factor"] == 1.0  # config at its default: silent
+        with config.patch(capacity_factor=1.0, policy="order"):  # same value, other knob
+            assert handle.options()["policy"] == "order"
+    with config.patch(capacity_factor=1.25):
+        with pytest.warns(UserWarning) as got:
+            assert handle.options()["capacity_factor"] == 1.0  # options= wins
+        (msg,) = [str(r.message) for r in got]
+        assert "options={'capacity_factor': 1.0}" in msg and "capacity_factor=1.25" in msg
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            config.seed = 0  # a new version: resolved again, the same pair warns no more
+            handle.options()
+    config.seed = 5  # another knob outranked: its own warning
+    with pytest.warns(UserWarning, match=r"options=\{'seed': 3\}.*seed=5"):
+        handle.options()
+
+
+def test_width_padding_without_dynamo_guard():
+    """A graph compiled for a wider selection (expanded_drop) that runs a width-k policy
+    outside Dynamo pads with dropped pairs (expert E, weight 0); one compiled for width k
+    that is asked for expanded_drop raises (under torch.compile a guard recompiles instead)."""
+    import torch
+
+    from capmoe_compile import ops, pipeline
+
+    E, k, T = 4, 2, 12
+    w = nn.Parameter(torch.zeros(E, 2))
+    layer = pipeline.register_layer(pipeline.LayerHandle("moe", E, k, {}, [w], []))
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(T, E, generator=g), -1)
+    weights, ids = probs.topk(k, -1)
+    with config.patch(capacity_factor=0.5):
+        got_ids, got_w, _ = ops.route_layer(probs, ids, weights, layer, E, 1, None, w)
+        want_ids, want_w, _ = ops.route_layer(probs, ids, weights, layer, k, 1, None, w)
+    assert got_ids.shape == (T, E)
+    assert torch.equal(got_ids[:, :k], want_ids) and torch.equal(got_w[:, :k], want_w)
+    assert (got_ids[:, k:] == E).all() and (got_w[:, k:] == 0).all()
+    with config.patch(capacity_factor=0.5, policy="expanded_drop"):
+        with pytest.raises(RuntimeError, match="outside torch.compile"):
+            ops.route_layer(probs, ids, weights, layer, k, 1, None, w)
