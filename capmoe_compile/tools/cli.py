@@ -641,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     from capmoe_compile.plan import add_cli as _plan_cli  # capmoe plan (issue 27)
 
     _plan_cli(sub)
+    for p in sub.choices.values():  # commands added elsewhere get --debug and --quiet too
+        if "--debug" not in p._option_string_actions:
+            _common(p, top=False)
     return parser
 
 
