@@ -254,23 +254,28 @@ def place(
 def _retarget(ll, held, E, gamma, passes) -> list[list[int]]:
     """Which experts get the redundant copies, revisited: a copy of an expert with more than
     one copy may become a copy of any other expert (same rank) where that lowers the exact
-    straggler cost. EPLB fixes this choice on the mean load alone."""
-    cost = _cost(ll, _placement(held, E), gamma)
+    straggler cost without dropping more pairs (under capacity, fewer copies of a hot expert
+    would "win" by dropping its pairs). EPLB fixes this choice on the mean load alone."""
+
+    def score(h):
+        rl = rank_loads(ll, _placement(h, E), gamma)
+        return int(rl.amax(1).sum()), int(rl.sum())
+
+    cost, kept = score(held)
     for _ in range(passes):
         improved = False
-        for r, h in enumerate(held):
-            for i in range(len(h)):
-                if sum(x.count(h[i]) for x in held) < 2:
+        for r in range(len(held)):
+            for i in range(len(held[r])):
+                if sum(x.count(held[r][i]) for x in held) < 2:
                     continue
                 for b in range(E):
-                    if b == h[i]:
+                    if b == held[r][i]:
                         continue
                     cand = [list(x) for x in held]
                     cand[r][i] = b
-                    c = _cost(ll, _placement(cand, E), gamma)
-                    if c < cost:
-                        held, cost, improved = cand, c, True
-                        h = held[r]
+                    c, k = score(cand)
+                    if c < cost and k >= kept:
+                        held, cost, kept, improved = cand, c, k, True
         if not improved:
             break
     return held
