@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from . import config
 from .experts import ExpertForm
 from .routing import output_width
 
@@ -118,13 +119,13 @@ class LayerHandle:
         self.params = params  # the layer's expert weights (the compiled graph holds them too)
         self.classes = classes
         self._cache: tuple[Any, dict] | None = None
-        self._width: tuple[dict, int] | None = None
+        self._width: tuple[tuple[int, int], int] | None = None
 
     def options(self, anchor: torch.Tensor | None = None) -> dict:
         """The options in force now. ``anchor`` is the layer's first expert weight as the
         running graph sees it: two instances of one model class share a compiled graph, and
         per-instance overrides must follow the instance actually running."""
-        from . import config, module_config
+        from . import module_config
 
         params = self.params if anchor is None else [anchor]
         key = (config.version(), params[0].data_ptr())
@@ -141,11 +142,13 @@ class LayerHandle:
         return output_width(self.top_k, self.num_experts, opts["policy"], opts["local_experts"])
 
     def width_now(self, anchor: torch.Tensor | None = None) -> int:
-        """:meth:`width` under the options in force now (cached with them)."""
-        opts = self.options(anchor)
-        if self._width is None or self._width[0] is not opts:
-            self._width = (opts, self.width(opts))
-        return self._width[1]
+        """:meth:`width` under the options in force now, cached per configuration version and
+        weight (the guard of :func:`guard_width` calls this on every call of the frame)."""
+        key = (config._version, (self.params[0] if anchor is None else anchor).data_ptr())
+        cached = self._width
+        if cached is None or cached[0] != key:
+            cached = self._width = (key, self.width(self.options(anchor)))
+        return cached[1]
 
 
 _WARNED_OUTRANKED: set[tuple[str, str, str]] = set()
