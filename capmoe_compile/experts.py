@@ -182,12 +182,17 @@ class ExpertForm:
         """One expert on rows ``x`` [n, H]."""
 
         def lin(role: str, h: torch.Tensor) -> torch.Tensor:
-            # the bias added inside the product, rounded once, as nn.Linear does
             w = p[role]
             b = p.get("b_" + role)
-            if role not in self.transposed:
-                return F.linear(h, w, b)
-            return h @ w if b is None else torch.addmm(b, h, w)
+            if not self.stacked:
+                # per-expert modules are nn.Linear: the bias added inside the product, rounded
+                # once, as nn.Linear does (the reference is all that runs these experts)
+                if role not in self.transposed:
+                    return F.linear(h, w, b)
+                return h @ w if b is None else torch.addmm(b, h, w)
+            # stacked: the product, then the bias, as the grouped kernels compute them
+            y = h @ (w if role in self.transposed else w.t())
+            return y if b is None else y + b
 
         return self.mlp(x, lin)
 
