@@ -234,9 +234,8 @@ def _install_frame_hooks() -> None:
         except (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame):
             raise
         except Exception as e:
-            from .backend import OptionError
-
-            if not trial or isinstance(e, OptionError):
+            # a bad option (backend.OptionError; not imported: backend imports this module)
+            if not trial or type(e).__name__ == "OptionError":
                 raise
             RETRACED[code] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             speculation_log.clear()  # the trial's graph breaks were found with the flags
