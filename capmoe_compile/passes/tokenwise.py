@@ -26,6 +26,7 @@ that cannot be cut out and re-run, leaves the layer as written.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import torch
@@ -52,6 +53,28 @@ class RouterSide:
 
     def wanted(self) -> set[fx.Node]:
         return {*self.token_inputs, *self.fixed_inputs}
+
+
+_INPLACE = {operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv}
+
+
+def _mutates(node: fx.Node) -> bool:
+    """An in-place update (``setitem``, ``x += y``, a ``foo_`` method)."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if node.target in _INPLACE:
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to fp32 rounding: relative 1e-3 plus 5e-5 of the largest element (the dense
+    weights compared here are fp32 copies; a zeroed or moved pair differs by far more)."""
+    if a.shape != b.shape:
+        return False
+    scale = b.abs().max().clamp_min(1e-6)
+    return bool(((a - b).abs() <= 1e-3 * (b.abs() + 0.05 * scale)).all())
 
 
 def _shape(node: Any):
@@ -184,8 +207,6 @@ def _cut(candidates, outs, T, kind, order) -> RouterSide | None:
 def _with_updates(nodes, down, order, end: int) -> set[fx.Node]:
     """``nodes`` plus the in-place updates of their tensors made before ``S`` and ``W`` are
     read (``gate[pos > cap] = 0`` is a ``setitem`` no later node reads by an edge)."""
-    from .moe_layers import _mutates
-
     nodes = set(nodes)
     grew = True
     while grew:
@@ -250,8 +271,6 @@ def _trials(T: int) -> list[tuple[str, torch.Tensor]]:
 
 def dependence(side: RouterSide, values: dict[fx.Node, Any], T: int) -> str | None:
     """Why the router side is not token-wise on the call's ``T`` tokens (None: it is)."""
-    from .moe_layers import _close
-
     if T < 2:
         return None  # one token: no other token to depend on
     sub = _subgraph(side)
