@@ -128,6 +128,9 @@ _hooks_installed = False
 _trial = False  # True while a frame is traced with the flags this module turned on
 # code object -> why its last trace with the flags was dropped (for explain and debugging)
 RETRACED: dict[Any, str] = {}
+# lists that collect the passes' reports of graphs dropped by check_capture_used, with the reason
+# (explain's, while it runs a call: a site seen only in a dropped trial is still reported)
+DROPPED_SINKS: list[list[tuple[list, str]]] = []
 
 
 class RetraceWithoutCapture(torch._dynamo.exc.ShortenTraceback):
@@ -193,7 +196,10 @@ def check_capture_used(gm: torch.fx.GraphModule) -> None:
     left = data_dependent_nodes(gm)
     if left:
         names = ", ".join(sorted({getattr(n.target, "__name__", str(n.target)) for n in left}))
-        raise RetraceWithoutCapture(f"data-dependent values no rewrite took: {names}")
+        why = f"data-dependent values no rewrite took: {names}"
+        for sink in DROPPED_SINKS:
+            sink.append((list(gm.meta.get("capmoe_reports", [])), why))
+        raise RetraceWithoutCapture(why)
 
 
 def _install_frame_hooks() -> None:

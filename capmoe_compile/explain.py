@@ -141,6 +141,22 @@ def _explain_backend(options: dict[str, Any]) -> Callable:
     return _EXPLAIN_BACKENDS[key]
 
 
+def _dropped_sites(dropped: list[tuple[list[LayerReport], str]], seen: set[str]) -> list:
+    """The sites of graphs the bridge traced with the capture flags and then dropped (traced
+    again without them, as Inductor traces) that no graph that ran reports: left as written,
+    with the trial's reason, so that ``explain`` still says why such a layer is not rewritten."""
+    out: list[LayerReport] = []
+    for reports, why in dropped:
+        for r in reports:
+            if r.name in seen:
+                continue
+            seen.add(r.name)
+            first = r.reason if not r.matched else "matched when traced with the capture flags"
+            reason = f"{first}; the graph was traced again without the capture flags ({why})"
+            out.append(dataclasses.replace(r, matched=False, reason=reason, params=[]))
+    return out
+
+
 def explain(model: torch.nn.Module | Callable, **options: Any) -> Callable[..., ExplainReport]:
     """``explain(model, **options)(*args, **kwargs)``: report the MoE layers of one call.
 
@@ -159,20 +175,26 @@ def explain(model: torch.nn.Module | Callable, **options: Any) -> Callable[..., 
         )
 
     def run(*args: Any, **kwargs: Any) -> ExplainReport:
+        from .bridge import DROPPED_SINKS
+
         ran: list[tuple[list[LayerReport], list]] = []
+        dropped: list[tuple[list[LayerReport], str]] = []
         breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
         target = model if compiled else torch.compile(model, backend=_explain_backend(options))
         _collecting.append(ran)
+        DROPPED_SINKS.append(dropped)
         try:
             with torch.no_grad(), telemetry.record_stats(warn_if_empty=False) as stats:
                 target(*args, **kwargs)
         finally:
             _collecting.remove(ran)
+            DROPPED_SINKS.remove(dropped)
         graphs: list[list[LayerReport]] = []
         for reports, inputs in ran:
             if not any(g is reports for g in graphs):
                 graphs.append([_with_call_params(r, inputs) for r in reports])
         reports = [r for g in graphs for r in g]
+        reports += _dropped_sites(dropped, {r.name for r in reports})
         breaks = [
             f"{reason} (x{n - breaks_before.get(reason, 0)})"
             for reason, n in torch._dynamo.utils.counters["graph_break"].items()

@@ -56,3 +56,22 @@ def test_configure_without_moe_layer_warns_once(explained):
     _, caught = explained
     hits = [m for m in caught if "has no MoE layer under it" in m]
     assert len(hits) == 1 and "MixtralAttention" in hits[0], caught
+
+
+def test_site_of_a_dropped_capture_trial_is_still_reported():
+    """A layer whose boolean-mask dispatch leaves data-dependent values no rewrite takes is traced
+    again without the capture flags (as Inductor traces it): graph breaks separate its router
+    from its experts. explain still lists the site, with the first trace's reason and the retrace."""
+    from capmoe_compile.testing import zoo
+
+    torch.manual_seed(0)
+    model = zoo.plain_moe("switch_top1").eval()
+    x = torch.randn(2, 8, 64)
+    rep = cc.explain(model, capacity_factor=1.0)(x)
+    assert rep.layers == []
+    assert len(rep.unmatched) == 1, rep
+    reason = rep.unmatched[0].reason
+    assert "traced again without the capture flags" in reason
+    assert "no single [T, H] tensor combines" in reason
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="capmoe")(x), model(x))

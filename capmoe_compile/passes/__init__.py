@@ -27,6 +27,7 @@ def run_passes(
     """
     config.resolve(options)  # bad options fail here, at compile time
     reports = rewrite_moe_layers(gm, list(example_inputs), options)
+    gm.meta["capmoe_reports"] = reports  # for a trial the bridge drops (explain still says why)
     for r in reports:
         if not r.matched and (r.name, r.reason) not in _warned:
             _warned.add((r.name, r.reason))
