@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from benchmarks.common import with_isa
 from benchmarks.quality import _progress, evaluate_cell
 
 UNIFORM_GAMMAS: tuple[float, ...] = (
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + table)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(with_isa(result), f, indent=1)
             f.write("\n")
         with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
             f.write(table + "\n")

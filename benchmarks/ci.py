@@ -199,7 +199,13 @@ def write_baselines(
     if timing is not None:
         path = directory / "timing.json"
         note = "reference only: never compared; CI fails only when capmoe/inductor > limit"
-        body = {"meta": {**meta, "note": note, "limit": TIMING_LIMIT}, "ratios": timing}
+        from benchmarks.common import isa  # the timings' ISA (issue 26)
+
+        body = {
+            "meta": {**meta, "note": note, "limit": TIMING_LIMIT},
+            "ratios": timing,
+            "isa": isa(),
+        }
         path.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
         written.append(path)
     return written

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,16 +25,8 @@ import torch
 
 
 def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """What the numbers were measured on (with :func:`isa` under ``"isa"``)."""
+    cpu = machine_cpu_name()
     info: dict[str, Any] = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -46,6 +39,7 @@ def machine() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "isa": isa(),
     }
     try:
         import transformers
@@ -58,6 +52,112 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+#: ``/proc/cpuinfo`` flags that decide which CPU kernels run (and so how a figure reads).
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+)
+
+
+def _lscpu_model() -> str | None:
+    try:
+        out = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"}
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _torch_cpu_check(name: str) -> bool | None:
+    fn = getattr(torch.cpu, name, None)
+    try:
+        return bool(fn()) if fn is not None else None
+    except Exception:
+        return None
+
+
+def isa() -> dict[str, Any]:
+    """The instruction set a CPU figure was measured with (issue 26: targets are read per
+    ISA): ``torch.backends.cpu.get_cpu_capability()`` (what ATen dispatches: "AVX2",
+    "AVX512", ...), the CPU model (``lscpu``), whether AMX and AVX-512 bf16 are present
+    (``/proc/cpuinfo`` and torch's own checks, which also need the OS to enable the tiles),
+    the ``/proc/cpuinfo`` flags of :data:`ISA_FLAGS`, torch's intra-op threads, the cores and
+    the load average now. Every benchmark JSON carries it under ``"isa"``."""
+    flags = _cpuinfo_flags()
+    amx_torch = _torch_cpu_check("_is_amx_tile_supported")
+    bf16_torch = _torch_cpu_check("_is_avx512_bf16_supported")
+    info: dict[str, Any] = {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": _lscpu_model() or machine_cpu_name(),
+        "machine": platform.machine(),
+        "amx": bool(amx_torch) if amx_torch is not None else "amx_tile" in flags,
+        "avx512_bf16": bool(bf16_torch) if bf16_torch is not None else "avx512_bf16" in flags,
+        "avx512": "avx512f" in flags,
+        "flags": sorted(f for f in ISA_FLAGS if f in flags),
+        "torch_amx_tile": amx_torch,
+        "torch_avx512_bf16": bf16_torch,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cores": os.cpu_count(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "torch": torch.__version__,
+    }
+    try:
+        info["loadavg"] = os.getloadavg()
+    except OSError:
+        info["loadavg"] = None
+    return info
+
+
+def isa_line(info: Mapping[str, Any] | None = None) -> str:
+    """One line of :func:`isa` for a benchmark's printed header."""
+    i = dict(info or isa())
+    amx = "AMX" if i["amx"] else "no AMX"
+    bf16 = "avx512_bf16" if i["avx512_bf16"] else "no avx512_bf16"
+    load = i.get("loadavg")
+    load_s = "?" if load is None else "/".join(f"{v:.1f}" for v in load)
+    return (
+        f"# ISA {i['cpu_capability']} ({i['cpu_model']}; {amx}, {bf16}), "
+        f"{i['torch_threads']} thread(s) of {i['cores']} cores, load {load_s}"
+    )
+
+
+def machine_cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
 
 
 def loadavg_end(info: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +278,18 @@ def _fmt(c: Any) -> str:
     return str(c)
 
 
+def with_isa(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """``payload`` with :func:`isa` under ``"isa"`` (kept if it already has one, e.g. taken at
+    the start of the run)."""
+    out = dict(payload)
+    if "isa" not in out:
+        out["isa"] = isa()
+    return out
+
+
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
+    """``payload`` as JSON at ``path``, with the ISA record (:func:`with_isa`) added."""
+    payload = with_isa(payload)
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)

@@ -65,6 +65,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from benchmarks.common import with_isa
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 IMPLS = ("grouped_mm", "batched_mm", "eager")
@@ -1194,7 +1196,7 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True, default=str)
+        json.dump(with_isa(payload), f, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path)
 
 

@@ -35,6 +35,11 @@ import time
 
 import torch
 
+try:
+    from benchmarks.common import with_isa
+except ImportError:  # run as a script: python benchmarks/ep_straggler.py
+    from common import with_isa
+
 GAMMAS = [None, 2.0, 1.5, 1.0]
 POLICIES = ["score", "order", "reverse", "random", "expanded_drop", "reroute"]
 
@@ -390,7 +395,7 @@ def main(argv=None) -> int:
         print(json.dumps({"dispatch": "static", "bar": result["bar"]}))
         if args.out:
             with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+                json.dump(with_isa(result), f, indent=1)
         return 0
     print(
         f"route profile (policy alone, T={result['rows'][0]['tokens']}, 1 thread): "
@@ -438,7 +443,7 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(with_isa(result), f, indent=1)
     summary = {
         "world": result["world"],
         "bar": result["bar"],

@@ -182,8 +182,13 @@ def main(argv: list[str] | None = None) -> None:
             counts: dict[str, int] = {}
             for r in results.values():
                 counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+            from benchmarks.common import with_isa  # imports torch: only when writing
+
             out.write_text(
-                json.dumps({"meta": meta, "summary": counts, "results": results}, indent=1) + "\n"
+                json.dumps(
+                    with_isa({"meta": meta, "summary": counts, "results": results}), indent=1
+                )
+                + "\n"
             )
 
 

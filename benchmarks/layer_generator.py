@@ -39,7 +39,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from .common import machine
+from .common import machine, with_isa
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -212,7 +212,7 @@ def _write(args, command, mach, t0, per_seed, rows, done: bool) -> dict:
         "command": command,
         "machine": mach,
     }
-    out = {"summary": summary, "per_seed": per_seed, "layers": rows}
+    out = with_isa({"summary": summary, "per_seed": per_seed, "layers": rows})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     return out

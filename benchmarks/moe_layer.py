@@ -78,6 +78,7 @@ from .common import (
     fmt_table,
     gemm_peak_row,
     interleaved,
+    isa_line,
     json_line,
     loadavg_end,
     machine,
@@ -782,6 +783,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"# threads {info['torch_threads']}/{info['cores']} cores, load avg {info.get('loadavg_start')}"
     )
+    print(isa_line(info["isa"]))
     t_start = time.perf_counter()
     results, compile_s, profiles = [], {}, {}
     for dname in dtypes:

@@ -36,6 +36,8 @@ import time
 
 import torch
 
+from benchmarks.common import with_isa
+
 GAMMAS = (2.0, 1.75, 1.5, 1.4, 1.3, 1.25, 1.2, 1.15, 1.1, 1.05, 1.0, 0.9)
 SWEEP = (2, 4, 8, 16, 32, 64)
 
@@ -326,7 +328,7 @@ def main(argv=None) -> None:
         "plans": {f"{row['setup']}@{row['gamma']}": row["plan"] for row in r["rows"]},
     } for r in results]  # fmt: skip
     with open(args.out, "w") as f:
-        json.dump({"results": slim}, f, indent=1)
+        json.dump(with_isa({"results": slim}), f, indent=1)
     plot(results, args.plot or os.path.splitext(args.out)[0] + ".png")
     for r in results:
         print(json.dumps({"model": r["model"], "best": r["best"], "verdict": r["verdict"]}))

@@ -32,6 +32,7 @@ import sys
 
 import torch
 
+from benchmarks.common import with_isa
 from capmoe_compile.tools import sweep as _sweep
 from capmoe_compile.tools.sweep import (  # noqa: F401 - this module's names since it began
     GAMMAS,
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(with_isa(result), f, indent=1)
             f.write("\n")
         # the table beside it, as printed
         with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:

@@ -17,6 +17,7 @@ import json
 import torch
 
 import capmoe_compile as cc
+from benchmarks.common import with_isa
 from capmoe_compile.testing import zoo
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     result = {"benchmark": "scope_tradeoff", "model": "zoo mixtral skew=1.5", "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(with_isa(result), f, indent=1)
     print(json.dumps(result))
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import with_isa
 from capmoe_compile.models import (
     EOS_ID,
     PAD_ID,
@@ -221,7 +222,7 @@ def save(model, record: dict, out: Path) -> None:
     tok = ByT5Tokenizer(extra_ids=0)
     tok.model_max_length = MODEL_KWARGS["max_position_embeddings"]
     tok.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / "training.json").write_text(json.dumps(with_isa(record), indent=1) + "\n")
 
 
 def main() -> None:
