@@ -849,3 +849,58 @@ def test_two_block_bf16_model_capacity_off_is_as_faithful_as_inductor():
         got = torch.compile(model, backend="capmoe")(x).float()
     bound = max(2 * (inductor - want).abs().max().item(), 1e-5)
     assert (got - want).abs().max().item() <= bound
+
+
+# ---- issue 23: a router cap over 3-D scores (layer_generator --seeds 1 --n 120) ------------
+
+
+def test_router_cap_over_3d_scores_left_as_written_unless_it_cannot_bind():
+    """``layer_generator --seeds 1 --n 120`` reported
+    ``softmax_topk_3d+cumsum_flat.moderate-hit_loop-gate_up-relu-t-E4k2-float32-s1000003``
+    wrong ("compiled != oracle" with capacity on). The token-wise check was right: the
+    generator had calibrated its "moderate" router cap in quarter steps of T*k/E up to C = T,
+    a cap no input of T tokens can exceed (a token's k experts are distinct), so the layer was
+    dropless, capmoe rewrote it and matched the SPEC oracle, while the generator held it to
+    eager. The generator now calibrates in sixteenths (C = 25 < T = 27 here: binds on other
+    inputs) and judges a cap of T or more dropless. Checked on that layer: the generator's
+    own check of the case is not wrong; with a cap below T that spares the call but binds on
+    other inputs, capmoe leaves the layer as written (capacity on == eager, reason: its own
+    capacity); with C = T, capacity on equals the SPEC oracle where capmoe rewrote it."""
+    from capmoe_compile.testing import generator as G
+
+    ident = "softmax_topk_3d+cumsum_flat.moderate-hit_loop-gate_up-relu-t-E4k2-float32-s1000003"
+    case = next(c for c in G.cases(120, seed=1) if c.ident == ident)
+    on = {"capacity_factor": 0.5, "policy": "score"}
+    outcome = G.check(case, steps=[G.Step(patch=tuple(on.items()))])
+    assert not outcome.wrong, outcome.wrong
+    assert not outcome.forbidden_match
+
+    layer = G.GeneratedMoE(case).eval()
+    x = layer.example(3, 9, seed=case.seed)
+    T = x.shape[0] * x.shape[1]
+    skewed = layer.example(3, 9, seed=1) * 0 + 10 * layer.direction  # every token, one expert
+    with torch.no_grad():
+        ids, _ = layer._route_dropless(x, x.reshape(-1, x.shape[-1]))
+        load = int(torch.bincount(ids.reshape(-1), minlength=case.E).max())
+    assert load < T
+    for cap, binds in ((load, True), (T, False)):
+        layer._router_cap_value = lambda T_, k, cap=cap: cap
+        torch._dynamo.reset()
+        with torch.no_grad():
+            for inp, dropped in ((x, False), (skewed, binds)):  # the cap is as named
+                xf = inp.reshape(-1, inp.shape[-1])
+                assert (
+                    bool((layer._route(inp, xf)[1] != layer._route_dropless(inp, xf)[1]).any())
+                    == dropped
+                )
+            rep = capmoe_compile.explain(layer, capacity_factor=0.5)(x)
+            got = torch.compile(layer, backend="capmoe", options=on)(x)
+            eager = layer(x)
+            want = G.oracle(layer, x, min_tokens=2, capacity_factor=0.5, policy="score")
+        assert not torch.allclose(want, eager, atol=1e-3), "capacity 0.5 must bind on x"
+        if binds:
+            assert not rep.layers, f"a router cap that can bind was rewritten: {rep}"
+            assert any("enforces its own capacity" in r.reason for r in rep.unmatched), str(rep)
+            torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(got, want if rep.layers else eager, atol=1e-5, rtol=1e-5)

@@ -239,12 +239,24 @@ def _reindex(v: Any, index: torch.Tensor, T: int) -> Any:
     return flat[index.to(v.device)].reshape(v.shape)
 
 
-def _dense(ids: torch.Tensor, w: torch.Tensor, E: int) -> torch.Tensor:
+def _rows_of(v: Any) -> set[int]:
+    """The token counts a tensor's leading dims can enumerate: [T, ...] or [B, S, ...]."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return set()
+    return {v.shape[0]} | ({v.shape[0] * v.shape[1]} if v.dim() >= 2 else set())
+
+
+def _dense(ids: torch.Tensor, w: torch.Tensor, E: int, T: int) -> torch.Tensor:
     """``(S, W)`` as a [T, E + 1] matrix (column E collects sentinel or out-of-range ids)."""
-    ids = ids.reshape(w.shape[0], -1).long()
+    ids = ids.reshape(T, -1).long()
     w = w.reshape(ids.shape).float()
     ids = torch.where((ids >= 0) & (ids < E), ids, torch.full_like(ids, E))
     return torch.zeros(ids.shape[0], E + 1, device=w.device).scatter_add_(1, ids, w)
+
+
+def _leading(v: torch.Tensor, T: int) -> tuple[int, ...]:
+    """``v.shape[0]`` where ``v`` is [B, S, ...] with B * S = T (its rows are then B * S)."""
+    return (v.shape[0],) if v.dim() >= 2 and v.shape[0] * v.shape[1] == T else ()
 
 
 def _trials(T: int) -> list[tuple[str, torch.Tensor]]:
@@ -276,10 +288,25 @@ def dependence(side: RouterSide, values: dict[fx.Node, Any], T: int) -> str | No
     sub = _subgraph(side)
     token = [values[n] for n in side.token_inputs]
     fixed = [values[n] for n in side.fixed_inputs]
+    # Every token input and every output must enumerate exactly the T tokens, one row each
+    # (a T that counted sequences would permute whole sequences only, and a [B, S, k] output
+    # read as [B, S * k] rows would fold a sequence's tokens into one row): otherwise the
+    # trials would not test what they claim, and the layer is left as written.
+    outs_now = [values[o] for o in side.outs]
+    if (
+        any(T not in _rows_of(v) for v in token)
+        or any(not isinstance(v, torch.Tensor) or v.numel() % T for v in outs_now)
+        or (side.num_experts and outs_now[0].numel() != outs_now[1].numel())
+        or any(v.dim() and v.shape[0] not in (T, *_leading(v, T)) for v in outs_now)
+    ):
+        return (
+            "its router's inputs or outputs are not one row per token of the call's "
+            f"{T} tokens, so each token's routing cannot be proven to depend on it alone"
+        )
 
     def rows(outs) -> list[torch.Tensor]:
         if side.num_experts:
-            return [_dense(outs[0], outs[1], side.num_experts)]
+            return [_dense(outs[0], outs[1], side.num_experts, T)]
         return [o.reshape(T, -1).float() for o in outs]
 
     def run(index: torch.Tensor | None) -> list[torch.Tensor]:

@@ -18,7 +18,9 @@ past the layer's own capacity zeroed, positions from a cumsum over the flat one-
 slot, or an argsort rank by expert or by weight; ``cap`` binding, moderate (not binding on the
 check's own inputs, binding on others) or never (``C = T``)): SPEC's token-wise rule says such a
 layer is left as written unless its cap can never bind, so ``expected_match`` is False and the
-check expects eager with capacity on. Dispatch by ``torch.split(rows, counts.tolist())``
+check expects eager with capacity on. A ``moderate`` cap that the check's own inputs push up to
+``C = T`` never binds either: :meth:`GeneratedMoE.may_rewrite` judges the layer as calibrated,
+and the check holds such a layer to the oracle like a ``never`` one. Dispatch by ``torch.split(rows, counts.tolist())``
 (``split_tolist``, ``split_index_add``). bf16 models of several layers (:class:`ModelSpec`).
 Configuration switches between calls of one compiled model (:class:`Step`,
 :func:`switch_steps`). :func:`check` compiles with ``backend="capmoe"`` itself and with a
@@ -242,8 +244,8 @@ class GeneratedMoE(nn.Module):
             w = self._router_capacity(ids, w)
         return ids, w
 
-    # the moderate router cap, in quarters of T*k/E: set by ``calibrate_router_cap``
-    cap_quarters = 6
+    # the moderate router cap, in sixteenths of T*k/E: set by ``calibrate_router_cap``
+    cap_sixteenths = 24
 
     def _router_cap_value(self, T, k: int):
         E, kind = self.spec.E, self.spec.cap
@@ -251,8 +253,24 @@ class GeneratedMoE(nn.Module):
             return T  # no expert can hold more than T pairs: never binds
         if kind == "binding":
             return max(1, (T * k) // (2 * E))
-        q = self.cap_quarters
-        return (T * k * q + 4 * E - 1) // (4 * E)  # ceil(q/4 * T*k/E)
+        q = self.cap_sixteenths
+        return (T * k * q + 16 * E - 1) // (16 * E)  # ceil(q/16 * T*k/E)
+
+    def router_cap_can_bind(self, T: int) -> bool:
+        """Whether the router's own cap drops a pair of *some* input of ``T`` tokens: ``C < T``.
+        A token's k experts are distinct, so no expert gets more than ``T`` pairs: a cap of
+        ``T`` or more (``never``, or a ``moderate`` one calibrated up to ``T``) never binds."""
+        return bool(self.spec.router_cap) and self._router_cap_value(T, self.spec.k) < T
+
+    def may_rewrite(self, T: int) -> bool:
+        """Whether SPEC lets capmoe rewrite this layer on calls of ``T`` tokens (the layer as
+        built and calibrated; :attr:`LayerSpec.expected_match` is the spec's intent): not an
+        unidentified router, not the layer's own capacity in the dispatch, not a router cap
+        that can bind at ``T`` (SPEC: token-wise routing is part of what a match proves)."""
+        s = self.spec
+        if s.router == "scaled_logits" or s.dispatch == "bmm_own_capacity":
+            return False
+        return not self.router_cap_can_bind(T)
 
     def _router_capacity(self, ids, w):
         """The layer's own capacity, in the router: pairs past position C in their expert's
@@ -287,8 +305,10 @@ class GeneratedMoE(nn.Module):
         return torch.where(place < cap, w, torch.zeros_like(w))
 
     def calibrate_router_cap(self, inputs) -> None:
-        """For ``cap="moderate"``: the smallest cap (in quarters of T*k/E) that drops no pair
-        of ``inputs``; a router cap that does not bind here but does for other inputs."""
+        """For ``cap="moderate"``: the smallest cap (in sixteenths of T*k/E) that drops no pair
+        of ``inputs``; a router cap that does not bind here but does for other inputs, unless
+        the inputs' own load reaches ``T`` (then no cap below ``T`` spares them, the cap is
+        ``T`` and never binds: :meth:`router_cap_can_bind` says so, and the layer is dropless)."""
         if self.spec.cap != "moderate":
             return
         q = 1
@@ -297,9 +317,9 @@ class GeneratedMoE(nn.Module):
                 ids, _ = self._route_dropless(x, x.reshape(-1, x.shape[-1]))
                 T, k = ids.shape
                 load = int(torch.bincount(ids.reshape(-1), minlength=self.spec.E).max())
-                while (T * k * q + 4 * self.spec.E - 1) // (4 * self.spec.E) < load:
+                while (T * k * q + 16 * self.spec.E - 1) // (16 * self.spec.E) < load:
                     q += 1
-        self.cap_quarters = q
+        self.cap_sixteenths = q
 
     def _route_dropless(self, x, xf):
         s = self.spec
@@ -957,7 +977,7 @@ def expected(
 
     def one(i: int, h: torch.Tensor) -> torch.Tensor:
         layer, eff = layers[i], step.effective(i, options)
-        if eff["capacity_factor"] is None or not matched[i] or not layer.spec.expected_match:
+        if _judged_by(layer, h, eff, matched[i]) != "oracle":
             return layer(h)
         return oracle(layer, h, min_tokens=2, **eff)
 
@@ -965,6 +985,38 @@ def expected(
         return one(0, x)
     hs = [x] + [got[i] + one(i, got[i]) for i in range(len(layers))]
     return torch.stack(hs)
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.reshape(-1, x.shape[-1]).shape[0]
+
+
+def _judged_by(layer: GeneratedMoE, h: torch.Tensor, eff: dict, matched: bool) -> str:
+    """What SPEC holds layer ``layer``'s compiled output on input ``h`` to, in a configuration
+    with effective options ``eff``: ``"oracle"`` (capacity on, capmoe rewrote it and may),
+    ``"eager"`` (capacity off, or capmoe left it as written), or ``"eager: left as written"``
+    (a layer SPEC forbids rewriting: capacity on must still equal eager)."""
+    if not layer.may_rewrite(_tokens(h)):
+        return "eager: left as written"
+    if eff["capacity_factor"] is None or not matched:
+        return "eager"
+    return "oracle"
+
+
+def _mismatch_label(model, inputs, step: Step, options: dict, matched: list[bool]) -> str:
+    """What a compiled output that differs from :func:`expected` was held to, per layer: the
+    SPEC oracle, eager, or eager for a layer SPEC says to leave as written (then a rewrite of
+    it, not a wrong oracle, is the likely cause)."""
+    layers = _layers_of(model)
+    kinds = []
+    for i, layer in enumerate(layers):
+        eff = step.effective(i, options)
+        got = {_judged_by(layer, x, eff, matched[i]) for x in inputs}
+        kind = " / ".join(sorted(got))
+        if "eager: left as written" in got and matched[i]:
+            kind += " (yet capmoe rewrote it)"
+        kinds.append(kind if len(layers) == 1 else f"layer {i}: {kind}")
+    return "; ".join(kinds)
 
 
 def _reference(model, inputs, eager, dynamic, inductor: bool, out: Outcome) -> None:
@@ -1044,7 +1096,7 @@ def check(
         out.matched = any(matched)
         out.reason = "; ".join(sorted({r.reason for r in reports if not r.matched}))
         out.forbidden_match = any(
-            m and not layer.spec.expected_match
+            m and not any(layer.may_rewrite(_tokens(x)) for x in inputs)
             for m, layer in zip(matched, _layers_of(model), strict=True)
         )
         off_diff = max(_max_diff(g, w) for g, w in zip(off, eager, strict=True))
@@ -1091,7 +1143,7 @@ def check(
                 if not close(g, want):
                     out.wrong = (
                         f"{step.describe()}{' with options=' + str(options) if options else ''}: "
-                        f"compiled != {'oracle' if out.matched else 'eager'} "
+                        f"compiled != {_mismatch_label(model, [x], step, options, matched)} "
                         f"(max |diff| {_max_diff(g, want):.3g})"
                     )
                     return out
