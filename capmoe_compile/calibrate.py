@@ -151,18 +151,25 @@ class Calibration:
             module_config.clear(_submodule(model, name))
         return model
 
-    def evaluate(self, model: nn.Module, batches: Iterable[Any], compiled: Any = None) -> dict:
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        compiled: Any = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict:
         """Loss and modeled speedup of this calibration on ``batches`` (e.g. held-out text)
         against capacity off: two passes. Other per-module overrides are set aside meanwhile.
+        ``progress`` receives a message per batch (``"capacity off: batch 3 of 32"``).
         """
         root = _unwrap(model)
         if compiled is None:
             compiled = torch.compile(root, backend="capmoe", dynamic=False)
         batches = list(batches)
         with _own_overrides(root), config.patch(capacity_factor=None):
-            off = _run(compiled, batches)
+            off = _run(compiled, batches, tick=_ticker(progress, "capacity off"))
             self.apply(root)
-            on = _run(compiled, batches)
+            on = _run(compiled, batches, tick=_ticker(progress, "calibrated"))
         return {
             "loss_off": off.loss,
             "loss": on.loss,
@@ -340,14 +347,28 @@ def _as_inputs(batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch
     raise ValueError("calibration batches are input-id tensors [B, S] or dicts with 'input_ids'")
 
 
+def _ticker(progress: Callable[[str], None] | None, what: str):
+    """``tick(i, n)`` for :func:`_run`: hands ``"<what>: batch i of n"`` to ``progress``."""
+    if progress is None:
+        return None
+    return lambda i, n: progress(f"{what}: batch {i} of {n}")
+
+
 @torch.no_grad()
-def _run(compiled, batches: Sequence[Any], keep_calls: bool = False) -> _Pass:
+def _run(
+    compiled,
+    batches: Sequence[Any],
+    keep_calls: bool = False,
+    tick: Callable[[int, int], None] | None = None,
+) -> _Pass:
     nll, count = 0.0, 0
     max_before: dict[str, int] = {}
     max_after: dict[str, int] = {}
     calls: dict[str, list[list[int]]] = {}
     tokens_per_call = 0
-    for batch in batches:
+    for i, batch in enumerate(batches, 1):
+        if tick is not None:
+            tick(i, len(batches))
         inputs, ids, mask = _as_inputs(batch)
         with record_stats() as st:
             # positional for plain ids: the same call signature as ``compiled(ids)`` elsewhere,

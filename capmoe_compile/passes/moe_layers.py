@@ -32,6 +32,9 @@ from . import routers, tokenwise
 from .routers import known_equal, same_shape
 
 log = logging.getLogger("capmoe_compile")
+#: INFO records of what the passes are doing now (no output unless a handler is attached:
+#: ``capmoe_compile.tools.progress`` shows them as a status line on a terminal)
+progress_log = logging.getLogger("capmoe_compile.progress")
 _INPLACE_FUNCS = {operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv}
 
 
@@ -1005,6 +1008,9 @@ def rewrite_moe_layers(
     _thread_inplace(graph)
     kind = _classify_constants(graph, example)
     reports, regions, left = _find_layers(graph, kind)
+    progress_log.info(
+        "running a graph of %d nodes once (%d MoE layer(s) found)", len(graph.nodes), len(regions)
+    )
     probes = [(p, rep, site) for site, rep in left if (p := _site_probe(graph, site, kind))]
     sides = {id(r): _router_side(graph, r, kind) for r, _ in regions}
     wanted = {n for r, _ in regions for n in (r.x, r.ids, r.weights, *r.roots)}
@@ -1015,7 +1021,8 @@ def rewrite_moe_layers(
     _own_capacity_of_left_sites(probes, values)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     touched: set[fx.Node] = set()  # nodes of rewritten layers that may now be dead
-    for region, rep in regions:
+    for i, (region, rep) in enumerate(regions, 1):
+        progress_log.info("verifying %s (%d of %d)", rep.name, i, len(regions))
         stage = "reading the values the layer computed on this call"
         try:
             # Whoever changed the parameters (expert parallelism shards them) verified the form

@@ -407,7 +407,14 @@ def _calibrate(args: argparse.Namespace, progress: Progress) -> int:
     )
     if held_batches:
         progress.phase(f"held-out evaluation ({args.held_out} windows)")
-        res = cal.evaluate(model, held_batches, compiled=compiled)
+        res = cal.evaluate(
+            model,
+            held_batches,
+            compiled=compiled,
+            progress=lambda m: progress.phase(
+                f"held-out evaluation ({args.held_out} windows), {m}"
+            ),
+        )
         progress.echo(
             f"held out ({args.held_out} windows of other files): perplexity "
             f"{res['ppl_change']:+.2%}, modeled EP speedup {res['speedup']:.3f}x"
@@ -656,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress = Progress(args.command, enabled=False if args.quiet else None)
     try:
-        with progress:
+        with progress, progress.follow():  # the compile's steps after the phase, on a terminal
             return args.func(args, progress)
     except UsageError as e:
         if args.debug:
