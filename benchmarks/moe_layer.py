@@ -229,6 +229,7 @@ def _patched(fn, opts):
         with capmoe_compile.config.patch(**opts):
             return fn(x)
 
+    run.compiled = fn  # the compiled module, for explain (_explain_text)
     return run
 
 
@@ -257,8 +258,23 @@ def loads_of(fn, x, opts: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
     with capmoe_compile.config.patch(**(opts or {})), capmoe_compile.record_stats() as st:
         fn(x)
     if len(st.layers) != 1:
-        raise RuntimeError(f"expected one MoE layer call in the stats, got {len(st.layers)}")
+        raise RuntimeError(
+            f"expected one MoE layer call in the stats, got {len(st.layers)}; "
+            f"capmoe.explain of the layer:\n{_explain_text(fn, x, opts)}"
+        )
     return st.layers[0].loads_before, st.layers[0].loads_after
+
+
+def _explain_text(fn, x, opts: dict | None) -> str:
+    """What ``capmoe_compile.explain`` says of the compiled row ``fn`` (why a layer was left
+    as written, or which graph it ran in): the diagnosis that goes with a row that recorded
+    no MoE layer call (issue 26: a bf16 layer that recorded none on an AMX machine)."""
+    target = getattr(fn, "compiled", fn)
+    try:
+        with capmoe_compile.config.patch(**(opts or {})):
+            return str(capmoe_compile.explain(target)(x))
+    except Exception as e:  # the diagnosis must not hide the error it explains
+        return f"(explain failed: {type(e).__name__}: {e})"
 
 
 def _imb(loads: torch.Tensor) -> float:

@@ -488,3 +488,52 @@ def test_dispatch_by_layer_size():
     assert any("experts_cpu" in t for t in targets), targets
     assert not any("grouped_mm" in t for t in targets), targets
     assert len(graphs) <= 2  # T = 7 / 64 / 300 share one dynamic graph (k = 4 may add one)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 end to end (issue 26): every path against SPEC's eager reference, both combine roundings
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combine", ["float32", "dtype"])
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_bf16_combine_roundings(form_name, combine, impl):
+    """bf16 layers, random inputs of several shapes, each ``ExpertForm.combine``: the CPU op,
+    the traced path and the dispatch against ``moe_experts_reference`` (bf16 GEMMs with fp32
+    accumulation; the combine in fp32, or in bf16 in ascending expert id for "dtype")."""
+    import dataclasses
+
+    form = dataclasses.replace(FORMS[form_name], combine=combine)
+    for T, E, k in ((1, 8, 2), (7, 8, 2), (64, 16, 4), (300, 64, 8)):
+        H, F = _hw(E)
+        x, ids, w, params = make_case(form, T, E, k, BF16, H, F, seed=26)
+        check(impl, x, ids, w, params, form, E, f"{combine} T={T} E={E} k={k}")
+        # Mixtral's fp32 routing weights next to bf16 experts
+        x, ids, w, params = make_case(form, T, E, k, BF16, H, F, wdtype=F32, seed=27)
+        check(impl, x, ids, w, params, form, E, f"{combine} fp32 w T={T} E={E} k={k}")
+
+
+@pytest.mark.parametrize("impl_name", ["cpu_op", "traced"])
+def test_bf16_combine_dtype_rounds_as_the_layer(impl_name):
+    """A case where the two roundings differ: identity experts, one token routed to experts
+    0, 1, 2 with weights 1, 0.0048828125, 0.0048828125 (each 0.625 of a bf16 ulp at 1).
+    Added in bf16 in ascending expert id (the layer's own loop): 1 -> 1.0078125 -> 1.015625;
+    in fp32 and rounded once: 1.009765625 -> 1.0078125. Each path follows the form."""
+    import dataclasses
+
+    fn = IMPLS[impl_name]
+    H = 16
+    E = 4
+    eye = torch.eye(H).expand(E, H, H).contiguous().to(BF16)
+    base = ExpertForm(("up", "down"), "relu")
+    x = torch.ones(2, H, dtype=BF16)
+    ids = torch.tensor([[2, 0, 1], [E, E, E]])  # token 1: every pair dropped
+    small = 2.0**-8 + 2.0**-10
+    w = torch.tensor([[small, 1.0, small], [NAN, NAN, NAN]], dtype=BF16)
+    for combine, want in (("dtype", 1.015625), ("float32", 1.0078125)):
+        form = dataclasses.replace(base, combine=combine)
+        ref = moe_experts_reference(x, ids, w.nan_to_num(0.0), [eye, eye], form)
+        got = fn(x, ids, w, [eye, eye], form)
+        assert (ref[0] == want).all(), (combine, ref[0, 0])
+        assert torch.equal(got, ref), (impl_name, combine, got[0, 0])
+        assert (got[1] == 0).all()

@@ -4,7 +4,11 @@
 ``out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])`` (sentinel id ``E`` and any id
 ``>= E`` skipped) exactly as ``experts.moe_experts_reference`` structures it: experts in
 order ``0..E-1``, each one's rows gathered, run through the expert, weighted in fp32 and added
-into an fp32 ``[T, H]`` output. What makes it the fast CPU path (measured in
+into an fp32 ``[T, H]`` output (or, for ``ExpertForm.combine == "dtype"``, rounded to the
+layer's dtype and added in it, in ascending expert id, as the layer's own loop does). In bf16
+every GEMM is ATen's bf16 GEMM (fp32 accumulation, rounded once per product), the activation
+runs in bf16 as the reference's does, and the combine accumulates in fp32 unless the form says
+"dtype". What makes it the fast CPU path (measured in
 ``benchmarks/moe_layer.py``; the numbers are in the commit messages):
 
 - Only kept rows are touched: ``sum(counts[:E])`` rows are gathered, multiplied, activated and
@@ -330,8 +334,12 @@ def experts_cpu(
         torch.are_deterministic_algorithms_enabled()
         and torch.utils.deterministic.fill_uninitialized_memory
     )
+    # ExpertForm.combine "dtype" (bf16/fp16 layers whose own loop sums in their dtype): each
+    # weighted product rounded to x's dtype and added in it, experts in ascending id order (the
+    # order the sorted rows come in); otherwise summed in fp32 and rounded once.
+    acc = x.dtype if f.combine == "dtype" else torch.float32
     with _phase("dispatch"):  # counts, sort, routing weights in expert order, zeroed output
-        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+        out = torch.zeros(T, H, dtype=acc, device=x.device)
         if T == 0 or k == 0:
             return out.to(x.dtype)
         flat = ids.reshape(-1)
@@ -372,15 +380,31 @@ def experts_cpu(
             if fold:
                 out.index_add_(0, tok, ys)
             else:
-                y = (
-                    ys
-                    if ys.dtype == torch.float32
-                    else _scratch("y32", (n_seg, H), torch.float32).copy_(ys)
-                )
-                out.index_add_(0, tok, y.mul_(w_all[start : start + n_seg, None]))
+                _combine(out, tok, ys, w_all[start : start + n_seg, None], counts[first:last])
         start += n_seg
     with _phase("combine"):
         return out.to(x.dtype)
+
+
+def _combine(out, tok, ys, wts, counts=()) -> None:
+    """``out[tok[i]] += wts[i] * ys[i]``: the product in fp32 (``wts`` [n, 1] fp32), added into
+    ``out`` in its dtype: fp32 (one rounding at the end), or the layer's own dtype for
+    ``ExpertForm.combine == "dtype"``: each product rounded, then added in that dtype, one
+    ``index_add_`` per expert (``counts``: the rows of each expert in ``ys``, in ascending id)
+    as the reference's loop adds them: within one call ``index_add_`` may sum a token's
+    repeated rows in fp32 before rounding (it does under deterministic algorithms)."""
+    n, H = ys.shape
+    y = ys if ys.dtype == torch.float32 else _scratch("y32", (n, H), torch.float32).copy_(ys)
+    y = y.mul_(wts)
+    if out.dtype == torch.float32:
+        out.index_add_(0, tok, y)
+        return
+    y = _scratch("yc", (n, H), out.dtype).copy_(y)
+    s = 0
+    for c in counts or (n,):
+        if c:
+            out.index_add_(0, tok[s : s + c], y[s : s + c])
+        s += c
 
 
 def _segment_experts(xs, ys, counts, first, p, f: ExpertForm, w_roles, nt, w_seg, t_rows):
@@ -421,10 +445,7 @@ def _tiled(x, tok_all, order, w_flat, counts, p, f: ExpertForm, t: int, out) -> 
             rows = _scratch("x", (t, H), x.dtype).zero_()
             torch.index_select(x, 0, tok, out=rows[:n])
             y = _expert(rows, p, f, e)[:n]
-            if y.dtype != torch.float32:
-                y = _scratch("y32", (n, H), torch.float32).copy_(y)
-            wts = w_flat[order[s : s + n]].to(torch.float32)[:, None]
-            out.index_add_(0, tok, y.mul_(wts))
+            _combine(out, tok, y, w_flat[order[s : s + n]].to(torch.float32)[:, None])
         start += c
 
 
