@@ -1345,7 +1345,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--readme",
         action="store_true",
-        help="write the README's coverage table from --out's results and exit",
+        help="write the coverage table of docs/coverage.md from --out's results and exit",
     )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1354,7 +1354,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.readme:
         payload = _load(Path(args.out))
-        write_readme_table(payload["results"], ROOT / "README.md")
+        write_readme_table(payload["results"], ROOT / "docs" / "coverage.md")
         Path(args.out).with_suffix(".md").write_text(
             markdown(payload["results"], payload.get("meta", {}))
         )

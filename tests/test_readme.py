@@ -1,8 +1,11 @@
-"""The README's "Using it" block runs as written (issue 23), so it cannot drift from the code.
+"""The README's example and docs/configuration.md's "Using it" block run as written (issues 23
+and 25), so they cannot drift from the code.
 
-The block is read from README.md (the first ``python`` code block under "## Using it") and run
-with ``exec`` on the shipped tiny model, with only ``model`` and ``batch`` set up around it. Its
-documented effects are then checked from load figures recorded around it: the
+Each is read from its page (the first ``python`` code block under its heading) and run with
+``exec`` as written, in a namespace of its own: both load the shipped tiny model themselves.
+The README's example (its first screen) must print one line per layer with the capacity SPEC.md
+gives, and ``explain``'s table. The "Using it" block's documented effects are checked from load
+figures recorded around it: the
 ``config.patch`` applies inside the patch (its capacity factor and Expanded Drop's added
 pairs), the exempt layer runs as written, the configured layer uses its own capacity factor and
 the others the global one. Before issue 23 the block raised (the width of ``expanded_drop`` was
@@ -20,20 +23,27 @@ import torch
 
 import capmoe_compile
 from capmoe_compile import config, module_config
-from capmoe_compile.models import load_tiny_moe, load_tokenizer
 from capmoe_compile.routing import capacity
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 
 
-def using_it_block(text: str) -> str:
-    """The first ```python block of the "## Using it" section (before the next heading)."""
-    start = text.index("\n## Using it\n")
+def python_block(path: Path, heading: str) -> str:
+    """The first ```python block of the ``## heading`` section of ``path`` (before the next
+    heading of that level)."""
+    text = path.read_text()
+    start = text.index(f"\n## {heading}\n")
     end = text.find("\n## ", start + 1)
     section = text[start : end if end != -1 else len(text)]
     match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match, 'README.md: no ```python block under "## Using it"'
+    assert match, f'{path.name}: no ```python block under "## {heading}"'
     return match.group(1)
+
+
+def using_it_block(text: str | None = None) -> str:
+    return python_block(CONFIGURATION, "Using it")
 
 
 @pytest.fixture
@@ -49,22 +59,36 @@ def clean_state():
     torch._dynamo.reset()
 
 
-def test_using_it_block_runs_as_written(clean_state, capsys):
-    code = using_it_block(README.read_text())
-    model, _ = load_tiny_moe()
-    tok = load_tokenizer()
-    tok.padding_side = "left"
-    prompts = ["def __init__(self, x):\n  self.x = x", "import os\nimport sys\n"]
-    batch = dict(tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False))
-    names = [f"model.layers.{i}.mlp" for i in range(len(model.model.layers))]
+def test_readme_example_runs_as_written(clean_state, capsys):
+    code = python_block(README, "In Python")
+    assert len(code.strip().splitlines()) <= 20  # the first screen's example stays short
+    ns: dict = {}
+    exec(compile(code, str(README) + ":In Python", "exec"), ns)
+    printed = capsys.readouterr().out
+    model, stats = ns["model"], ns["stats"]
     E, k = model.config.num_local_experts, model.config.num_experts_per_tok
-    ns = {"model": model, "batch": batch}
+    names = [f"model.layers.{i}.mlp" for i in range(len(model.model.layers))]
+    assert [r.name for r in stats.layers] == names
+    for r in stats.layers:
+        C = capacity(r.tokens, E, k, 1.0)
+        assert r.capacity == C and int(r.loads_after.max()) <= C, (r.name, r.tokens)
+        assert r.padding_excluded  # the tokenizer's attention_mask is passed: padding excluded
+        assert f"{r.name} T={r.tokens} C={C} max/mean load" in printed
+    assert f"{len(names)} MoE layer(s) matched" in printed
+
+
+def test_using_it_block_runs_as_written(clean_state, capsys):
+    code = using_it_block()
+    ns: dict = {}
 
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with capmoe_compile.record_stats() as every:  # every layer call the block makes
-            exec(compile(code, str(README) + ":Using it", "exec"), ns)
+            exec(compile(code, str(CONFIGURATION) + ":Using it", "exec"), ns)
     printed = capsys.readouterr().out
+    model = ns["model"]
+    names = [f"model.layers.{i}.mlp" for i in range(len(model.model.layers))]
+    E, k = model.config.num_local_experts, model.config.num_experts_per_tok
     ours = [str(w.message) for w in caught if "capmoe" in str(w.message)]
     assert not ours, ours  # nothing outranked, nothing else to say about this block
 
