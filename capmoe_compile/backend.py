@@ -16,6 +16,7 @@ recompile, and a compiled graph can never act on stale options.
 from __future__ import annotations
 
 import inspect
+import logging
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,9 @@ import torch
 from . import bridge, config
 from .bridge import check_capture_used
 from .context import compile_context
+
+#: what a compile is doing now (``capmoe_compile.tools.progress`` shows it on a terminal)
+progress_log = logging.getLogger("capmoe_compile.progress")
 
 _compile_count = 0
 
@@ -62,6 +66,9 @@ def capmoe_backend(
     # a frame traced with the capture flags whose data-dependent values no rewrite took is traced
     # again without them, as Inductor traces it: raise before Inductor's compile, not after
     check_capture_used(gm)
+    progress_log.info(
+        "Inductor compiling a graph (%d MoE layer(s) rewritten)", sum(r.matched for r in reports)
+    )
     patch = dict(list_mode_options(mode)) if mode else {}
     if _rounds_as_eager(gm):
         patch["emulate_precision_casts"] = True
