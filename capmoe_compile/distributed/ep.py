@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from .. import ops, pipeline, telemetry
 from ..experts import ExpertForm, moe_experts_reference
+from ..replicas import Placement, assign_copies
 from . import group as grp
 from .group import EPInfo, EPLayer
 
@@ -48,6 +49,7 @@ def expert_parallel(
     example_inputs: Any = None,
     filter_fn: Callable[[torch.nn.Module | None, str], bool] | None = None,
     dispatch: str = "auto",
+    placement: Any = None,
 ) -> torch.nn.Module:
     """Shard the routed experts of ``model``'s MoE layers across ``group``, in place.
 
@@ -71,6 +73,17 @@ def expert_parallel(
     graph (``functional.py``); such a graph bakes ``C`` and the ranks' token counts in and
     raises if they change (recompile with ``torch._dynamo.reset()``). ``"opaque"`` always uses
     the ``capmoe::ep_moe`` op (data-dependent splits; options resolved at every call).
+
+    ``placement``: SPEC.md's "Redundant expert copies". A
+    :class:`~capmoe_compile.replicas.Placement` (every sharded layer), a mapping from layer
+    name (as ``explain`` and ``record_stats`` name it) to a ``Placement`` or its dict, a
+    :class:`capmoe_compile.plan.Plan`, or the path of a plan JSON (``capmoe plan``). A layer
+    with a placement keeps on rank ``r`` the weights of every copy ``p`` with
+    ``rank_of[p] == r`` (an expert copied onto two ranks has its weights on both; ``E`` need
+    not divide by the group size), routes with capacity per copy
+    ``C = ceil(gamma * T * k / (E + R))`` and every policy on copies, and always runs the
+    opaque op. Layers a mapping does not name are sharded as without it. Every rank must
+    pass the same placements.
     """
     if dispatch not in DISPATCHES:
         raise ValueError(f"expert_parallel: dispatch={dispatch!r}, expected one of {DISPATCHES}")
@@ -81,11 +94,14 @@ def expert_parallel(
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     chosen, left = [], []
-    for r in _discover(model, example_inputs):
+    found = _discover(model, example_inputs)
+    placements = _placements(placement, [r.name for r in found if r.matched])
+    for r in found:
         module = _submodule(model, r.name)
         if filter_fn is not None and not filter_fn(module, r.name):
             continue
-        why = r.reason if not r.matched else _why_not_shardable(r, names, world)
+        pl = placements.get(r.name)
+        why = r.reason if not r.matched else _why_not_shardable(r, names, world, pl)
         (left if why else chosen).append((r, why))
     if not chosen:
         reasons = "; ".join(f"{r.name}: {why}" for r, why in left) or "no MoE layer found"
@@ -93,10 +109,39 @@ def expert_parallel(
     for r, why in left:
         log.warning("capmoe EP: %s stays replicated: %s", r.name, why)
     for r, _ in chosen:
-        n_local = r.num_experts // world
-        info = EPInfo(group, rank, world, r.num_experts, rank * n_local, n_local)
-        _shard(model, r, [names[id(p)] for p in r.params], info, dispatch)
+        pl = placements.get(r.name)
+        if pl is None:
+            n_local = r.num_experts // world
+            info = EPInfo(group, rank, world, r.num_experts, rank * n_local, n_local)
+        else:
+            info = EPInfo(group, rank, world, r.num_experts, -1, pl.rank_of.count(rank))
+        _shard(model, r, [names[id(p)] for p in r.params], info, dispatch, pl)
     return model
+
+
+def _placements(placement: Any, layer_names: list[str]) -> dict[str, Placement]:
+    """``expert_parallel``'s ``placement`` argument as {layer name: Placement}."""
+    if placement is None:
+        return {}
+    if isinstance(placement, Placement):
+        return dict.fromkeys(layer_names, placement)
+    if isinstance(placement, (str, bytes)) or hasattr(placement, "__fspath__"):
+        from ..plan import Plan
+
+        placement = Plan.load(placement)
+    layers = getattr(placement, "layers", placement)  # a plan.Plan: its per-layer dicts
+    out = {}
+    for name, v in dict(layers).items():
+        if isinstance(v, dict) and "placement" in v:
+            v = v["placement"]
+        out[name] = v if isinstance(v, Placement) else Placement.from_dict(v)
+    unknown = sorted(set(out) - set(layer_names))
+    if unknown:
+        raise ValueError(
+            f"expert_parallel: placement names layers the passes did not find: {unknown} "
+            f"(found: {layer_names})"
+        )
+    return out
 
 
 def _discover(model: torch.nn.Module, example_inputs: Any) -> list:
@@ -127,7 +172,7 @@ def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
         return None
 
 
-def _why_not_shardable(r, names: dict[int, str], world: int) -> str:
+def _why_not_shardable(r, names: dict[int, str], world: int, pl: Placement | None = None) -> str:
     if r.form is None or not r.params:
         return "the passes recorded no verified expert form"
     if any(id(p) not in names for p in r.params):
@@ -136,20 +181,32 @@ def _why_not_shardable(r, names: dict[int, str], world: int) -> str:
         return "its stacked expert parameters do not all have E rows"
     if not r.form.stacked and len(r.params) != r.num_experts * len(r.form.roles):
         return "its per-expert parameters are not one set per expert"
+    if pl is not None:
+        if pl.num_experts != r.num_experts:
+            return f"its placement is for E={pl.num_experts} experts, the layer has {r.num_experts}"
+        if pl.num_ranks > world:
+            return f"its placement uses {pl.num_ranks} ranks, the group has {world}"
+        return ""
     if r.num_experts % world:
         return f"E={r.num_experts} experts, not divisible by the group's {world} ranks"
     return ""
 
 
-def _shard(model, r, qualnames: list[str], info: EPInfo, dispatch: str) -> None:
-    """Keep this rank's experts of layer ``r`` in its EPLayer; free the model's copies."""
-    lo, hi = info.first_expert, info.first_expert + info.num_local
+def _shard(model, r, qualnames: list[str], info: EPInfo, dispatch: str, pl=None) -> None:
+    """Keep this rank's experts (or, with a placement, its copies) of layer ``r`` in its
+    EPLayer; free the model's copies."""
+    if pl is None:
+        held = list(range(info.first_expert, info.first_expert + info.num_local))
+    else:  # the logical expert of each copy on this rank, in ascending copy id
+        held = [e for e, rk in zip(pl.expert_of, pl.rank_of, strict=True) if rk == info.rank]
     if r.form.stacked:  # [E, ...] tensors: this rank's rows of each
-        local = [p.detach()[lo:hi].clone() for p in r.params]
+        idx = torch.tensor(held, dtype=torch.int64)
+        local = [p.detach().index_select(0, idx).clone() for p in r.params]
     else:  # per-expert modules (nn.ModuleList): this rank's experts' tensors
         n = len(r.form.roles)
-        local = [p.detach().clone() for p in r.params[lo * n : hi * n]]
-    key = grp.register(EPLayer(r.name, info, r.form, local, tuple(qualnames), dispatch))
+        local = [r.params[e * n + i].detach().clone() for e in held for i in range(n)]
+    layer = EPLayer(r.name, info, r.form, local, tuple(qualnames), dispatch, placement=pl)
+    key = grp.register(layer)
     owner_name = _common_module(qualnames)
     owner = model.get_submodule(owner_name) if owner_name else model
     eager = _has_experts_convention(owner, r.params, r.form)
@@ -246,21 +303,36 @@ def dispatch_compute_combine(
     w: torch.Tensor,
     layer: EPLayer,
     clock: grp.Clock,
+    copy_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t]) with experts spread over the group:
     counts exchange, all-to-all of (token, expert) rows to the experts' owners, local grouped
-    GEMMs, all-to-all back, weighted combine here. Sentinel ids (>= E) are never sent."""
+    GEMMs, all-to-all back, weighted combine here. Sentinel ids (>= E) are never sent. With
+    ``copy_ids`` (a layer with a placement) each pair goes to the rank of its copy, and
+    computes there with that copy's weights (sentinel ``E'``: never sent)."""
     info, form = layer.info, layer.form
     T, H = x.shape
     E, W = info.num_experts, info.world
     flat = ids.reshape(-1).long()
     fw = w.reshape(-1)
     tok = torch.arange(flat.numel(), device=x.device) // max(ids.shape[1], 1)
-    real = flat < E
-    flat, fw, tok = flat[real], fw[real], tok[real]
-    order = torch.argsort(flat, stable=True)  # by owner rank, then expert
-    flat, fw, tok = flat[order], fw[order], tok[order]
-    dest = info.owner(flat)
+    if copy_ids is not None:  # SPEC's copies: the pair goes to its copy's rank
+        rank_of, local_index = layer.copy_tables()
+        Ep = layer.placement.num_copies
+        cflat = copy_ids.reshape(-1).long()
+        real = cflat < Ep
+        cflat, fw, tok = cflat[real], fw[real], tok[real]
+        order = torch.argsort(rank_of[cflat], stable=True)  # by the copy's rank
+        cflat, fw, tok = cflat[order], fw[order], tok[order]
+        dest = rank_of[cflat]
+        send_e = local_index[cflat]
+    else:
+        real = flat < E
+        flat, fw, tok = flat[real], fw[real], tok[real]
+        order = torch.argsort(flat, stable=True)  # by owner rank, then expert
+        flat, fw, tok = flat[order], fw[order], tok[order]
+        dest = info.owner(flat)
+        send_e = flat - dest * info.num_local
     send_counts = torch.bincount(dest, minlength=W)
     recv_counts = torch.empty_like(send_counts)
     with clock.part("comm_s"):
@@ -268,16 +340,15 @@ def dispatch_compute_combine(
     send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
     n_recv = sum(recv_splits)
     send_x = x[tok]
-    send_e = flat - dest * info.num_local
     recv_x = x.new_empty(n_recv, H)
-    recv_e = flat.new_empty(n_recv)
+    recv_e = send_e.new_empty(n_recv)
     with clock.part("comm_s"):
         dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=info.group)
         dist.all_to_all_single(recv_e, send_e, recv_splits, send_splits, group=info.group)
     with clock.part("compute_s"):
         y = grp.apply_local_experts(recv_x, recv_e, layer.local, form) if n_recv else recv_x
     clock.t.recv_rows += n_recv
-    back = x.new_empty(flat.numel(), H)
+    back = x.new_empty(tok.numel(), H)
     with clock.part("comm_s"):
         dist.all_to_all_single(back, y.contiguous(), send_splits, recv_splits, group=info.group)
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
@@ -302,10 +373,18 @@ def ep_experts_op(
     the rank's experts are the layer's own."""
     layer = grp.get(key)
     clock = grp.Clock(layer.name)
-    header = torch.tensor([x.shape[0], grp.fingerprint([layer.name, layer.form.to_str(), "eager"])])
+    fp = grp.fingerprint([layer.name, layer.form.to_str(), "eager", _placement_key(layer)])
+    header = torch.tensor([x.shape[0], fp])
     with clock.part("comm_s"):
-        grp.check_agreement(layer.info, header, f"layer {layer.name}")
-    out = dispatch_compute_combine(x, ids, weights, layer, clock)
+        got = grp.check_agreement(layer.info, header, f"layer {layer.name}")
+    cid = None
+    if layer.placement is not None:  # pair order is the group's: gather the selections
+        counts = got[:, 0].tolist()
+        with clock.part("comm_s"):
+            g_ids = grp.all_gather_rows(layer.info, ids.long(), counts)
+        off = sum(counts[: layer.info.rank])
+        cid = assign_copies(g_ids, layer.placement)[off : off + x.shape[0]]
+    out = dispatch_compute_combine(x, ids, weights, layer, clock, cid)
     clock.done()
     return out
 
@@ -340,7 +419,13 @@ def ep_moe_op(
         valid = ops.padding_rows(attention_mask, T, num_sequences)
     ops.check_sequence_scope(opts, num_sequences, h.name)
     fp = grp.fingerprint(
-        [ep.name, ep.form.to_str(), grp.options_fingerprint(opts), valid is not None]
+        [
+            ep.name,
+            ep.form.to_str(),
+            grp.options_fingerprint(opts),
+            valid is not None,
+            _placement_key(ep),
+        ]
     )
     header = torch.tensor([T, fp, max(num_sequences, 1), int(telemetry.is_recording())])
     with clock.part("comm_s"):
@@ -348,13 +433,18 @@ def ep_moe_op(
     counts, seqs = got[:, 0].tolist(), got[:, 2].tolist()
     # The group's routing metadata is gathered when capacity is on, or when any rank records
     # telemetry (loads of the whole group); every rank decides alike from the header.
-    if opts["capacity_factor"] is None and not any(got[:, 3].tolist()):
+    cid = None
+    if ep.placement is not None:  # copies: every rank assigns the group's pairs alike
+        out_ids, out_w, cid = _route_in_group(
+            probs, ids, weights, valid, ep, h, opts, counts, seqs, clock
+        )
+    elif opts["capacity_factor"] is None and not any(got[:, 3].tolist()):
         out_ids, out_w = ids.long(), weights
     else:
         out_ids, out_w = _route_in_group(
             probs, ids, weights, valid, ep, h, opts, counts, seqs, clock
         )
-    out = dispatch_compute_combine(x, out_ids, out_w, ep, clock)
+    out = dispatch_compute_combine(x, out_ids, out_w, ep, clock, cid)
     clock.done()
     return out
 
@@ -374,10 +464,16 @@ def _route_in_group(probs, ids, weights, valid, ep, h, opts, counts, seqs, clock
     gW = g[:, E + k : E + 2 * k].to(weights.dtype)
     g_valid = None if valid is None else g[:, E + 2 * k] > 0.5
     rank_of_row = torch.repeat_interleave(torch.arange(info.world), torch.tensor(counts))
+    g_cid = None
     with clock.part("route_s"):
-        g_out_i, g_out_w = grp.route_group(
-            gP, g_ids, gW, rank_of_row, info, opts, counts, seqs, g_valid
-        )
+        if ep.placement is not None:
+            g_out_i, g_out_w, g_cid = grp.route_group_copies(
+                gP, g_ids, gW, rank_of_row, ep.placement, opts, counts, seqs, g_valid
+            )
+        else:
+            g_out_i, g_out_w = grp.route_group(
+                gP, g_ids, gW, rank_of_row, info, opts, counts, seqs, g_valid
+            )
     if opts["capacity_factor"] is None:
         g_out_i, g_out_w = g_ids, gW
     if telemetry.is_recording():
@@ -386,7 +482,13 @@ def _route_in_group(probs, ids, weights, valid, ep, h, opts, counts, seqs, clock
         if opts["capacity_scope"] == "sequence" and len(per_seq) > 1:
             nseq = 1  # unequal sequence lengths across ranks: report as one group
         telemetry.record(h.name, g_ids, g_out_i, info.num_experts, opts, g_valid, nseq)
+    if g_cid is not None:
+        return g_out_i[off : off + T], g_out_w[off : off + T], g_cid[off : off + T]
     return g_out_i[off : off + T], g_out_w[off : off + T]
+
+
+def _placement_key(layer: EPLayer):
+    return None if layer.placement is None else layer.placement.to_dict()
 
 
 @ep_moe_op.register_fake

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ..experts import ExpertForm, moe_experts_reference
 from ..lowering import grouped
+from ..replicas import Placement, route_replicas
 from ..routing import (
     capacity,
     renormalized,
@@ -57,6 +58,22 @@ class EPLayer:
     param_names: tuple[str, ...] = ()  # the model's parameters ``local`` came from
     dispatch: str = "auto"  # "auto": static functional collectives where they apply
     compiled_as: str = ""  # what the EP lowering chose last: "static" or "opaque: <why>"
+    #: SPEC's redundant copies (None: expert e on rank e // (E / W)). With a placement,
+    #: ``local`` holds this rank's copies in ascending copy id, and ``info.num_local`` counts
+    #: them (``info.first_expert`` is -1: ranks hold no contiguous range).
+    placement: Placement | None = None
+
+    def copy_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rank_of [E'], local_index [E'])``: the rank holding each copy and its row in
+        that rank's ``local`` weights."""
+        pl = self.placement
+        rank_of = torch.tensor(pl.rank_of, dtype=torch.int64)
+        seen: dict[int, int] = {}
+        idx = []
+        for r in pl.rank_of:
+            idx.append(seen.get(r, 0))
+            seen[r] = idx[-1] + 1
+        return rank_of, torch.tensor(idx, dtype=torch.int64)
 
 
 #: Every EP layer, indexed by the ``key`` the ops carry.
@@ -244,6 +261,69 @@ def route_group(
         outs_i.append(oi)
         outs_w.append(ow)
     return torch.cat(outs_i), torch.cat(outs_w)
+
+
+def route_group_copies(
+    probs: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    rank_of_row: torch.Tensor,
+    placement: Placement,
+    opts: dict,
+    row_counts: list[int],
+    seq_counts: list[int],
+    valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC's "Redundant expert copies" on the group's tokens: ``(ids, weights, copy_ids)``.
+
+    ``capmoe_compile.replicas.route_replicas`` on the concatenation of every rank's rows
+    (identical on every rank), with ``expanded_drop``'s local copies ``L(t)`` = the copies on
+    the rank holding ``t``. Copies split by the placement's shares when it has them, else
+    round robin. ``capacity_scope="sequence"`` routes the concatenation's sequences (ranks
+    with unequal sequence lengths: each rank's block on its own, rows numbered from 0 in each
+    block, which only ``random``'s key sees)."""
+    split = "share" if placement.shares is not None else "round_robin"
+    kw = dict(
+        capacity_factor=opts["capacity_factor"],
+        policy=opts["policy"],
+        split=split,
+        renormalize=opts["renormalize"],
+        reroute_rounds=opts["reroute_rounds"],
+        seed=opts["seed"],
+        min_capacity=opts["min_capacity"],
+        capacity_align=opts["capacity_align"],
+    )
+    T = probs.shape[0]
+    n_valid = T if valid is None else int(valid.sum())
+    small = opts["capacity_factor"] is not None and n_valid < opts["min_tokens"]
+    if opts["capacity_scope"] == "batch" or small or opts["capacity_factor"] is None or T == 0:
+        r = route_replicas(
+            probs, ids, weights, placement, token_rank=rank_of_row, valid=valid,
+            min_tokens=opts["min_tokens"], capacity_scope="batch", **kw,
+        )  # fmt: skip
+        return r.ids, r.weights, r.copy_ids
+    lengths = {c // s for c, s in zip(row_counts, seq_counts, strict=True) if c}
+    if len(lengths) == 1 and all(c % s == 0 for c, s in zip(row_counts, seq_counts, strict=True)):
+        # equal sequence lengths: the concatenation's sequences, row ids as on one device
+        # (``random``'s key is the row's index in the call)
+        nseq = sum(s for c, s in zip(row_counts, seq_counts, strict=True) if c)
+        r = route_replicas(
+            probs, ids, weights, placement, token_rank=rank_of_row, valid=valid, min_tokens=0,
+            capacity_scope="sequence", num_sequences=nseq, **kw,
+        )  # fmt: skip
+        return r.ids, r.weights, r.copy_ids
+    outs = []
+    for s0, n, nseq in zip(starts(row_counts), row_counts, seq_counts, strict=True):
+        if n == 0:
+            continue
+        sl = slice(s0, s0 + n)
+        r = route_replicas(
+            probs[sl], ids[sl], weights[sl], placement, token_rank=rank_of_row[sl],
+            valid=None if valid is None else valid[sl], min_tokens=0,
+            capacity_scope="sequence", num_sequences=max(nseq, 1), **kw,
+        )  # fmt: skip
+        outs.append(r)
+    return tuple(torch.cat([getattr(r, f) for r in outs]) for f in ("ids", "weights", "copy_ids"))
 
 
 def starts(counts: list[int]) -> list[int]:

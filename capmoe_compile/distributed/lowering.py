@@ -52,6 +52,8 @@ def _why_opaque(plan: pipeline.LayerPlan, ep: grp.EPLayer, opts: dict) -> str:
     """Why the layer keeps the opaque op ("" when the static form applies)."""
     if ep.dispatch == "opaque":
         return "dispatch='opaque'"
+    if ep.placement is not None:
+        return "redundant copies (a placement) run through the opaque op"
     if plan.x.meta.get("example_value") is None or plan.ids.meta.get("example_value") is None:
         return "no example shapes"
     mask_used = plan.mask is not None and opts["exclude_padding"]
