@@ -13,6 +13,7 @@ import argparse
 import difflib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -659,6 +660,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' "Loading weights" bar would write past --quiet and into piped stderr; the
+    # status line says "loading" instead (read when transformers is first imported)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     progress = Progress(args.command, enabled=False if args.quiet else None)
