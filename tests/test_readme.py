@@ -75,6 +75,12 @@ def test_readme_example_runs_as_written(clean_state, capsys):
         assert r.padding_excluded  # the tokenizer's attention_mask is passed: padding excluded
         assert f"{r.name} T={r.tokens} C={C} max/mean load" in printed
     assert f"{len(names)} MoE layer(s) matched" in printed
+    # the output the README shows for it (the first fenced block after the example)
+    text = README.read_text()
+    after = text[text.index(code) + len(code) + len("```") :]  # past the example's own fence
+    shown = re.search(r"```\n(.*?)```", after, re.DOTALL).group(1)
+    for line in shown.strip().splitlines():
+        assert line in printed, (line, printed)
 
 
 def test_using_it_block_runs_as_written(clean_state, capsys):
