@@ -157,3 +157,45 @@ def test_cli_plan(tmp_path, capsys):
     p = P.Plan.load(out)
     assert p.layers["model.layers.0.mlp"]["capacity_factor"] == 1.25
     assert "modeled speedup" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate_checked's pieces: the knapsack and the no-change rule
+# --------------------------------------------------------------------------------------------
+
+
+def test_knapsack_is_the_brute_force_optimum():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        options = {}
+        for layer in range(3):
+            n = int(torch.randint(1, 5, (1,), generator=g))
+            base = int(torch.randint(50, 100, (1,), generator=g))
+            opts = [(0.0, base, None)]  # off: no cost, the full load
+            for j in range(n):
+                load = int(torch.randint(10, base, (1,), generator=g))
+                opts.append((float(torch.rand(1, generator=g)), load, j))
+            options[f"l{layer}"] = opts
+        budget = int(torch.randint(60, 250, (1,), generator=g))
+        got = P._knapsack(options, budget, buckets=budget)  # exact at one unit a bucket
+        feasible = [
+            combo
+            for combo in itertools.product(*options.values())
+            if sum(o[1] for o in combo) <= budget
+        ]
+        if not feasible:
+            assert got is None, trial
+            continue
+        want = min(sum(o[0] for o in combo) for combo in feasible)
+        chosen = {name: ch for name, ch in got}
+        combo = [next(o for o in options[n] if o[2] == chosen[n]) for n in options]
+        assert sum(o[1] for o in combo) <= budget, trial
+        assert sum(o[0] for o in combo) == pytest.approx(want), trial
+
+
+def test_changes_nothing_follows_capacity():
+    # one call of 64 tokens, E = 8, k = 2: mean load 16; largest load 24
+    calls = [(24, 64, 8, 128)]
+    assert P._changes_nothing(calls, 1.5)  # C = 24
+    assert not P._changes_nothing(calls, 1.4)  # C = 23
+    assert not P._changes_nothing(calls + [(40, 64, 8, 128)], 2.0)  # C = 32 < 40
