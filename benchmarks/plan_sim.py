@@ -289,7 +289,11 @@ def run(
 
 
 def run_calibration(
-    model_name: str, reference: str, progress: bool = True, check: str = "kl"
+    model_name: str,
+    reference: str,
+    progress: bool = True,
+    check: str = "kl",
+    cal_windows: int | None = None,
 ) -> dict:
     """Issue 27's calibration bar: ``capmoe_compile.plan.calibrate_checked`` at every target
     of ``benchmarks/calibrate.py``'s recorded run (``reference``: its JSON), evaluated on the
@@ -310,7 +314,7 @@ def run_calibration(
     batch, seq = ref["batch"], ref["seq"]
     model = _load(model_name)
     cal_part, held_part = split_validation(stdlib_corpus())
-    cal = validation_windows(cal_part, seq, ref["calibration_windows"])
+    cal = validation_windows(cal_part, seq, cal_windows or ref["calibration_windows"])
     held = validation_windows(held_part, seq, ref["held_out_windows"])
     cal_batches = [cal[i : i + batch] for i in range(0, cal.shape[0] - batch + 1, batch)]
     compiled = torch.compile(model, backend="capmoe", dynamic=False)
@@ -439,7 +443,12 @@ def main(argv=None) -> None:
     ap.add_argument("--model", nargs="+", default=["tiny", "balanced"])
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--windows", type=int, default=128)
-    ap.add_argument("--cal-windows", type=int, default=32)
+    ap.add_argument(
+        "--cal-windows",
+        type=int,
+        default=None,
+        help="calibration windows (default: 32; --calibration: the recorded run's)",
+    )
     ap.add_argument("--max-ppl", type=float, default=0.005)
     ap.add_argument("--sweep", type=int, nargs="+", default=list(SWEEP), help="simulated ranks")
     ap.add_argument("--out", default="benchmarks/results/plan_sim.json")
@@ -464,7 +473,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.calibration:
-        res = [run_calibration(m, f"benchmarks/results/calibrate_{m}.json") for m in args.model]
+        res = [
+            run_calibration(
+                m,
+                f"benchmarks/results/calibrate_{m}.json",
+                check=args.check,
+                cal_windows=args.cal_windows,
+            )
+            for m in args.model
+        ]
         with open(args.out, "w") as f:
             json.dump({"results": res}, f, indent=1)
         for r in res:
@@ -485,7 +502,7 @@ def main(argv=None) -> None:
             m,
             ranks=args.ranks,
             windows=args.windows,
-            cal_windows=args.cal_windows,
+            cal_windows=args.cal_windows or 32,
             max_ppl=args.max_ppl,
             plan_dir=args.plan_dir,
             sweep=args.sweep,

@@ -342,6 +342,21 @@ class Plan:
     def placement(self, name: str) -> Placement:
         return Placement.from_dict(self.layers[name]["placement"])
 
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``capmoe_compile.configure`` each planned layer of ``model`` (a module path as
+        ``record_stats`` names it) with the plan's capacity factor and policy. The gamma is
+        per copy: shard with ``expert_parallel(model, placement=plan)`` so that ``C`` counts
+        the layer's ``E + R`` copies. Returns ``model``."""
+        from .module_config import configure
+
+        for name, layer in self.layers.items():
+            configure(
+                model.get_submodule(name),
+                capacity_factor=layer.get("capacity_factor"),
+                policy=layer.get("policy", "score"),
+            )
+        return model
+
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,

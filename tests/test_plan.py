@@ -199,3 +199,19 @@ def test_changes_nothing_follows_capacity():
     assert P._changes_nothing(calls, 1.5)  # C = 24
     assert not P._changes_nothing(calls, 1.4)  # C = 23
     assert not P._changes_nothing(calls + [(40, 64, 8, 128)], 2.0)  # C = 32 < 40
+
+
+def test_plan_apply_configures_each_layer():
+    from capmoe_compile import module_config
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    ll, _ = _layer()
+    p = P.plan({"0": ll, "1": ll}, ranks=2, gamma=1.25)
+    p.layers["1"]["capacity_factor"] = None
+    p.layers["1"]["policy"] = "reroute"
+    p.apply(model)
+    try:
+        assert module_config.options_for(model[0]) == {"capacity_factor": 1.25, "policy": "score"}
+        assert module_config.options_for(model[1]) == {"capacity_factor": None, "policy": "reroute"}
+    finally:
+        module_config.clear()
