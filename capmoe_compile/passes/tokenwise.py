@@ -152,10 +152,12 @@ def site_probe(graph: fx.Graph, site, kind: dict[fx.Node, str]) -> RouterSide | 
         if n.op == "call_function" and order[n] > order[site.node] and _is_topk(n)
     ]
     end = min(later, default=len(order))
+    reordered = _reordered_rows(site.node)
     outs = [
         d
         for d in sorted(_descendants(site.node), key=order.__getitem__)
         if order[d] < end
+        and d not in reordered
         and _token_rowed(d, T)
         and _shape(d)[-1] in (E, k)
         and kind.get(d) == "act"
@@ -163,6 +165,42 @@ def site_probe(graph: fx.Graph, site, kind: dict[fx.Node, str]) -> RouterSide | 
     if not outs:
         return None
     return _cut(_token_ancestors(site.scores, T, kind, order), outs, T, kind, order)
+
+
+_ROW_GATHERS = {"index_select", "take"}
+_ROW_RESTORES = {"scatter", "scatter_", "index_copy", "index_copy_", "index_add", "index_add_",
+                 "index_put", "index_put_", "setitem"}  # fmt: skip
+
+
+def _op_name(n: fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+
+
+def _reordered_rows(start: fx.Node) -> set[fx.Node]:
+    """Descendants of ``start`` whose rows are not in token order: taken by a tensor index
+    (``w[order]`` after an argsort by expert, ``index_select``) and what is computed from them,
+    up to an op that puts rows back by index (``scatter``, ``index_add``, ``x[idx] = ...``).
+    Such a tensor changes under a token permutation for a token-wise router too: it is no
+    evidence of a capacity of the layer's own (sorted dispatches read it)."""
+
+    def gathers(n: fx.Node) -> bool:
+        if n.op not in ("call_function", "call_method"):
+            return False
+        if n.target is operator.getitem and len(n.args) > 1:
+            idx = n.args[1]
+            first = idx[0] if isinstance(idx, tuple) and idx else idx
+            return isinstance(first, fx.Node)
+        return _op_name(n) in _ROW_GATHERS
+
+    out: set[fx.Node] = set()
+    todo = [n for n in _descendants(start) if gathers(n)]
+    while todo:
+        n = todo.pop()
+        if n in out:
+            continue
+        out.add(n)
+        todo += [u for u in n.users if _op_name(u) not in _ROW_RESTORES]
+    return out
 
 
 def _is_topk(n: fx.Node) -> bool:
