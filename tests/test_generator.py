@@ -161,3 +161,15 @@ def test_generated_layer_through_inductor(spec):
     outcome = G.check(spec, inductor=True)
     assert outcome.inductor == "inductor" and outcome.reference_diff is not None
     assert not outcome.wrong, outcome.wrong
+
+
+def test_sorted_dispatch_of_a_left_layer_is_not_called_its_own_capacity():
+    """layer_generator seed 1, case 183: a token-wise top-1 router whose layer is left as
+    written (softcap experts), dispatched by an argsort over experts. The probe of the left
+    site read ``w[order]`` (rows in expert order, not token order) as routing and reported
+    "enforces its own capacity in its router", hiding the real reason."""
+    case = G.cases(184, seed=1)[183]
+    assert case.ident.startswith("softmax_max_top1-sorted_index_add-softcap")
+    outcome = G.check(case, steps=[G.Step(patch=(("capacity_factor", 0.5),))])
+    assert not outcome.wrong, outcome.wrong
+    assert outcome.reason and "own capacity" not in outcome.reason, outcome.reason
