@@ -22,7 +22,11 @@ dtype's tolerance (the reference's own diff is ~0 there, so the 2x bar would mea
     python -m benchmarks.layer_generator --n 50 --inductor-every 1   # all through Inductor
 
 Prints per seed "generated / matched / refused / wrong / both_failed" and writes every outcome
-to ``--out`` (default ``benchmarks/results/layer_generator.json``). Wrong must be 0.
+to ``--out`` (default ``benchmarks/results/layer_generator.json``) and a summary beside it
+(``.md``: command, commit, counts, seconds per layer, load average). Wrong must be 0. Work goes
+in chunks of ``--chunk`` cases interleaved across seeds, and both files are rewritten after
+each chunk: a run stopped early is recorded (``"complete": false``) and covers every seed
+alike; ``--resume`` keeps what ``--out`` holds and checks the rest.
 """
 
 from __future__ import annotations
