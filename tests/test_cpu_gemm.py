@@ -167,3 +167,86 @@ def test_profiler_phases_do_not_change_results(FN):
     assert split["other"] == pytest.approx(max(0.0, split["total"] - phases))
     assert 0 < split["overhead_share"] < 1
     assert moe_layer.breakdown(lambda x: x @ x.t(), x, n=1) is None  # no experts op ran
+
+
+# ---------------------------------------------------------------------------------------------
+# the bf16 kernel (AVX-512 bf16): fp32 sums, one rounding per output (issue 26)
+# ---------------------------------------------------------------------------------------------
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def FN16():
+    fn = cpu_gemm.kernel_bf16()
+    if fn is None:
+        pytest.skip("bf16 few-row kernel unavailable (no AVX-512 bf16, or no compiler)")
+    return fn
+
+
+def test_bf16_kernel_shapes_strides_tails(FN16):
+    """Against fp64 sums of the bf16 values, rounded once to bf16: equal but for the fp32
+    accumulation order (within one bf16 ulp of the exact sum)."""
+    g = torch.Generator().manual_seed(26)
+    for M in (1, 2, 3, 4, 5, 7):
+        for N in (1, 3, 4, 5, 9, 64):
+            for K in (0, 1, 31, 32, 33, 64, 300, 1024):
+                x = torch.randn(M, K + 5, generator=g).to(BF16)[:, 2 : 2 + K]
+                w = torch.randn(N, K + 3, generator=g).to(BF16)[:, :K]
+                buf = torch.full((M, N + 6), NAN, dtype=BF16)
+                out = buf[:, 3 : 3 + N]
+                assert cpu_gemm.fits(x, w, out)
+                cpu_gemm.mm_nt(x, w, out, FN16)
+                exact = x.double() @ w.double().t()
+                # one bf16 ulp of the exact result (2^-7 relative), and fp32 noise near 0
+                tol = exact.abs() * 2.0**-7 + 1e-5 * max(1, K) ** 0.5
+                assert ((out.double() - exact).abs() <= tol).all(), (M, N, K)
+                assert buf[:, :3].isnan().all() and buf[:, 3 + N :].isnan().all()
+
+
+def test_bf16_kernel_rows_independent_of_batch(FN16):
+    g = torch.Generator().manual_seed(27)
+    x = torch.randn(11, 1000, generator=g).to(BF16)
+    w = torch.randn(37, 1000, generator=g).to(BF16)
+    full = cpu_gemm.mm_nt(x, w, torch.empty(11, 37, dtype=BF16), FN16)
+    for lo, hi in ((0, 1), (5, 7), (2, 11)):
+        part = cpu_gemm.mm_nt(x[lo:hi], w, torch.empty(hi - lo, 37, dtype=BF16), FN16)
+        assert torch.equal(part, full[lo:hi])
+
+
+def test_bf16_disabled(FN16):
+    with cpu_gemm.disabled():
+        assert cpu_gemm.kernel_bf16() is None
+    assert cpu_gemm.kernel_bf16() is FN16
+
+
+@pytest.mark.parametrize("combine", ["float32", "dtype"])
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_experts_cpu_bf16_kernel(form_name, combine, monkeypatch, FN16):
+    """The bf16 op with the kernel against SPEC's eager reference (bf16 tolerance), groups of
+    1..300 rows (the kernel for <= MAX_ROWS_BF16, transposed or torch.mm above); the kernel's
+    calls counted, so the test fails if the op stops using it."""
+    import dataclasses
+
+    form = dataclasses.replace(FORMS[form_name], combine=combine)
+    sizes = (1, 2, 3, 4, 0, 5, 6, 7, 33, 300)
+    H, F, E = 512, cpu_gemm.MIN_IN + 32, len(sizes)
+    gen = _gen("cpu_gemm_bf16", form_name, combine)
+    flat = torch.cat([torch.full((n,), e) for e, n in enumerate(sizes)] + [torch.full((9,), E)])
+    ids = flat[torch.randperm(flat.numel(), generator=gen)].reshape(-1, 1)
+    params = make_params(form, E, H, F, BF16, gen)
+    x = torch.randn(ids.shape[0], H, generator=gen).to(BF16).masked_fill(ids == E, NAN)
+    w = (torch.rand(ids.shape, generator=gen) + 0.05).to(BF16).masked_fill(ids == E, NAN)
+    calls = []
+    monkeypatch.setitem(cpu_gemm._state, "bf16", lambda *a: calls.append(a[6]) or FN16(*a))
+    got = cpu_experts.experts_cpu(x, ids, w, params, form.to_str())
+    ref = moe_experts_reference(x, ids, w.nan_to_num(0.0), params, form)
+    assert got.dtype == BF16 and not got.isnan().any()
+    assert (got[(ids == E).all(-1)] == 0).all()
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    if not form.transposed:
+        n_proj = sum(1 for r in form.roles if not r.startswith("b_"))
+        expect = [n for n in sizes if 0 < n <= cpu_gemm.MAX_ROWS_BF16] * n_proj
+        assert sorted(calls) == sorted(expect)
+    else:
+        assert calls == []

@@ -33,8 +33,12 @@ runs in bf16 as the reference's does, and the combine accumulates in fp32 unless
   stored (``[out, in]``) instead of having MKL pack it on every call, with the routing
   weights folded into the down projection's input (no down bias): decode op (T=16, H=1024,
   F=2048, E=8) 41.9 -> 19.4 ms, thread time, interleaved (``lowering/cpu_gemm.py`` has the
-  per-product figures). Layers it does not take (bf16, ``[in, out]`` storage, H <
-  ``cpu_gemm.MIN_IN``, more threads) keep the rules below.
+  per-product figures). In bf16, on CPUs with AVX-512 bf16 (no AMX needed), groups of at
+  most ``cpu_gemm.MAX_ROWS_BF16`` (4) rows go through its bf16 kernel (``vdpbf16ps``, fp32
+  sums, one rounding to bf16 per output, as ATen's bf16 GEMM): 1.2-7x faster than oneDNN's
+  per call at 1-4 rows (Zen 4, one thread; no weights folded: that would round the folded
+  product to bf16). Layers it does not take (``[in, out]`` storage, H < ``cpu_gemm.MIN_IN``,
+  more threads, bf16 without AVX-512 bf16) keep the rules below.
 - Small groups are computed transposed, ``W^T @ rows^T`` (:func:`_transposed_rows`): MKL's
   fp32 GEMM with few rows against a large transposed weight packs the weight on every call.
   With one intra-op thread that pays for 2..6-row groups (1.3-1.5x per expert); with two or
@@ -241,6 +245,11 @@ def _transposed_rows(big: bool) -> range:
     return TRANSPOSED_ROWS if big else range(0)
 
 
+def _above(rows: range, n: int) -> range:
+    """The sizes of ``rows`` above ``n``."""
+    return range(max(rows.start, n + 1), rows.stop) if len(rows) else rows
+
+
 class _FewRows:
     """The few-row kernel (``cpu_gemm.kernel()``) and, for each weight role it computes,
     where expert ``e``'s ``[out, in]`` weight lies and up to how many rows: ``(address of
@@ -254,28 +263,35 @@ class _FewRows:
 
 
 def _few_row_kernel(f: ExpertForm, p: dict[str, torch.Tensor], x: torch.Tensor):
-    """A :class:`_FewRows` for this call, or ``None``: fp32, one intra-op thread (the kernel
-    runs on the calling thread alone; with more, ``torch.mm`` spreads one product over
-    them), no weight stored ``[in, out]``, hidden size at least ``cpu_gemm.MIN_IN``. Roles
-    whose ``in`` is below ``cpu_gemm.MIN_IN`` (a small F's down projection) keep
-    ``torch.mm``. Where it is used, no group is computed transposed: the kernel reads the
-    weight as stored, which is what the transposed form was for."""
-    if x.dtype != torch.float32 or torch.get_num_threads() != 1 or f.transposed:
+    """A :class:`_FewRows` for this call, or ``None``: fp32 (``cpu_gemm.kernel``) or bf16 on a
+    CPU with AVX-512 bf16 (``cpu_gemm.kernel_bf16``), one intra-op thread (the kernel runs
+    on the calling thread alone; with more, ``torch.mm`` spreads one product over them), no
+    weight stored ``[in, out]``, hidden size at least ``cpu_gemm.MIN_IN``. Roles whose ``in``
+    is below ``cpu_gemm.MIN_IN`` (a small F's down projection) keep ``torch.mm``. Where the
+    fp32 kernel is used, no group is computed transposed: the kernel reads the weight as
+    stored, which is what the transposed form was for; the bf16 kernel takes at most
+    ``cpu_gemm.MAX_ROWS_BF16`` rows (:func:`_transposed_rows` keeps the rest)."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or f.transposed:
         return None
-    if x.shape[-1] < cpu_gemm.MIN_IN:
+    if torch.get_num_threads() != 1 or x.shape[-1] < cpu_gemm.MIN_IN:
         return None
-    fn = cpu_gemm.kernel()
+    fn = cpu_gemm.kernel() if x.dtype == torch.float32 else cpu_gemm.kernel_bf16()
     if fn is None:
         return None
     roles = {}
     for r in f.roles:
         w = p[r]
-        if r.startswith("b_") or w.dtype != torch.float32 or w.dim() != 3:
+        if r.startswith("b_") or w.dtype != x.dtype or w.dim() != 3:
             continue
         if w.stride(2) == 1 and w.shape[2] >= cpu_gemm.MIN_IN and w.device.type == "cpu":
             n_out, n_in = w.shape[1], w.shape[2]
-            rows = cpu_gemm.max_rows(n_out, n_in)
-            roles[r] = (w.data_ptr(), w.stride(0) * 4, w.stride(1), n_out, n_in, rows)
+            rows = (
+                cpu_gemm.max_rows(n_out, n_in)
+                if x.dtype == torch.float32
+                else cpu_gemm.MAX_ROWS_BF16
+            )
+            step = w.stride(0) * w.element_size()
+            roles[r] = (w.data_ptr(), step, w.stride(1), n_out, n_in, rows)
     return _FewRows(fn, roles) if roles else None
 
 
@@ -357,12 +373,13 @@ def experts_cpu(
         _tiled(x, tok_all, order, weights.reshape(-1), counts, p, f, t, out)
         return out.to(x.dtype)
     nt = _few_row_kernel(f, p, x)
-    t_rows = (
-        range(0) if nt is not None else _transposed_rows(p["down"][0].numel() >= TRANSPOSED_MIN_HF)
-    )
-    # with the kernel (fp32, no transposed groups): routing weights folded into the down
-    # projection's input, per expert (see _expert), when there is no down bias
-    fold = nt is not None and "b_down" not in p
+    t_rows = _transposed_rows(p["down"][0].numel() >= TRANSPOSED_MIN_HF)
+    if nt is not None:  # the kernel's groups are not computed transposed
+        t_rows = range(0) if x.dtype == torch.float32 else _above(t_rows, cpu_gemm.MAX_ROWS_BF16)
+    # with the fp32 kernel (no transposed groups): routing weights folded into the down
+    # projection's input, per expert (see _expert), when there is no down bias (not in bf16:
+    # the folded product would be rounded to bf16 before the down GEMM)
+    fold = nt is not None and x.dtype == torch.float32 and "b_down" not in p
     w_roles = {r: p[r].unbind(0) for r in f.roles if not r.startswith("b_")}
     # Segments of consecutive experts: one gather of their rows, the experts' outputs written
     # side by side into one slab, one weighting and one combine per segment (not per expert:
