@@ -429,6 +429,116 @@ class RouterCapacity(_Style):
         return torch.einsum("tk,tkh->th", gate, y).reshape(B, S, H)
 
 
+class TemperatureTopK(_Style):
+    """Temperature-scaled logits (``gate(x) / tau``), top-k, softmax *after* the top-k over
+    the selected; stacked SwiGLU weights gathered per pair. P = softmax(gate(x) / tau) over all
+    experts (SPEC.md, generic router)."""
+
+    p_rule = "softmax(logits / tau) over experts"
+    tau = 0.7
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
+        super().__init__()
+        self.E, self.k = E, k
+        self.gate = nn.Linear(h, E, bias=False)
+        self.w1 = _stacked(E, f, h, h**-0.5)
+        self.w3 = _stacked(E, f, h, h**-0.5)
+        self.w2 = _stacked(E, h, f, f**-0.5)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        logits = self.gate(x) / self.tau
+        top, ids = logits.topk(self.k, dim=-1)
+        w = top.softmax(dim=-1)
+        ids, w = self._route(logits.softmax(-1), ids, w)
+        a = torch.einsum("th,tkfh->tkf", x, self.w1[ids])
+        b = torch.einsum("th,tkfh->tkf", x, self.w3[ids])
+        y = torch.einsum("tkf,tkhf->tkh", F.silu(a) * b, self.w2[ids])
+        return (w[..., None] * y).sum(1).reshape(B, S, H)
+
+
+def _mlp_with_bias(h, f):
+    return nn.Sequential(nn.Linear(h, f), nn.GELU(), nn.Linear(f, h))
+
+
+class ArgmaxMaskAssign(_Style):
+    """Top-1 by ``argmax`` of the softmax, weight = the max probability; each expert's rows
+    written through a boolean mask (``out[mask] = expert(x[mask]) * w[mask]``) into a zero
+    buffer; ``nn.ModuleList`` of Linear-GELU-Linear with biases."""
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS):
+        super().__init__()
+        self.E = E
+        self.gate = nn.Linear(h, E, bias=False)
+        self.experts = nn.ModuleList(_mlp_with_bias(h, f) for _ in range(E))
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        p = F.softmax(self.gate(x), dim=-1)
+        ids = p.argmax(dim=-1, keepdim=True)
+        w = p.gather(1, ids)
+        ids, w = self._route(p, ids, w)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            mask = ids[:, 0] == e
+            out[mask] = expert(x[mask]) * w[mask]
+        return out.reshape(B, S, H)
+
+
+class WhereIndexAccumulate(_Style):
+    """litgpt-style: softmax over the top-k logits, a one-hot mask per expert, ``torch.where``
+    for the (token, slot) pairs, and ``y[tokens] += w * expert(x[tokens])`` (an indexed
+    in-place add into a zero buffer). P = softmax(logits) over all experts."""
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
+        super().__init__()
+        self.E, self.k = E, k
+        self.gate = nn.Linear(h, E, bias=False)
+        self.experts = nn.ModuleList(_Expert(h, f) for _ in range(E))
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        logits = self.gate(x)
+        top, ids = torch.topk(logits, self.k)
+        w = top.softmax(dim=-1)
+        ids, w = self._route(logits.softmax(-1), ids, w)
+        masks = F.one_hot(ids, num_classes=self.E).permute(2, 0, 1)  # [E, T, k]
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            t, j = torch.where(masks[e])
+            y[t] += w[t, j, None] * expert(x[t])
+        return y.reshape(B, S, H)
+
+
+class ViewReadBeforeUpdate(_Style):
+    """A view of the output buffer taken *before* the experts update it in place
+    (``out.index_add_``), and that view returned: eager returns the updated values through
+    the view. A rewrite that replaced only the buffer's later uses would return zeros; the
+    passes must see the alias (matched correctly or left as written)."""
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
+        super().__init__()
+        self.E, self.k = E, k
+        self.gate = nn.Linear(h, E, bias=False)
+        self.experts = nn.ModuleList(_Expert(h, f) for _ in range(E))
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        p = self.gate(x).softmax(-1)
+        w, ids = p.topk(self.k, dim=-1)
+        ids, w = self._route(p, ids, w)
+        out = x.new_zeros(x.shape)
+        seen = out.view(B, S, H)
+        for e, expert in enumerate(self.experts):
+            t, j = torch.nonzero(ids == e, as_tuple=True)
+            out.index_add_(0, t, w[t, j, None] * expert(x[t]))
+        return seen
+
+
 _STYLES: dict[str, type[_Style]] = {
     "sort_slice": SortSlice,
     "argsort_gather": ArgsortGather,
@@ -441,6 +551,10 @@ _STYLES: dict[str, type[_Style]] = {
     "llama4_sigmoid_top1": Llama4Sigmoid,
     "squared_relu": SquaredReLU,
     "gptoss_clamped_swiglu": GptOssClamped,
+    "temperature_topk": TemperatureTopK,
+    "argmax_mask_assign": ArgmaxMaskAssign,
+    "where_index_accumulate": WhereIndexAccumulate,
+    "view_read_before_update": ViewReadBeforeUpdate,
 }
 STYLES: tuple[str, ...] = tuple(_STYLES)
 

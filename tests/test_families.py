@@ -281,6 +281,9 @@ MATCHED_STYLES = (
     "bse_grouped_mm",
     "squared_relu",
     "gptoss_clamped_swiglu",
+    "temperature_topk",
+    "argmax_mask_assign",
+    "where_index_accumulate",
 )
 
 
@@ -292,3 +295,14 @@ def test_style_is_matched(results, name):
     rec = _style(results, name)
     _check_off(rec)
     assert rec["passes_matched"], rec.get("passes_left")
+
+
+def test_a_view_read_after_the_experts_update_is_not_rewritten(results):
+    """A view of the output buffer taken before the experts' in-place updates and returned
+    after them: the rewrite replaces only the buffer's own later uses, so matching this layer
+    would return the zeros the buffer held before the experts ran (a miscompile seen while
+    adding ``y[idx] += v`` support). It must be left as written, and say why."""
+    rec = _style(results, "view_read_before_update")
+    _check_off(rec)
+    assert not rec["passes_matched"], rec
+    assert any("after the experts update it in place" in r for r in map(str, rec["passes_left"]))

@@ -235,6 +235,7 @@ def _region_through(
     expert_set -= router_side
     support, sizes, x_nodes = _close_experts(expert_set, ids, weights, router_side, kind)
     x = _token_input(x_nodes, expert_set, out, site.rows)
+    _check_no_alias_reads(expert_set | region, order)
     for n in expert_set:
         if n.op == "call_method" and str(n.target).endswith("_") or n.target in _INPLACE_FUNCS:
             target = n.args[0] if n.args else None
@@ -333,6 +334,44 @@ def _token_input(x_nodes: set[fx.Node], expert_set: set[fx.Node], out: fx.Node, 
     if not same_shape(_shape(x), _shape(out)) or not known_equal(_shape(x)[0], T):
         raise Unmatched(f"token input {_shape(x)} and output {_shape(out)} disagree")
     return x
+
+
+def _check_no_alias_reads(inside: set[fx.Node], order: dict[fx.Node, int]) -> None:
+    """Raise if a node outside the layer reads a tensor the experts update in place, after the
+    update, by an edge :func:`_thread_inplace` did not move: that reader would see the experts'
+    result through the tensor itself, which the rewrite does not replace (only ``out``'s uses
+    are), so it would read the tensor as it was before the experts ran. Views share the
+    tensor's storage, so the readers of every view of it count, whenever the view was taken
+    (``seen = out.view(...)`` before the loop, returned after it)."""
+    for n in inside:
+        if not (_mutates(n) and n.args and isinstance(n.args[0], fx.Node)):
+            continue
+        for alias in _aliases_of(n.args[0]):
+            late = [
+                u
+                for u in alias.users
+                if u not in inside and order[u] > order[n] and not _is_alias(u)
+            ]
+            if late:
+                raise Unmatched(
+                    f"{late[0].name} reads {alias.name} after the experts update it in place "
+                    f"({n.name}), not through the layer's output: the rewrite cannot replace it"
+                )
+
+
+def _aliases_of(node: fx.Node) -> set[fx.Node]:
+    """``node``, the tensors it is a view of, and every view of those (transitively): the
+    nodes that share its storage by way of view ops."""
+    base = node
+    while _is_alias(base) and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    seen, todo = {base}, [base]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen and _is_alias(u) and u.args and u.args[0] in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
 
 
 _FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full}
@@ -932,6 +971,7 @@ def _thread_inplace(graph: fx.Graph) -> None:
     same tensor object: nothing computes differently), so the chain of updates is the path
     from the router to the output. Only tensors created by the graph (not inputs, which other
     code may alias) and never viewed before an update are threaded."""
+    _setitem_as_index_put(graph)
     order = {n: i for i, n in enumerate(graph.nodes)}
     root_of: dict[fx.Node, fx.Node] = {}  # an update -> the tensor it updates
     for n in list(graph.nodes):
@@ -956,6 +996,34 @@ def _thread_inplace(graph: fx.Graph) -> None:
         root_of[n] = root
 
 
+def _setitem_as_index_put(graph: fx.Graph) -> None:
+    """``y[idx] = v`` with tensor indices only (``y[rows] += ...``, ``out[mask] = ...``: a loop
+    over experts writing each expert's rows) as ``y.index_put_((idx,), v)``: the same update
+    (``Tensor.__setitem__`` with tensor indices is ``index_put_``), but a method that returns
+    ``y``, so :func:`_thread_inplace` can make later readers of ``y`` read it. Indices with
+    slices, ints or ``None`` (writes into a view) are left as they are."""
+    for n in list(graph.nodes):
+        if not (n.op == "call_function" and n.target is operator.setitem and len(n.args) == 3):
+            continue
+        base, idx, val = n.args
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if (
+            n.kwargs
+            or n.users
+            or not isinstance(base, fx.Node)
+            or not isinstance(_val(base), torch.Tensor)
+            or not idx
+            or not all(isinstance(i, fx.Node) and isinstance(_val(i), torch.Tensor) for i in idx)
+            or not (isinstance(val, fx.Node) and isinstance(_val(val), torch.Tensor))
+        ):
+            continue
+        with graph.inserting_before(n):
+            put = graph.call_method("index_put_", (base, idx, val))
+        put.meta = dict(n.meta)
+        put.meta["example_value"] = _val(base)
+        graph.erase_node(n)
+
+
 _ALIASING = {"view", "reshape", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze"}
 _ALIASING |= {"view_as", "narrow", "select", "as_strided", "flatten", "unflatten", "chunk"}
 _ALIASING |= {"split", "unbind", "diagonal", "movedim", "detach", "contiguous", "__getitem__"}
@@ -966,9 +1034,20 @@ def _is_alias(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _ALIASING
     if node.op == "call_function":
+        if node.target is operator.getitem and _advanced_index(node):
+            return False  # indexing with a tensor copies (``y[rows]`` before ``y[rows] += v``)
         name = getattr(node.target, "__name__", "")
         return name in _ALIASING or node.target is operator.getitem
     return False
+
+
+def _advanced_index(node: fx.Node) -> bool:
+    """``t[idx]`` where an index is a tensor: PyTorch's advanced indexing, which returns a copy
+    whatever the other indices are."""
+    if len(node.args) != 2 or not isinstance(_val(node.args[0]), torch.Tensor):
+        return False
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return any(isinstance(i, fx.Node) and isinstance(_val(i), torch.Tensor) for i in idx)
 
 
 def _unshared(graph: fx.Graph, example_inputs: list) -> list:

@@ -381,12 +381,41 @@ def _upstream(site: TopKSite, targets: set, depth: int = 12) -> fx.Node | None:
 
 
 def logits_topk_softmax(site: TopKSite) -> RouterMatch | None:
-    """top-k over raw logits, softmax over the selected (GPT-OSS, Granite style)."""
+    """top-k over raw logits, softmax over the selected (GPT-OSS, Granite style); also over
+    logits scaled by a positive constant (a temperature: ``gate(x) / tau``), where P is the
+    softmax of the scaled logits over all experts (SPEC.md, generic router)."""
     src = _skip_value_preserving(site.scores)
-    if _is(src, _LINEAR) and site.values is not None:
-        if any(_is(u, _SOFTMAX) for u in site.values.users):
-            return RouterMatch("logits_topk_softmax", site, src, score_of_logits="softmax")
+    if site.values is None or not any(_is(u, _SOFTMAX) for u in site.values.users):
+        return None
+    if _is(src, _LINEAR):
+        return RouterMatch("logits_topk_softmax", site, src, score_of_logits="softmax")
+    if _temperature_scaled(src):
+        return RouterMatch("scaled_logits_topk_softmax", site, src, score_of_logits="softmax")
     return None
+
+
+_SCALE = {operator.truediv, operator.mul, torch.div, torch.mul, "div", "mul", "__truediv__"}
+_SCALE |= {"__mul__", "__rmul__"}
+
+
+def _temperature_scaled(node: fx.Node) -> bool:
+    """``linear(...) / c`` or ``linear(...) * c`` (either order for ``*``) with ``c`` a positive
+    Python number: logits under a temperature."""
+    if not _is(node, _SCALE) or node.kwargs or len(node.args) != 2:
+        return False
+    a, b = node.args
+    div = getattr(node.target, "__name__", node.target) in ("truediv", "div", "__truediv__")
+    pairs = [(a, b)] if div else [(a, b), (b, a)]
+    for t, c in pairs:
+        if (
+            isinstance(t, fx.Node)
+            and isinstance(c, (int, float))
+            and not isinstance(c, bool)
+            and c > 0
+            and _is(_skip_value_preserving(t), _LINEAR)
+        ):
+            return True
+    return False
 
 
 _ADD = {operator.add, torch.add, "add", "__add__"}
