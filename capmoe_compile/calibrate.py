@@ -60,7 +60,6 @@ graph is compiled, so it cannot be mixed per layer with the other policies in on
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -73,19 +72,16 @@ import torch
 from torch import nn
 
 from . import config, module_config
+from .calibrate_measure import _as_inputs, _own_overrides, _Pass, _run, _submodule, _unwrap
+from .calibrate_measure import model_speedup as model_speedup
+from .calibrate_search import AUTO_SPEEDUPS as AUTO_SPEEDUPS
+from .calibrate_search import _check_and_repair, _Checked, _Combination, _measure
 from .routing import POLICIES
-from .telemetry import record_stats
 
 __all__ = ["DEFAULT_GAMMAS", "SEARCH_POLICIES", "Calibration", "calibrate", "model_speedup"]
 
 #: Fixed gammas, for ``gammas=DEFAULT_GAMMAS`` (largest first).
 DEFAULT_GAMMAS: tuple[float, ...] = (3.0, 2.5, 2.0, 1.75, 1.5, 1.375, 1.25, 1.125, 1.0, 0.875, 0.75)
-#: ``gammas="auto"`` (the default): per layer, the gammas that would cut the layer's mean
-#: per-call max/mean load ``r`` by these factors, ``gamma = r / s`` (3 decimals, >= 0.5): every
-#: candidate changes something, whatever the layer's skew.
-AUTO_SPEEDUPS: tuple[float, ...] = (
-    1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0
-)  # fmt: skip
 #: Policies that keep a layer's output width (all but ``expanded_drop``), so any mix of them
 #: runs in one compiled graph.
 SEARCH_POLICIES: tuple[str, ...] = tuple(p for p in POLICIES if p != "expanded_drop")
@@ -93,14 +89,6 @@ SEARCH_POLICIES: tuple[str, ...] = tuple(p for p in POLICIES if p != "expanded_d
 FORMAT = "capmoe-calibration"
 FORMAT_VERSION = 1
 _LAYER_KEYS = ("capacity_factor", "policy")
-_BUCKETS = 2000
-
-
-def model_speedup(max_before: Mapping[str, float], max_after: Mapping[str, float]) -> float:
-    """The model-level modeled EP speedup: ``sum(max_before) / sum(max_after)`` over layers
-    (each value already summed over the layer's calls). See the module docstring."""
-    after = sum(max_after.values())
-    return sum(max_before.values()) / after if after else 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,68 +273,6 @@ def _check_layers(layers: object) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module:
-    root = _unwrap(model)
-    try:
-        module = root.get_submodule(name)
-    except AttributeError:
-        module = None
-    if module is None or next(module.parameters(), None) is None:
-        layers = sorted(
-            n for n, m in root.named_modules() if n.endswith(("mlp", "moe", "block_sparse_moe"))
-        )
-        hint = f" (candidates: {', '.join(layers[:8])})" if layers else ""
-        raise ValueError(f"calibration names layer {name!r}, not a module of the model{hint}")
-    return module
-
-
-@contextlib.contextmanager
-def _own_overrides(model: nn.Module):
-    """Clear the per-instance overrides of ``model``'s submodules for the block, restore them
-    after (the search configures layers one at a time)."""
-    saved = {}
-    for _, mod in _unwrap(model).named_modules():
-        opts = module_config._by_instance.get(mod)
-        if opts:
-            saved[mod] = dict(opts)
-            module_config.clear(mod)
-    try:
-        yield
-    finally:
-        for _, mod in _unwrap(model).named_modules():
-            module_config.clear(mod)
-        for mod, opts in saved.items():
-            module_config.configure(mod, **opts)
-
-
-# --------------------------------------------------------------------------------------------
-# measuring
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Pass:
-    loss: float  # nats per scored token
-    tokens: int
-    max_after: dict[str, int]  # per layer, summed over calls
-    max_before: dict[str, int]
-    calls: dict[str, list[list[int]]]  # per layer, per call: loads before (baseline only)
-    tokens_per_call: int
-
-
-def _as_inputs(batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return {"input_ids": batch}, batch, None
-    if isinstance(batch, Mapping) and "input_ids" in batch:
-        mask = batch.get("attention_mask")
-        return dict(batch), batch["input_ids"], mask
-    raise ValueError("calibration batches are input-id tensors [B, S] or dicts with 'input_ids'")
-
-
 def _ticker(progress: Callable[[str], None] | None, what: str):
     """``tick(i, n)`` for :func:`_run`: hands ``"<what>: batch i of n"`` to ``progress``."""
     if progress is None:
@@ -354,169 +280,9 @@ def _ticker(progress: Callable[[str], None] | None, what: str):
     return lambda i, n: progress(f"{what}: batch {i} of {n}")
 
 
-@torch.no_grad()
-def _run(
-    compiled,
-    batches: Sequence[Any],
-    keep_calls: bool = False,
-    tick: Callable[[int, int], None] | None = None,
-) -> _Pass:
-    nll, count = 0.0, 0
-    max_before: dict[str, int] = {}
-    max_after: dict[str, int] = {}
-    calls: dict[str, list[list[int]]] = {}
-    tokens_per_call = 0
-    for i, batch in enumerate(batches, 1):
-        if tick is not None:
-            tick(i, len(batches))
-        inputs, ids, mask = _as_inputs(batch)
-        with record_stats() as st:
-            # positional for plain ids: the same call signature as ``compiled(ids)`` elsewhere,
-            # so Dynamo does not compile a second graph for keyword input
-            logits = (
-                compiled(ids) if isinstance(batch, torch.Tensor) else compiled(**inputs)
-            ).logits
-        logits = logits[:, :-1].float()
-        target = ids[:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
-        )
-        if mask is not None:
-            keep = (mask[:, 1:] * mask[:, :-1]).reshape(-1).bool()
-            losses = losses[keep]
-        nll += float(losses.double().sum())
-        count += losses.numel()
-        for s in st.layers:
-            max_before[s.name] = max_before.get(s.name, 0) + int(s.loads_before.max())
-            max_after[s.name] = max_after.get(s.name, 0) + int(s.loads_after.max())
-            tokens_per_call = max(tokens_per_call, s.tokens)
-            if keep_calls:
-                calls.setdefault(s.name, []).append([s.tokens, *s.loads_before.tolist()])
-    if not count:
-        raise ValueError("calibration batches hold no scored tokens")
-    return _Pass(nll / count, count, max_after, max_before, calls, tokens_per_call)
-
-
-def _changes_nothing(calls: list[list[int]], gamma: float, top_k: int) -> bool:
-    """Whether capacity ``gamma`` leaves every recorded call of a layer as written: its
-    capacity is at least the call's largest load (SPEC.md invariant 2; the global
-    ``min_capacity`` / ``capacity_align`` only raise C)."""
-    for row in calls:
-        tokens, loads = row[0], row[1:]
-        cap = max(1, math.ceil(gamma * tokens * top_k / len(loads)))
-        if max(loads) > cap:
-            return False
-    return True
-
-
 # --------------------------------------------------------------------------------------------
-# the search
+# the search's entry point (its steps: calibrate_measure.py, calibrate_search.py)
 # --------------------------------------------------------------------------------------------
-
-
-def _solve(
-    choices: dict[str, list[tuple[float, int, Any]]], total_before: int
-) -> tuple[list[float], list[list[int]]]:
-    """Multiple-choice knapsack by dynamic programming over the quantised MoE-time budget.
-
-    ``choices[layer]`` is a list of ``(loss_increase, max_after, label)``. Returns ``best``,
-    ``best[b]`` = the least summed loss increase whose quantised summed max load is at most
-    ``b`` buckets (non-increasing in ``b``), and per layer the choice made at each bucket.
-    """
-    inf = float("inf")
-    best = torch.zeros(_BUCKETS + 1, dtype=torch.float64)  # no layer yet: every budget is free
-    picks: list[list[int]] = []
-    for layer_choices in choices.values():
-        new = torch.full((_BUCKETS + 1,), inf, dtype=torch.float64)
-        arg = torch.full((_BUCKETS + 1,), -1, dtype=torch.long)
-        for i, (delta, max_after, _) in enumerate(layer_choices):
-            cost = _cost(max_after, total_before)
-            if cost > _BUCKETS:
-                continue
-            cand = torch.full((_BUCKETS + 1,), inf, dtype=torch.float64)
-            cand[cost:] = best[: _BUCKETS + 1 - cost] + delta
-            better = cand < new  # strict: ties keep the earlier choice
-            new = torch.where(better, cand, new)
-            arg = torch.where(better, torch.tensor(i), arg)
-        picks.append(arg.tolist())
-        best = new
-    return best.tolist(), picks
-
-
-def _cost(max_after: float, total_before: int) -> int:
-    """Buckets of ``_BUCKETS`` per baseline MoE time, rounded up (never optimistic)."""
-    return math.ceil(max_after * _BUCKETS / total_before - 1e-9)
-
-
-def _backtrack(choices, picks, bucket: int, total_before: int) -> dict[str, int]:
-    names = list(choices)
-    out: dict[str, int] = {}
-    b = bucket
-    for li in range(len(names) - 1, -1, -1):
-        idx = picks[li][b]
-        if idx < 0:
-            raise RuntimeError("calibration: no feasible choice (internal error)")
-        out[names[li]] = idx
-        b -= _cost(choices[names[li]][idx][1], total_before)
-    return {n: out[n] for n in names}
-
-
-def _measure(compiled, root, batches, policies, gammas, stop_loss, say):
-    """Steps 1 and 2 of the search: the baseline pass and the per-layer sensitivity passes."""
-    say("baseline pass (capacity off; its first call compiles the model)")
-    base = _run(compiled, batches, keep_calls=True)
-    passes = 1
-    if not base.max_before:
-        raise ValueError("calibrate: no MoE layer of the model was matched by the capmoe passes")
-    names = list(base.max_before)
-    top_k = {}
-    for name in names:
-        calls = base.calls[name]
-        top_k[name] = round(sum(calls[0][1:]) / calls[0][0]) if calls[0][0] else 1
-    say(f"baseline loss {base.loss:.4f}, {len(names)} layers, T={base.tokens_per_call}")
-
-    # per layer: (policy, gamma) -> (loss increase, summed max load after)
-    table: dict[str, list[dict[str, Any]]] = {}
-    for name in names:
-        module = _submodule(root, name)
-        rows: list[dict[str, Any]] = []
-        for policy in policies:
-            worst = 0.0
-            for gamma in _layer_gammas(gammas, base.calls[name], top_k[name]):
-                if _changes_nothing(base.calls[name], gamma, top_k[name]):
-                    continue
-                module_config.configure(module, capacity_factor=gamma, policy=policy)
-                res = _run(compiled, batches)
-                passes += 1
-                raw = res.loss - base.loss
-                worst = max(worst, raw, 0.0)  # monotone, clamped at 0
-                rows.append(
-                    {
-                        "policy": policy,
-                        "capacity_factor": gamma,
-                        "loss_increase": worst,
-                        "loss_increase_raw": raw,
-                        "max_after": res.max_after[name],
-                    }
-                )
-                say(
-                    f"{name} {policy} gamma={gamma}: d loss {raw:+.4f}, "
-                    f"layer speedup {base.max_before[name] / res.max_after[name]:.3f}x"
-                )
-                if worst > stop_loss:
-                    break
-        module_config.clear(module)
-        table[name] = rows
-
-    return base, table, passes
-
-
-def _layer_gammas(gammas, calls: list[list[int]], top_k: int) -> list[float]:
-    if gammas != "auto":
-        return list(gammas)
-    ratios = [max(row[1:]) / (row[0] * top_k / (len(row) - 1)) for row in calls if row[0]]
-    r = sum(ratios) / len(ratios) if ratios else 1.0
-    return sorted({round(r / s, 3) for s in AUTO_SPEEDUPS if r / s >= 0.5}, reverse=True)
 
 
 def _reused(reuse: Calibration, policies, gammas, batches) -> tuple[_Pass, dict]:
@@ -581,166 +347,6 @@ def _check_arguments(
     if not batches:
         raise ValueError("calibrate needs at least one batch")
     return policies, gammas, batches
-
-
-@dataclass
-class _Combination:
-    """Step 3 of the search, solved once for every budget: per layer, the choices ``(loss
-    increase, max_after, sensitivity row or None for off)``, and the knapsack's answer."""
-
-    choices: dict[str, list[tuple[float, int, Any]]]
-    total_before: int
-    best: list[float]  # least predicted loss increase within b buckets
-    picks: list[list[int]]  # per layer, the choice made at each bucket
-    fastest: int  # the fewest buckets any combination fits in
-    reachable: float  # the largest predicted speedup
-
-    @classmethod
-    def solve(cls, base: _Pass, table: dict[str, list[dict[str, Any]]]) -> _Combination:
-        total_before = sum(base.max_before.values())
-        # the tiny max_after term breaks ties between equal losses towards the faster choice
-        choices = {
-            name: [(0.0, base.max_before[name], None)]
-            + [
-                (r["loss_increase"] + 1e-12 * r["max_after"] / total_before, r["max_after"], r)
-                for r in table[name]
-            ]
-            for name in base.max_before
-        }
-        best, picks = _solve(choices, total_before)
-        fastest = next(i for i, v in enumerate(best) if v < float("inf"))
-        reachable = _BUCKETS / fastest if fastest else float("inf")
-        return cls(choices, total_before, best, picks, fastest, reachable)
-
-    def pick(self, goal: int | None, loss_budget: float | None) -> tuple[dict[str, int], int]:
-        """Each layer's choice (an index into ``choices``) and the bucket it was made at: at
-        ``goal`` buckets, or with ``goal=None`` the fewest buckets within ``loss_budget``."""
-        if goal is None:
-            b = next(i for i, v in enumerate(self.best) if v <= loss_budget)
-        else:
-            b = goal
-        return _backtrack(self.choices, self.picks, b, self.total_before), b
-
-    def layers_of(self, sel: dict[str, int], policies: Sequence[str]) -> dict[str, dict]:
-        """The per-layer options of a selection, as :class:`Calibration` ``layers``."""
-        out = {}
-        for name, idx in sel.items():
-            row = self.choices[name][idx][2]
-            out[name] = (
-                {"capacity_factor": None, "policy": policies[0]}
-                if row is None
-                else {"capacity_factor": row["capacity_factor"], "policy": row["policy"]}
-            )
-        return out
-
-
-def _target_buckets(
-    target: float | None, comb: _Combination, policies: Sequence[str]
-) -> int | None:
-    """The first goal of a ``target`` search, in buckets (``None`` for a quality budget)."""
-    if target is None:
-        return None
-    goal = math.floor(_BUCKETS / target + 1e-9)
-    if goal < comb.fastest:
-        raise ValueError(
-            f"calibrate: target {target}x is out of reach with the gammas tried and "
-            f"policies {list(policies)}: at most {comb.reachable:.3f}x predicted"
-        )
-    return goal
-
-
-def _check_pass(compiled, root: nn.Module, batches, layers: dict[str, dict]) -> _Pass:
-    """Step 4's pass: every layer of ``layers`` configured at once, cleared after."""
-    for name, opts in layers.items():
-        module_config.configure(_submodule(root, name), **opts)
-    res = _run(compiled, batches)
-    for name in layers:
-        module_config.clear(_submodule(root, name))
-    return res
-
-
-def _tighter_goal(bucket: int, speedup: float, target: float, fastest: int) -> int | None:
-    """The next goal of a ``target`` search whose check measured ``speedup`` at ``bucket``,
-    tightened by the shortfall (the layers after a capped one saw other loads); ``None``
-    when the target is met or no combination is faster."""
-    if speedup >= target - 1e-9:
-        return None
-    new_goal = math.floor(bucket * speedup / target)
-    if new_goal >= bucket:
-        new_goal = bucket - 1
-    if new_goal < fastest:
-        return None
-    return new_goal
-
-
-def _tighter_budget(
-    loss_budget: float, predicted: float, measured: float, max_ppl_increase: float
-) -> float | None:
-    """The next predicted-loss budget of a quality search: if the layers together cost more
-    than their sum, shrunk by the overshoot; ``None`` when the check is within budget."""
-    full = math.log1p(max_ppl_increase)
-    if measured <= full or predicted <= 0:
-        return None
-    return min(loss_budget * 0.999, predicted * full / measured)
-
-
-@dataclass
-class _Checked:
-    """Step 4's outcome: the last round's choice, its prediction and its check pass."""
-
-    layers: dict[str, dict[str, Any]]
-    predicted_loss: float
-    predicted_after: dict[str, int]
-    res: _Pass
-    rounds: list[dict[str, Any]]
-
-
-def _check_and_repair(
-    compiled,
-    root: nn.Module,
-    batches: list[Any],
-    base: _Pass,
-    comb: _Combination,
-    *,
-    policies: tuple[str, ...],
-    target: float | None,
-    max_ppl_increase: float | None,
-    repair_rounds: int,
-    say,
-) -> _Checked:
-    """Steps 3 and 4 in rounds: pick a combination, check it with one pass, and (up to
-    ``repair_rounds`` times) tighten the goal and pick again."""
-    loss_budget = None if max_ppl_increase is None else math.log1p(max_ppl_increase)
-    goal = _target_buckets(target, comb, policies)
-    rounds = []
-    while True:
-        sel, bucket = comb.pick(goal, loss_budget)
-        layers = comb.layers_of(sel, policies)
-        predicted_loss = sum(comb.choices[n][i][0] for n, i in sel.items())
-        predicted_after = {n: comb.choices[n][i][1] for n, i in sel.items()}
-        res = _check_pass(compiled, root, batches, layers)
-        speedup = model_speedup(base.max_before, res.max_after)
-        rounds.append(
-            {
-                "layers": layers,
-                "predicted_speedup": model_speedup(base.max_before, predicted_after),
-                "measured_speedup": speedup,
-                "measured_loss_increase": res.loss - base.loss,
-            }
-        )
-        say(f"check: speedup {speedup:.3f}x, d loss {res.loss - base.loss:+.4f}")
-        if len(rounds) > repair_rounds:
-            break
-        if target is None:
-            measured = res.loss - base.loss
-            loss_budget = _tighter_budget(loss_budget, predicted_loss, measured, max_ppl_increase)
-            if loss_budget is None:
-                break
-            continue
-        goal = _tighter_goal(bucket, speedup, target, comb.fastest)
-        if goal is None:
-            break
-    return _Checked(layers, predicted_loss, predicted_after, res, rounds)
 
 
 def _calibration(

@@ -21,15 +21,8 @@ pytest.importorskip("transformers")
 
 import capmoe_compile as cc  # noqa: E402
 from capmoe_compile import module_config  # noqa: E402
-from capmoe_compile.calibrate import (  # noqa: E402
-    _BUCKETS,
-    Calibration,
-    _backtrack,
-    _cost,
-    _solve,
-    calibrate,
-    model_speedup,
-)
+from capmoe_compile.calibrate import Calibration, calibrate, model_speedup  # noqa: E402
+from capmoe_compile.calibrate_search import _BUCKETS, _backtrack, _cost, _solve  # noqa: E402
 from capmoe_compile.testing import zoo  # noqa: E402
 
 LAYERS = ("model.layers.0.mlp", "model.layers.1.mlp")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from capmoe_compile import plan as P
+from capmoe_compile import plan_calibrate as PC
 from capmoe_compile.replicas import Placement, assign_copies, route_replicas
 from capmoe_compile.telemetry import LayerStats
 
@@ -177,7 +178,7 @@ def test_knapsack_is_the_brute_force_optimum():
                 opts.append((float(torch.rand(1, generator=g)), load, j))
             options[f"l{layer}"] = opts
         budget = int(torch.randint(60, 250, (1,), generator=g))
-        got = P._knapsack(options, budget, buckets=budget)  # exact at one unit a bucket
+        got = PC._knapsack(options, budget, buckets=budget)  # exact at one unit a bucket
         feasible = [
             combo
             for combo in itertools.product(*options.values())
@@ -196,9 +197,9 @@ def test_knapsack_is_the_brute_force_optimum():
 def test_changes_nothing_follows_capacity():
     # one call of 64 tokens, E = 8, k = 2: mean load 16; largest load 24
     calls = [(24, 64, 8, 128)]
-    assert P._changes_nothing(calls, 1.5)  # C = 24
-    assert not P._changes_nothing(calls, 1.4)  # C = 23
-    assert not P._changes_nothing(calls + [(40, 64, 8, 128)], 2.0)  # C = 32 < 40
+    assert PC._changes_nothing(calls, 1.5)  # C = 24
+    assert not PC._changes_nothing(calls, 1.4)  # C = 23
+    assert not PC._changes_nothing(calls + [(40, 64, 8, 128)], 2.0)  # C = 32 < 40
 
 
 def test_plan_apply_configures_each_layer():
