@@ -369,10 +369,16 @@ def _plain_experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]
     return out
 
 
+#: The dtype models and styles are built in (``--dtype``; set in each worker).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE = torch.float32
+
+
 def build_family(
     family: str, impl: str, builder: str = "causal_lm", seed: int = 0, num_layers: int = 2
 ):
-    """A tiny random-weight model of ``family`` in eval mode, fp32, with ``impl`` experts."""
+    """A tiny random-weight model of ``family`` in eval mode, in ``DTYPE`` (fp32 unless
+    ``--dtype``), with ``impl`` experts."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cfg = tiny_config(family, num_layers)
@@ -384,14 +390,14 @@ def build_family(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = cls.from_config(cfg, dtype=torch.float32, experts_implementation=impl)
+            model = cls.from_config(cfg, dtype=DTYPE, experts_implementation=impl)
         except (TypeError, ValueError) as e:
             if "experts" not in str(e):
                 raise
             # no switchable experts: the model as written (a fresh config: the failed
             # attempt left its choice in the old one)
             model = cls.from_config(
-                tiny_config(family, num_layers), dtype=torch.float32, experts_implementation="eager"
+                tiny_config(family, num_layers), dtype=DTYPE, experts_implementation="eager"
             )
         _randomize_buffers_and_biases_(model, seed)
     model.eval()
@@ -910,8 +916,8 @@ def run_style(style: str, inductor: bool) -> dict[str, Any]:
     ms = _styles_module()
     entry: dict[str, Any] = {"family": style, "impl": "as written", "kind": "style"}
     try:
-        module = ms.build(style)
-        x = ms.hidden(module)
+        module = ms.build(style).to(DTYPE)
+        x = ms.hidden(module).to(DTYPE)
         inputs = {"x": x}
     except Exception as e:  # noqa: BLE001
         entry["build"] = {"ok": False, "error": _short(e)}
@@ -1229,6 +1235,8 @@ def _worker(args) -> None:
     import signal
 
     torch.set_num_threads(args.threads)
+    global DTYPE
+    DTYPE = DTYPES[args.dtype]
     logging.getLogger("capmoe_compile").setLevel(logging.ERROR)
     with contextlib.suppress(Exception):
         import transformers
@@ -1276,6 +1284,7 @@ def _spawn(names: list[str], args) -> list[tuple[str, dict[str, Any]]]:
     died or hung past every alarm) is recorded as such."""
     cmd = [sys.executable, "-m", "benchmarks.coverage", "--worker", ",".join(names)]
     cmd += ["--threads", str(args.threads), "--timeout", str(args.timeout)]
+    cmd += ["--dtype", args.dtype]
     if args.impl:
         cmd += ["--impl", args.impl]
     if args.inductor:
@@ -1323,6 +1332,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--impl", help="comma-separated experts implementations (default all three)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="models' dtype")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per family")
     ap.add_argument("--chunk", type=int, default=8, help="families per worker process")
     ap.add_argument("--inductor", action="store_true", help="compile with backend='capmoe'")
@@ -1420,6 +1430,7 @@ def main(argv: list[str] | None = None) -> None:
             text=True,
         ).stdout.strip()
         meta["capmoe_compile_uncommitted"] = dirty.splitlines()
+    meta["dtype"] = args.dtype
     meta["mode"] = (
         "backend=capmoe (Inductor)" if args.inductor else "capmoe passes, graphs run as FX"
     )
