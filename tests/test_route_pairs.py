@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from capmoe_compile import routing
+from capmoe_compile.policies import ranking, reroute
 
 
 def dense_kept_slot(key_te, ids, rows_valid, cap_g, G, E):
@@ -54,7 +55,7 @@ def test_pairs_match_dense(T, E, k, G, kind, path, monkeypatch):
     ``int``), the general one elsewhere; ``general``: the branch-free path every traced graph
     runs, on every input."""
     if path == "general":
-        monkeypatch.setattr(routing, "_concrete_cpu", lambda t: False)
+        monkeypatch.setattr(ranking, "_concrete_cpu", lambda t: False)
     for seed in range(6):
         key_te, ids, valid, cap_g = _case(seed, T, E, k, G, kind)
         want = dense_kept_slot(key_te, ids, valid, cap_g, G, E)
@@ -147,7 +148,7 @@ def _reroute_with(dense: bool, probs, ids, w, valid, G, rounds, gamma, monkeypat
             view = (G_, T // G_, E)
             return routing._reroute_dense(P, sel, keep, out_ids, out_w, cap_g, view, scale, r)
 
-        monkeypatch.setattr(routing, "_reroute", d)
+        monkeypatch.setattr(reroute, "_reroute", d)
     try:
         return routing.route_reference(
             probs,

@@ -42,7 +42,7 @@ import torch.distributed._functional_collectives as fc
 
 from .. import pipeline
 from ..lowering import grouped
-from ..routing import capacity
+from ..routing import capacity, widens
 from . import group as ep_group
 from .group import route_group, starts
 
@@ -120,7 +120,7 @@ def make_plan(layer: int, key: int, T: int, k: int, opts: dict, form_str: str) -
             opts["capacity_align"],
         )
     )
-    width = k + El if opts["policy"] == "expanded_drop" else k
+    width = k + El if widens(opts["policy"]) else k
     chunks = tuple(min(El * min(C, c), c * min(width, El)) for c in counts)
     fp = ep_group.fingerprint([ep.name, form_str, fp_opts, counts, "static"])
     plan = StaticPlan(

@@ -29,6 +29,7 @@ from ..routing import (
     route_reference,
     route_with_options,
     token_scale,
+    widens,
 )
 
 
@@ -227,7 +228,7 @@ def route_group(
     gamma = opts["capacity_factor"]
     if gamma is None or T == 0 or n_valid < opts["min_tokens"]:
         return _pad(ids, weights, opts, info, E)
-    if opts["policy"] != "expanded_drop" and opts["capacity_scope"] == "batch":
+    if not widens(opts["policy"]) and opts["capacity_scope"] == "batch":
         return route_with_options(
             probs, ids, weights, opts, local_experts=None, min_tokens=0, valid=valid
         )
@@ -242,7 +243,7 @@ def route_group(
         v = None if valid is None else valid[sl]
         if n == 0:
             oi, ow = _pad(ids[sl], weights[sl], opts, info, E)
-        elif opts["policy"] == "expanded_drop":
+        elif widens(opts["policy"]):  # expanded_drop: candidates on each rank
             oi, ow = _expanded_drop_ep(
                 probs[sl], ids[sl], weights[sl], rank_of_row[sl], info, opts, v, nseq
             )
@@ -337,7 +338,7 @@ def starts(counts: list[int]) -> list[int]:
 def _pad(ids, weights, opts, info, E):
     """The selection unchanged, in the width ``route_group`` returns for these options."""
     ids = ids.long()
-    if opts["capacity_factor"] is None or opts["policy"] != "expanded_drop":
+    if opts["capacity_factor"] is None or not widens(opts["policy"]):
         return ids.clone(), weights.clone()
     T = ids.shape[0]
     return (

@@ -166,7 +166,7 @@ def run(
     def call(ids, gamma, policy):
         # expanded_drop gives tokens up to E experts, a different graph (capmoe raises rather
         # than reuse the k-wide one): one compile for it, one for everything else
-        kind = "expanded" if gamma is not None and policy == "expanded_drop" else "k"
+        kind = "expanded" if gamma is not None and cc.routing.widens(policy) else "k"
         if graph["kind"] != kind:
             torch._dynamo.reset()
             graph.update(kind=kind, fn=torch.compile(model, backend="capmoe", dynamic=False))
@@ -182,7 +182,9 @@ def run(
         eager_diff = (off - eager).abs().max().item()
 
     cells = [(None, "-")] + [(g, p) for g in gammas if g is not None for p in policies]
-    order = sorted(range(len(cells)), key=lambda i: cells[i][1] == "expanded_drop")
+    order = sorted(
+        range(len(cells)), key=lambda i: cells[i][0] is not None and cc.routing.widens(cells[i][1])
+    )
     if progress is not None:
         progress(0, len(cells), "capacity off")
     rows: list[dict] = [{} for _ in cells]
