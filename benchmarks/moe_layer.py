@@ -568,8 +568,47 @@ FRACTION_BARS = {
 }
 
 
-def bars(results: list[dict]) -> list[dict]:
-    """The performance targets of issue 16, evaluated on this run's numbers.
+#: Issue 26's fraction bars, per ISA column (added to issue 16's for fp32 on AVX-512; for
+#: bf16 they replace them): (label, row, per-round figure, at least). bf16 has one column in
+#: the issue, "AMX bf16" (% of the bf16 ``mm`` peak measured in the same run); a bf16 run on a
+#: CPU without AMX (AVX-512 bf16 only) is read against it too, its label says which CPU.
+ISSUE26_BARS = {
+    "AVX-512 fp32": {
+        "prefill": (
+            ("capmoe off %peak", "capmoe_off", "frac_peak_paired", 0.90),
+            ("capmoe score %peak (kept FLOPs)", "capmoe_score", "frac_peak_paired", 0.85),
+        ),
+        "fine": (("capmoe off %floor", "capmoe_off", "frac_floor_paired", 0.85),),
+        "qwen3": (("capmoe off %floor", "capmoe_off", "frac_floor_paired", 0.80),),
+    },
+    "bf16": {
+        "prefill": (
+            ("capmoe off %bf16 peak", "capmoe_off", "frac_peak_paired", 0.70),
+            ("capmoe score %bf16 peak (kept FLOPs)", "capmoe_score", "frac_peak_paired", 0.65),
+        ),
+        "fine": (("capmoe off %floor", "capmoe_off", "frac_floor_paired", 0.65),),
+        "qwen3": (("capmoe off %floor", "capmoe_off", "frac_floor_paired", 0.60),),
+    },
+}
+
+
+def issue26_column(dtype: str, isa: dict | None) -> str | None:
+    """Issue 26's column for a result of ``dtype`` ("float32", "bfloat16") measured on ``isa``
+    (``common.isa()``; ``None``: unknown, fp32 gets no column)."""
+    if dtype == "bfloat16":
+        return "bf16"
+    if dtype == "float32" and isa and isa.get("cpu_capability") == "AVX512":
+        return "AVX-512 fp32"
+    return None
+
+
+def bars(results: list[dict], isa: dict | None = None) -> list[dict]:
+    """The performance targets of issues 16 and 26, evaluated on this run's numbers.
+
+    fp32: issue 16's bars (:data:`FRACTION_BARS`), and on an AVX-512 CPU (``isa``, from
+    ``common.isa()``) issue 26's AVX-512 column as well; bf16: issue 26's bf16 bars
+    (:data:`ISSUE26_BARS`; on a CPU without AMX the label says so) instead of issue 16's fp32
+    ones. The speed-up and decode bars are the same in both issues.
 
     ``%peak`` bars compare with the measured ``mm`` peak, ``%floor`` bars with the row's floor
     (``floor_of``: computed FLOPs at the peak, or weight and activation bytes at the measured
@@ -583,10 +622,21 @@ def bars(results: list[dict]) -> list[dict]:
     def add(name, value, target, ok, note=""):
         out.append({"bar": name, "value": value, "target": target, "ok": bool(ok), "note": note})
 
+    amx = bool(isa and isa.get("amx"))
     for res in results:
         R, tag = res["rows"], f"{res['shape']} {res['dtype']} T={res['T']}"
         base = res["shape"].partition("@")[0]
-        for label, row, key, least in FRACTION_BARS.get(base, ()):
+        col = issue26_column(res["dtype"], isa)
+        fraction = [(label, *rest) for label, *rest in FRACTION_BARS.get(base, ())]
+        if col == "bf16":
+            where = "AMX" if amx else "AVX-512 bf16, no AMX" if isa else "ISA not recorded"
+            fraction = []
+        if col is not None:
+            suffix = f" (issue 26 {col}" + (f"; this CPU: {where})" if col == "bf16" else ")")
+            fraction += [
+                (label + suffix, *rest) for label, *rest in ISSUE26_BARS[col].get(base, ())
+            ]
+        for label, row, key, least in fraction:
             v = R[row][key]
             add(f"{tag}: {label}", v, f">= {least:.2f}", v >= least)
         if base == "qwen3":
@@ -703,7 +753,7 @@ def bars_of(path: str, out: str | None = None) -> dict:
     with open(path) as f:
         payload = json.load(f)
     payload["results"] = [paired(res) for res in payload["results"]]
-    payload["bars"] = bars(payload["results"])
+    payload["bars"] = bars(payload["results"], payload.get("machine", {}).get("isa"))
     for res in payload["results"]:
         print_shape(res)
     print_bars(payload["bars"])
@@ -840,7 +890,7 @@ def main(argv: list[str] | None = None) -> dict:
             del model, block, tiny_model, tiny, rows
             torch._dynamo.reset()
 
-    bs = bars(results)
+    bs = bars(results, info["isa"])
     print_bars(bs, args.quick)
     loadavg_end(info)
     payload = {
