@@ -539,6 +539,38 @@ class ViewReadBeforeUpdate(_Style):
         return seen
 
 
+class Llama4RouterTopK(_Style):
+    """Llama-4's router with top-2 and the experts weighted on their *output*: top-k over raw
+    logits, the top values scattered into a ``-inf`` row over all experts, a sigmoid (0 off
+    the selection); each pair's weight gathered from that row; stacked SwiGLU weights gathered
+    per pair. P = sigmoid(logits) over all experts (SPEC.md: top-k of raw logits, a sigmoid of
+    the selected)."""
+
+    p_rule = "sigmoid of the raw logits over experts"
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
+        super().__init__()
+        self.E, self.k = E, k
+        self.router = nn.Linear(h, E, bias=False)
+        self.w1 = _stacked(E, f, h, h**-0.5)
+        self.w3 = _stacked(E, f, h, h**-0.5)
+        self.w2 = _stacked(E, h, f, f**-0.5)
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        logits = self.router(x)
+        top, ids = torch.topk(logits, self.k, dim=1)
+        scores = torch.full_like(logits, float("-inf")).scatter_(1, ids, top)
+        scores = torch.sigmoid(scores.float()).to(x.dtype)
+        w = scores.gather(1, ids)
+        ids, w = self._route(torch.sigmoid(logits.float()), ids, w)
+        a = torch.einsum("th,tkfh->tkf", x, self.w1[ids])
+        b = torch.einsum("th,tkfh->tkf", x, self.w3[ids])
+        y = torch.einsum("tkf,tkhf->tkh", F.silu(a) * b, self.w2[ids])
+        return (w[..., None] * y).sum(1).reshape(B, S, H)
+
+
 _STYLES: dict[str, type[_Style]] = {
     "sort_slice": SortSlice,
     "argsort_gather": ArgsortGather,
@@ -555,6 +587,7 @@ _STYLES: dict[str, type[_Style]] = {
     "argmax_mask_assign": ArgmaxMaskAssign,
     "where_index_accumulate": WhereIndexAccumulate,
     "view_read_before_update": ViewReadBeforeUpdate,
+    "llama4_router_topk": Llama4RouterTopK,
 }
 STYLES: tuple[str, ...] = tuple(_STYLES)
 

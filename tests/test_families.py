@@ -284,6 +284,7 @@ MATCHED_STYLES = (
     "temperature_topk",
     "argmax_mask_assign",
     "where_index_accumulate",
+    "llama4_router_topk",
 )
 
 

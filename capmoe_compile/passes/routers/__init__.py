@@ -8,8 +8,8 @@ One module per family of spellings, each registering its members with a priority
   ``sequential.py`` (two top-1 picks that are one top-2), ``grouped.py`` (a group-limited
   stage is part of the later top-k);
 - router patterns (``core.register_router``): ``declarations.py``, ``softmax.py``,
-  ``sigmoid.py``, ``logits.py``, ``bias.py``, ``sequential.py``, ... Each says how it reads
-  the router probabilities ``P`` (SPEC.md, "Notation"; ``p_rule``). They are tried by
+  ``sigmoid.py``, ``logits.py``, ``logits_sigmoid.py``, ``bias.py``, ``sequential.py``, ...
+  Each says how it reads the router probabilities ``P`` (SPEC.md, "Notation"; ``p_rule``). They are tried by
   priority; the first that recognises a site names its router kind.
 
 ``docs/extending.md`` has the recipe for a new one.
@@ -37,6 +37,7 @@ from .core import (
 from .core import skip_value_preserving as _skip_value_preserving
 from .declarations import declared, strip_declared
 from .logits import logits_topk_softmax
+from .logits_sigmoid import logits_topk_sigmoid
 from .sequential import sequential_top1
 from .sigmoid import sigmoid_bias_grouped_topk
 from .sites import find_topk_sites
@@ -54,6 +55,7 @@ __all__ = [
     "find_topk_sites",
     "grouped",
     "known_equal",
+    "logits_topk_sigmoid",
     "logits_topk_softmax",
     "match_router",
     "p_rule",
