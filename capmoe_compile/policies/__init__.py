@@ -15,7 +15,7 @@ import importlib
 BUILTIN = ("score", "order", "reverse", "random", "expanded_drop", "reroute")
 #: Policies added since, registered after the built-ins: accepted by name everywhere, not
 #: iterated over by the sweeps and the calibration search (which keeps recorded figures).
-EXTRA: tuple[str, ...] = ()
+EXTRA = ("priority",)
 
 for _name in BUILTIN + EXTRA:
     importlib.import_module(f"{__name__}.{_name}")
