@@ -4,7 +4,7 @@ An :class:`ExpertForm` says how one expert computes from its parameters: which t
 (gate/up) projection and which the down projection, whether each is stored transposed, the
 activation, and whether the MLP is gated (SwiGLU-like). The passes do not trust names: they
 *find* the form by checking candidate forms against the model's own expert region on real and
-random inputs (``passes/moe_layers.py``: ``_identify_form``).
+random inputs (``passes/verify.py``: ``identify_form``).
 
 ``moe_experts(x, ids, weights, params, form)`` computes ``out[t] = sum_j weights[t, j] *
 expert_{ids[t, j]}(x[t])``, skipping the sentinel id ``E``. Parameters are either stacked

@@ -193,12 +193,12 @@ def test_router_capacity_that_can_never_bind_is_rewritten():
 def test_analysis_failure_is_a_reason_not_an_exception(monkeypatch, error):
     """Issue 23: a refusal said ``KeyError: layer_norm``. An analysis that fails leaves the
     layer as written with a reason naming the part of the analysis, never the exception."""
-    from capmoe_compile.passes import moe_layers
+    from capmoe_compile.passes import verify
 
     def broken(region, values):
         raise error(region.x if error is KeyError else "internal detail")
 
-    monkeypatch.setattr(moe_layers, "_identify_form", broken)
+    monkeypatch.setattr(verify, "identify_form", broken)
     torch.manual_seed(0)
     m = RouterCapacityMoE("flat", cap=24).eval()  # token-wise: reaches form identification
     x = torch.randn(24, H)

@@ -1,7 +1,7 @@
 """Proof that a layer's routing is token-wise: each token's ``S`` and ``W`` depend on it alone.
 
 SPEC.md: "Token-wise routing is part of what a match proves." The expert region is verified on
-selections the verifier chooses (``moe_layers._identify_form``), which proves what the experts
+selections the verifier chooses (``verify.identify_form``), which proves what the experts
 compute from ``(x, S, W)``. It says nothing about how ``S`` and ``W`` came about: a router that
 zeroes the weight of pairs past its own capacity (a cumsum position over a one-hot, a
 per-expert count, a rank from a sort over tokens) folds a capacity of its own into ``W``, and
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .fx_util import ancestors, descendants, mutates, shape
 from .routers import known_equal
 
 OWN_CAPACITY = (
@@ -55,19 +56,6 @@ class RouterSide:
         return {*self.token_inputs, *self.fixed_inputs}
 
 
-_INPLACE = {operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv}
-
-
-def _mutates(node: fx.Node) -> bool:
-    """An in-place update (``setitem``, ``x += y``, a ``foo_`` method)."""
-    if node.op not in ("call_method", "call_function"):
-        return False
-    if node.target in _INPLACE:
-        return True
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
-
-
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal up to fp32 rounding: relative 1e-3 plus 5e-5 of the largest element (the dense
     weights compared here are fp32 copies; a zeroed or moved pair differs by far more)."""
@@ -77,40 +65,13 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a - b).abs() <= 1e-3 * (b.abs() + 0.05 * scale)).all())
 
 
-def _shape(node: Any):
-    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
 def _token_rowed(node: fx.Node, T) -> bool:
     """Whether ``node``'s leading dims enumerate the layer's ``T`` tokens ([T, ...] or
     [B, S, ...] with B * S = T)."""
-    sh = _shape(node)
+    sh = shape(node)
     if not sh:
         return False
     return known_equal(sh[0], T) or (len(sh) >= 2 and known_equal(sh[0] * sh[1], T))
-
-
-def _descendants(start: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [start]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
-
-
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen, todo = set(), list(nodes)
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
 
 
 def router_side(
@@ -155,11 +116,11 @@ def site_probe(graph: fx.Graph, site, kind: dict[fx.Node, str]) -> RouterSide | 
     reordered = _reordered_rows(site.node)
     outs = [
         d
-        for d in sorted(_descendants(site.node), key=order.__getitem__)
+        for d in sorted(descendants([site.node], inclusive=False), key=order.__getitem__)
         if order[d] < end
         and d not in reordered
         and _token_rowed(d, T)
-        and _shape(d)[-1] in (E, k)
+        and shape(d)[-1] in (E, k)
         and kind.get(d) == "act"
     ][:8]
     if not outs:
@@ -193,7 +154,7 @@ def _reordered_rows(start: fx.Node) -> set[fx.Node]:
         return _op_name(n) in _ROW_GATHERS
 
     out: set[fx.Node] = set()
-    todo = [n for n in _descendants(start) if gathers(n)]
+    todo = [n for n in descendants([start], inclusive=False) if gathers(n)]
     while todo:
         n = todo.pop()
         if n in out:
@@ -214,7 +175,11 @@ def _is_topk(n: fx.Node) -> bool:
 def _token_ancestors(node, T, kind, order) -> list[fx.Node]:
     """Token-rowed activations upstream of ``node``, nearest first (a few)."""
     return sorted(
-        (a for a in _ancestors([node]) if kind.get(a) == "act" and _token_rowed(a, T)),
+        (
+            a
+            for a in ancestors([node], inclusive=False)
+            if kind.get(a) == "act" and _token_rowed(a, T)
+        ),
         key=order.__getitem__,
         reverse=True,
     )[:16]
@@ -223,9 +188,9 @@ def _token_ancestors(node, T, kind, order) -> list[fx.Node]:
 def _cut(candidates, outs, T, kind, order) -> RouterSide | None:
     """The first candidate token input from which ``outs`` are computed with nothing else
     indexed by token, and the nodes between (None if no candidate is such)."""
-    upstream = _ancestors(outs)
+    upstream = ancestors(outs, inclusive=False)
     for c in candidates:
-        down = _descendants(c)
+        down = descendants([c], inclusive=False)
         if any(o not in down for o in outs):
             continue
         end = max(order[o] for o in outs)
@@ -236,7 +201,7 @@ def _cut(candidates, outs, T, kind, order) -> RouterSide | None:
             key=order.__getitem__,
         )
         fixed = sorted(outside - set(token), key=order.__getitem__)
-        if any(kind.get(a) == "act" and a.op != "placeholder" and _shape(a) for a in fixed):
+        if any(kind.get(a) == "act" and a.op != "placeholder" and shape(a) for a in fixed):
             continue  # reads a computed activation not indexed by token: try further up
         return RouterSide(token, fixed, sorted(nodes, key=order.__getitem__), list(outs))
     return None
@@ -250,8 +215,8 @@ def _with_updates(nodes, down, order, end: int) -> set[fx.Node]:
     while grew:
         grew = False
         for n in down - nodes:
-            if order[n] < end and _mutates(n) and n.args and n.args[0] in nodes:
-                nodes |= {n} | (_ancestors([n]) & down)
+            if order[n] < end and mutates(n) and n.args and n.args[0] in nodes:
+                nodes |= {n} | (ancestors([n], inclusive=False) & down)
                 grew = True
     return nodes
 
