@@ -220,7 +220,7 @@ def test_softcapped_swiglu_form():
     from capmoe_compile.experts import ExpertForm
 
     form = ExpertForm(("gate_up", "down"), "silu", (), True, True, softcap=(4.0, 25.0))
-    assert ExpertForm.from_str(form.to_str()) == form and not form.plain_gate
+    assert ExpertForm.from_str(form.to_str()) == form and form.activation is None
     torch.manual_seed(0)
     x, wgu, wd = torch.randn(5, H) * 8, torch.randn(2 * FF, H), torch.randn(H, FF)
     w = {"gate_up": wgu, "down": wd}

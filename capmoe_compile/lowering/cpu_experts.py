@@ -69,9 +69,9 @@ import math
 import threading
 
 import torch
-import torch.nn.functional as F
 
-from ..experts import ACTIVATIONS, ExpertForm
+from ..experts import ExpertForm
+from ..forms import apply_inplace
 from ..library import custom_op
 from . import cpu_gemm
 
@@ -80,19 +80,6 @@ from . import cpu_gemm
 CHUNK_BYTES = 30 << 20
 #: Fewest rows per chunk (the GEMM's efficiency falls off below a few hundred rows).
 MIN_CHUNK_ROWS = 256
-
-
-def _act_(name: str, g: torch.Tensor) -> torch.Tensor:
-    """``ACTIVATIONS[name](g)``, in place where torch has an in-place kernel."""
-    if name == "silu":
-        return F.silu(g, inplace=True)
-    if name == "relu":
-        return g.relu_()
-    if name == "gelu":
-        return torch.ops.aten.gelu_(g)
-    if name == "gelu_tanh":
-        return torch.ops.aten.gelu_(g, approximate="tanh")
-    return ACTIVATIONS[name](g)
 
 
 #: Scratch buffers larger than this are allocated per call instead of kept (see _scratch).
@@ -196,7 +183,7 @@ def _expert(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None, out=None, nt=Non
             v = v.mul_(wts)  # v is this expert's own intermediate (scratch or a fresh tensor)
         return _lin(v, p, f, role, e, ws, out if role == "down" else None, nt)
 
-    return f.mlp(h, project, act=functools.partial(_act_, f.act), inplace=True)
+    return f.mlp(h, project, act=functools.partial(apply_inplace, f.act), inplace=True)
 
 
 def _expert_t(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None) -> torch.Tensor:
@@ -215,7 +202,9 @@ def _expert_t(h: torch.Tensor, p, f: ExpertForm, e: int, ws=None) -> torch.Tenso
         rows = _scratch("it", (v_t.shape[1], v_t.shape[0]), v_t.dtype).copy_(v_t.t())
         return _lin_t(rows.t(), p, f, "down", e, ws)
 
-    return f.mlp(h.t(), project, act=functools.partial(_act_, f.act), inplace=True, split_dim=0).t()
+    return f.mlp(
+        h.t(), project, act=functools.partial(apply_inplace, f.act), inplace=True, split_dim=0
+    ).t()
 
 
 #: Group sizes computed by :func:`_expert_t` with two or more intra-op threads (measured

@@ -42,6 +42,8 @@ def supports(form: ExpertForm, dtype: torch.dtype) -> bool:
 def _traced_supports_form(form: ExpertForm, dtype: torch.dtype) -> tuple[bool, str]:
     if not form.stacked:
         return False, "experts are separate modules, not stacked [E, ...] weights"
+    if not form.projections_only:
+        return False, f"the {form.family} form computes more than its projections"
     if dtype not in SUPPORTED_DTYPES:
         return False, f"{str(dtype).removeprefix('torch.')} (fp32 and bf16 only)"
     return True, ""

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch.library import wrap_triton
 
-from ..experts import ACTIVATIONS, ExpertForm
+from ..experts import ExpertForm
 
 try:
     import triton
@@ -74,8 +74,9 @@ CONFIGS: dict[str, dict[str, int]] = {
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
 COMBINE_BLOCK_T, COMBINE_BLOCK_H = 16, 128
 
+#: The activations :func:`_activation` implements (a form names its own, ``ExpertForm.activation``;
+#: a form whose activation is not here, or that has none, is declined by :func:`supports`).
 _ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
-assert set(_ACT_IDS) == set(ACTIVATIONS)
 
 
 def shape_class(num_pairs: int, num_experts: int) -> str:
@@ -104,8 +105,8 @@ def supports(form: ExpertForm, dtype: torch.dtype, device: torch.device | str) -
     parameters, fp32/bf16/fp16, a CUDA device (or a CPU tensor under the interpreter)."""
     if not HAS_TRITON or not form.stacked or dtype not in SUPPORTED_DTYPES:
         return False
-    if form.act not in _ACT_IDS or not form.plain_gate:  # clamped/interleaved gating: traced
-        return False
+    if not form.projections_only or form.activation not in _ACT_IDS:
+        return False  # clamped, softcapped, normed, or an activation the kernel lacks: traced
     dev = torch.device(device)
     return dev.type == "cuda" or (dev.type == "cpu" and interpreted())
 
@@ -117,7 +118,7 @@ def supports(form: ExpertForm, dtype: torch.dtype, device: torch.device | str) -
 
 @triton.jit
 def _activation(g, ACT: tl.constexpr):
-    # fp32 in, fp32 out; the same functions as experts.ACTIVATIONS
+    # fp32 in, fp32 out; the same functions as forms.ACTIVATIONS
     if ACT == 0:  # silu
         return g * tl.sigmoid(g)
     elif ACT == 1:  # gelu (erf)
@@ -483,7 +484,7 @@ def _launch_gate_up(
         *_bias_strides(bg), *_bias_strides(bu),
         h.stride(0), h.stride(1),
         GATED=f.gated, HAS_BIAS_G=bg is not None, HAS_BIAS_U=bu is not None,
-        ACT=_ACT_IDS[f.act], PRECISION=s.precision, DOT_F32=s.dot_f32, **s.tiles(),
+        ACT=_ACT_IDS[f.activation], PRECISION=s.precision, DOT_F32=s.dot_f32, **s.tiles(),
     )  # fmt: skip
     return h
 

@@ -6,132 +6,16 @@ confirmed in the layer's own dtype."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Any
 
 import torch
 from torch import fx
 
-from ..experts import ACTIVATIONS, ExpertForm, moe_experts_reference
+from .. import forms
+from ..experts import moe_experts_reference
+from ..forms import ExpertForm
 from .region import Region, extract
 from .reports import Unmatched
-
-
-def _gate_variants(nodes: list[fx.Node]) -> list[tuple[float | None, float]]:
-    """Clamp limits and gate scales the region's own code holds, as (limit, alpha) pairs for
-    the clamped/scaled gating forms (GPT-OSS: ``clamp(max=7)``, ``sigmoid(g * 1.702)``).
-
-    Only candidates: a form built from them passes only if it reproduces the region."""
-    limits: set[float | None] = {None}
-    alphas: set[float] = {1.0}
-    for n in nodes:
-        name = str(getattr(n.target, "__name__", n.target))
-        if name in ("clamp", "clip", "clamp_max"):
-            for v in (*n.args[1:], *n.kwargs.values()):
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    limits.add(abs(float(v)))
-        elif name in ("mul", "__mul__"):
-            for v in n.args:
-                if isinstance(v, float) and v not in (0.0, 1.0):
-                    alphas.add(v)
-    # The region's own constants first: a trial whose activations never reach a clamp cannot
-    # tell a clamped form from an unclamped one (the "large" trial tries to), and the form
-    # built from what the code holds is the faithful one.
-    out = [
-        (lim, a)
-        for lim in sorted(limits, key=lambda v: 0 if v is None else -v)
-        for a in sorted(alphas, key=lambda v: v == 1.0)
-    ]
-    return out[:16]  # a handful of constants in any real expert
-
-
-def _softcaps(nodes: list[fx.Node]) -> list[tuple[float, float]]:
-    """(gate, up) softcap pairs from the float divisors the region's code holds (Inkling-2's
-    ``tanh(x / c) * c``), for the softcapped gating forms; candidates only."""
-    divs = []
-    for n in nodes:
-        name = str(getattr(n.target, "__name__", n.target))
-        if name in ("truediv", "div", "__truediv__") and len(n.args) > 1:
-            v = n.args[1]
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and v not in divs:
-                divs.append(float(v))
-    return [(a, b) for a in divs[:4] for b in divs[:4]]
-
-
-def _candidate_forms(
-    params: list[torch.Tensor],
-    H: int,
-    gates: list[tuple[float | None, float]] = (),
-    softcaps: list[tuple[float, float]] = (),
-) -> list[ExpertForm]:
-    """Every expert form the parameter shapes admit (stacked parameters, leading dim E).
-
-    ``gates``: (limit, alpha) pairs for clamped/scaled gated forms (:func:`_gate_variants`),
-    tried after the plain forms, with gate/up interleaved or split and ``up`` shifted by 0 or 1."""
-    mats = [i for i, p in enumerate(params) if p.dim() == 3]
-    vecs = [i for i, p in enumerate(params) if p.dim() == 2]
-    if len(mats) not in (2, 3) or len(vecs) > len(mats):
-        return []
-    role_sets = (
-        [("gate_up", "down"), ("up", "down")] if len(mats) == 2 else [("gate", "up", "down")]
-    )
-    forms = []
-    for roles in role_sets:
-        for perm in itertools.permutations(mats):
-            w = dict(zip(roles, (params[i].shape[1:] for i in perm), strict=True))
-            tr_options = []
-            for r in roles:
-                a, b = w[r]
-                ok = []
-                if (b if r != "down" else a) == H:
-                    ok.append(False)
-                if (a if r != "down" else b) == H:
-                    ok.append(True)
-                tr_options.append(ok)
-            for trs in itertools.product(*tr_options):
-                outdim = {r: (w[r][1] if t else w[r][0]) for r, t in zip(roles, trs, strict=True)}
-                for bias_roles in itertools.permutations(roles, len(vecs)):
-                    if any(
-                        params[v].shape[1] != outdim[r]
-                        for v, r in zip(vecs, bias_roles, strict=True)
-                    ):
-                        continue
-                    order = list(perm) + vecs
-                    names = list(roles) + ["b_" + r for r in bias_roles]
-                    by_index = dict(zip(order, names, strict=True))
-                    full = tuple(by_index[i] for i in range(len(params)))
-                    transposed = tuple(r for r, t in zip(roles, trs, strict=True) if t)
-                    gfs = (True, False) if "gate_up" in roles else (True,)
-                    for act in ACTIVATIONS:
-                        for gf in gfs:
-                            forms.append(ExpertForm(full, act, transposed, gf, True))
-                    if "down" not in roles or not ({"gate_up", "gate"} & set(roles)):
-                        continue
-                    for cap in softcaps:
-                        for gf in gfs:
-                            forms.append(
-                                ExpertForm(full, "silu", transposed, gf, True, softcap=cap)
-                            )
-                    for limit, alpha in gates:
-                        for inter in (False, True) if "gate_up" in roles else (False,):
-                            for shift in (0.0, 1.0):
-                                if limit is None and alpha == 1.0 and not inter and not shift:
-                                    continue  # the plain form, above
-                                for gf in gfs:
-                                    forms.append(
-                                        ExpertForm(
-                                            full,
-                                            "silu",
-                                            transposed,
-                                            gf,
-                                            True,
-                                            inter,
-                                            limit,
-                                            alpha,
-                                            shift,
-                                        )
-                                    )
-    return forms
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -385,9 +269,10 @@ def _identify_in(region: Region, values: dict[fx.Node, Any], sub: fx.GraphModule
     real = trials["real"]
     screen = torch.arange(min(x.shape[0], 16))
     passing: list[tuple[float, ExpertForm]] = []
-    gates = _gate_variants(region.expert_nodes)
-    caps = _softcaps(region.expert_nodes)
-    for form in _candidate_forms(stacked if per_expert else params, x.shape[1], gates, caps):
+    candidates = forms.candidates(
+        stacked if per_expert else params, x.shape[1], region.expert_nodes
+    )
+    for form in candidates:
         if per_expert:  # the same roles, read off each expert's own tensors
             form = dataclasses.replace(form, stacked=False)
         try:
@@ -409,10 +294,8 @@ def _identify_in(region: Region, values: dict[fx.Node, Any], sub: fx.GraphModule
     if passing:
         # in bf16 close forms (gelu / gelu-tanh) may both pass: the closest one
         return min(passing, key=lambda p: p[0])[1]
-    raise Unmatched(
-        "no known expert form (SwiGLU/GLU/MLP; silu/gelu/relu/relu2; clamped/interleaved "
-        "GPT-OSS gating; softcapped SwiGLU) reproduces the experts"
-    )
+    known = "; ".join(f.doc for f in forms.families())
+    raise Unmatched(f"no known expert form ({known}) reproduces the experts")
 
 
 def _stack_per_expert(params: list[torch.Tensor], E: int) -> list[torch.Tensor] | None:
