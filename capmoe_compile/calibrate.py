@@ -54,8 +54,9 @@ when sensitive layers stop early (a 4-layer model: at most 62). Calibrate
 with batches of the shape you serve: gamma is relative to the mean load ``T * k / E``, and how
 far the largest load exceeds it depends on ``T``.
 
-``expanded_drop`` is not searched: it changes a layer's output width, which is fixed when the
-graph is compiled, so it cannot be mixed per layer with the other policies in one graph.
+A policy that changes a layer's output width (``routing.widens``: ``expanded_drop``) is not
+searched: the width is fixed when the graph is compiled, so such a policy cannot be mixed
+per layer with the other policies in one graph.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from .calibrate_measure import _as_inputs, _own_overrides, _Pass, _run, _submodu
 from .calibrate_measure import model_speedup as model_speedup
 from .calibrate_search import AUTO_SPEEDUPS as AUTO_SPEEDUPS
 from .calibrate_search import _check_and_repair, _Checked, _Combination, _measure
-from .routing import POLICIES
+from .routing import POLICIES, widens
 
 __all__ = ["DEFAULT_GAMMAS", "SEARCH_POLICIES", "Calibration", "calibrate", "model_speedup"]
 
@@ -84,7 +85,7 @@ __all__ = ["DEFAULT_GAMMAS", "SEARCH_POLICIES", "Calibration", "calibrate", "mod
 DEFAULT_GAMMAS: tuple[float, ...] = (3.0, 2.5, 2.0, 1.75, 1.5, 1.375, 1.25, 1.125, 1.0, 0.875, 0.75)
 #: Policies that keep a layer's output width (all but ``expanded_drop``), so any mix of them
 #: runs in one compiled graph.
-SEARCH_POLICIES: tuple[str, ...] = tuple(p for p in POLICIES if p != "expanded_drop")
+SEARCH_POLICIES: tuple[str, ...] = tuple(p for p in POLICIES if not widens(p))
 
 FORMAT = "capmoe-calibration"
 FORMAT_VERSION = 1
@@ -334,10 +335,11 @@ def _check_arguments(
     policies = tuple(config.validate("policy", p) for p in policies)
     if not policies:
         raise ValueError("calibrate needs at least one policy")
-    if "expanded_drop" in policies:
+    wide = [p for p in policies if widens(p)]
+    if wide:
         raise ValueError(
-            "calibrate does not search expanded_drop: it changes a layer's output width, fixed "
-            "when the graph is compiled, so it cannot be mixed per layer with other policies"
+            f"calibrate does not search {', '.join(wide)}: it changes a layer's output width, "
+            "fixed when the graph is compiled, so it cannot be mixed per layer with other policies"
         )
     if gammas != "auto":
         if isinstance(gammas, str) or not gammas:

@@ -132,3 +132,143 @@ def test_no_library_function_over_80_lines():
             if lines > 80 and f"{name}.{node.name}" not in LONG_FUNCTIONS:
                 long.append(f"{name}.{node.name}: {lines} lines")
     assert not long, long
+
+
+# --------------------------------------------------------------------------------------------
+# issue 24: module size, and no branching on registered names outside their registries
+# --------------------------------------------------------------------------------------------
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_over_600_lines():
+    """Every module of the package (the test models and tools included) is at most 600 lines:
+    a module past that holds more than one concern and is split by concern."""
+    long = {}
+    for name, path in _modules().items():
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_MODULE_LINES:
+            long[name] = lines
+    assert not long, "modules over 600 lines: " + ", ".join(
+        f"{n} ({k} lines)" for n, k in sorted(long.items(), key=lambda kv: -kv[1])
+    )
+
+
+def _registered_names() -> tuple[dict[str, str], set[str]]:
+    """Every registered policy, kernel and expert-form name (name -> which axis), and the
+    modules allowed to branch on them: each registry's own module and the modules that
+    define its members. Read from the registries at test time, so that a new member (or a
+    registry that moved) is covered without editing this test."""
+    import importlib
+
+    from capmoe_compile import routing
+    from capmoe_compile.lowering import kernels
+
+    names: dict[str, str] = {}
+    allowed = {routing.register_policy.__module__, kernels.register_kernel.__module__}
+    for n in routing.policy_names():
+        names[n] = "policy"
+        p = routing.get_policy(n)
+        allowed |= {f.__module__ for f in (p.pair_key, p.candidates) if f is not None}
+    for k in kernels.kernels():
+        names[k.name] = "kernel"
+        allowed |= {k.supports.__module__, k.run.__module__}
+    try:  # the form registry (issue 24): form families and activations
+        forms = importlib.import_module(f"{PKG}.forms")
+        families, registers = forms.families(), (forms.register_form, forms.register_activation)
+    except ModuleNotFoundError:  # before it: the activations of experts.ExpertForm
+        forms = importlib.import_module(f"{PKG}.experts")
+        families, registers = (), ()
+    for f in families:
+        names[f.name] = "expert form"
+        allowed.add(type(f).__module__)
+    for a in forms.ACTIVATIONS:
+        names[a] = "activation (expert form)"
+    allowed |= {forms.__name__, *(r.__module__ for r in registers)}
+    return names, {a for a in allowed if a.startswith(PKG)}
+
+
+def _name_branches(tree: ast.AST, names: dict[str, str]) -> list[tuple[int, str]]:
+    """``(line, what)`` for each ``if`` / ``elif`` (and ``while``, conditional expression or
+    comprehension condition) whose test compares a value against a registered name: a string
+    constant, a tuple of them (``x in ("a", "b")``), or a module-level constant holding one."""
+    consts = {}  # module-level NAME = "name" (or A, B = "a", "b")
+    for node in getattr(tree, "body", []):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                pairs = [(target, node.value)]
+                if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
+                    pairs = list(zip(target.elts, node.value.elts, strict=False))
+                for n, v in pairs:
+                    if isinstance(n, ast.Name) and isinstance(v, ast.Constant) and v.value in names:
+                        consts[n.id] = v.value
+
+    def values(e: ast.expr):
+        if isinstance(e, ast.Constant) and isinstance(e.value, str):
+            yield e.value
+        elif isinstance(e, (ast.Tuple, ast.List, ast.Set)):
+            for x in e.elts:
+                yield from values(x)
+        elif isinstance(e, ast.Name) and e.id in consts:
+            yield consts[e.id]
+
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.If, ast.IfExp, ast.While)):
+            tests = [node.test]
+        elif isinstance(node, ast.comprehension):
+            tests = node.ifs
+        else:
+            continue
+        for test in tests:
+            for cmp in ast.walk(test):
+                if not isinstance(cmp, ast.Compare):
+                    continue
+                for operand in (cmp.left, *cmp.comparators):
+                    out += [
+                        (cmp.lineno, f"{names[v]} {v!r}") for v in values(operand) if v in names
+                    ]
+    return out
+
+
+def test_the_name_branch_reader_fails_on_a_chain():
+    names = {"score": "policy", "order": "policy", "reference": "kernel", "silu": "activation"}
+    src = """
+OTHER, REF = "x", "reference"
+def pick(policy, kernel, act):
+    if policy == "score":
+        return 1
+    elif policy in ("order", "other"):
+        return 2
+    y = 3 if kernel == REF else 4
+    return [a for a in act if a != "silu"], y
+def fine(policy):
+    if policy.width is None and policy.name != "unregistered":
+        return get(policy)
+"""
+    found = _name_branches(ast.parse(src), names)
+    assert found == [
+        (4, "policy 'score'"),
+        (6, "policy 'order'"),
+        (8, "kernel 'reference'"),
+        (9, "activation 'silu'"),
+    ], found
+
+
+def test_no_if_chain_over_registered_names():
+    """Outside the registries (``routing.register_policy``'s, ``kernels.register_kernel``'s,
+    the form registry's) and the modules defining their members, no library code branches on
+    a registered policy, kernel or expert-form name: a property of the member, read through
+    its registry (``routing.widens(policy)``, ``kernel.supports(query)``, the form family's
+    methods) is what says how it differs, so that a new member is one file plus its test.
+    The test models (``capmoe_compile.testing``: independent spellings of what the library is
+    tested against) and the tools (presentation of results) are not the library."""
+    names, registries = _registered_names()
+    assert {"policy", "kernel"} <= set(names.values()), names  # the reader sees the registries
+    hits = []
+    for name, path in _library(_modules()).items():
+        if name in registries:
+            continue
+        for line, what in _name_branches(ast.parse(path.read_text()), names):
+            hits.append(f"{path.relative_to(ROOT.parent)}:{line}: branches on {what}")
+    assert not hits, "\n".join(hits)

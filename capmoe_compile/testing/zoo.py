@@ -7,6 +7,9 @@ Two kinds of model live here:
 - :func:`plain_moe` makes a plain-PyTorch MoE layer written one of the common ways people write
   them by hand (a ``ModuleList`` loop, stacked weights with ``bmm``, a Switch-style top-1 layer).
 
+The families' config recipes are in ``zoo_families``, the plain layers in ``zoo_plain`` (both
+re-exported here).
+
 Random routers are nearly balanced; trained ones are not (the straggler effect the paper is about).
 :func:`skew_router_` makes a model's routing skewed the way trained routers are, and
 :func:`expert_loads` measures the per-layer expert loads in eager mode, so the skew can be reported.
@@ -18,11 +21,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from capmoe_compile.testing.zoo_families import _FAMILY_KWARGS
+from capmoe_compile.testing.zoo_families import CORE_FAMILIES as CORE_FAMILIES
+from capmoe_compile.testing.zoo_families import EXTRA_FAMILIES as EXTRA_FAMILIES
+from capmoe_compile.testing.zoo_families import FAMILIES as FAMILIES
+from capmoe_compile.testing.zoo_families import MAIN_FAMILIES as MAIN_FAMILIES
+from capmoe_compile.testing.zoo_plain import PLAIN_KINDS as PLAIN_KINDS
+from capmoe_compile.testing.zoo_plain import plain_moe as plain_moe
 
 __all__ = [
     "CORE_FAMILIES",
@@ -41,211 +50,6 @@ __all__ = [
     "random_input_ids",
     "skew_router_",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# transformers families
-# --------------------------------------------------------------------------------------------
-
-
-def _heads(hidden: int) -> dict:
-    heads = 4 if hidden % 4 == 0 else 1
-    return {
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "head_dim": hidden // heads,
-    }
-
-
-def _common(hidden, ffn, layers, vocab) -> dict:
-    return {
-        "hidden_size": hidden,
-        "intermediate_size": ffn,
-        "num_hidden_layers": layers,
-        "vocab_size": vocab,
-        "max_position_embeddings": 512,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        **_heads(hidden),
-    }
-
-
-def _mixtral(h, f, e, k, n, v):
-    return {**_common(h, f, n, v), "num_local_experts": e, "num_experts_per_tok": k}
-
-
-def _qwen2_moe(h, f, e, k, n, v):
-    # Qwen1.5-MoE style: softmax -> top-k without renormalisation, plus a gated shared expert.
-    return {
-        **_common(h, f, n, v),
-        "num_experts": e,
-        "num_experts_per_tok": k,
-        "moe_intermediate_size": f,
-        "shared_expert_intermediate_size": f,
-        "norm_topk_prob": False,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-    }
-
-
-def _olmoe(h, f, e, k, n, v):
-    return {
-        **_common(h, f, n, v),
-        "num_experts": e,
-        "num_experts_per_tok": k,
-        "norm_topk_prob": False,
-    }
-
-
-def _qwen3_moe(h, f, e, k, n, v):
-    return {
-        **_common(h, f, n, v),
-        "num_experts": e,
-        "num_experts_per_tok": k,
-        "moe_intermediate_size": f,
-        "norm_topk_prob": True,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-    }
-
-
-def _deepseek_v3(h, f, e, k, n, v):
-    # Sigmoid scores, e_score_correction_bias, group-limited top-k, routed scaling, a shared
-    # expert, all layers MoE. Four groups when E allows it (a group's score is its top-2 sum).
-    n_group = 4 if e % 4 == 0 and e // 4 >= 2 else 1
-    heads = _heads(h)["num_attention_heads"]
-    return {
-        **_common(h, f, n, v),
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "n_routed_experts": e,
-        "num_experts_per_tok": k,
-        "moe_intermediate_size": f,
-        "n_shared_experts": 1,
-        "n_group": n_group,
-        # half the groups, and enough of them to hold k experts
-        "topk_group": min(n_group, max(n_group // 2, -(-k // (e // n_group)))),
-        "routed_scaling_factor": 2.5,
-        "norm_topk_prob": True,
-        "first_k_dense_replace": 0,
-        "kv_lora_rank": 16,
-        "q_lora_rank": 32,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 16,
-        "head_dim": 8,
-    }
-
-
-def _gpt_oss(h, f, e, k, n, v):
-    return {
-        **_common(h, f, n, v),
-        "num_local_experts": e,
-        "num_experts_per_tok": k,
-        "sliding_window": 16,
-        # gpt-oss's YaRN scaling, with the original context sized so the factor is consistent
-        "rope_parameters": {
-            "rope_type": "yarn",
-            "rope_theta": 150000.0,
-            "factor": 32.0,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "truncate": False,
-            "original_max_position_embeddings": 16,
-        },
-        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)],
-    }
-
-
-def _granitemoe(h, f, e, k, n, v):
-    return {**_common(h, f, n, v), "num_local_experts": e, "num_experts_per_tok": k}
-
-
-def _phimoe(h, f, e, k, n, v):
-    if k != 2:
-        raise ValueError("phimoe's sparsemixer router is top-2 only")
-    return {**_common(h, f, n, v), "num_local_experts": e, "num_experts_per_tok": k}
-
-
-_FAMILY_KWARGS: dict[str, Callable[..., dict]] = {
-    "mixtral": _mixtral,
-    "qwen2_moe": _qwen2_moe,
-    "olmoe": _olmoe,
-    "deepseek_v3": _deepseek_v3,
-    "qwen3_moe": _qwen3_moe,
-    "gpt_oss": _gpt_oss,
-    "granitemoe": _granitemoe,
-    "phimoe": _phimoe,
-}
-
-_EXPERT_COUNT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-
-
-def _generic_kwargs(family: str) -> Callable[..., dict]:
-    """One recipe for the other families: common sizes under every name they go by, MLA sizes
-    for DeepSeek-like attention, no dense leading layers, no group limiting, no KV cache."""
-
-    def kwargs(h, f, e, k, n, v):
-        from transformers import AutoConfig
-
-        defaults = AutoConfig.for_model(family)
-        out = {
-            **_common(h, f, n, v),
-            "moe_intermediate_size": f,
-            "shared_expert_intermediate_size": f,
-            "num_experts_per_tok": k,
-            "first_k_dense_replace": 0,
-            "n_group": 1,
-            "topk_group": 1,
-            "n_shared_experts": 1,
-            "mlp_only_layers": [],
-            "decoder_sparse_step": 1,
-            "kv_lora_rank": 16,
-            "q_lora_rank": 32,
-            "qk_rope_head_dim": 8,
-            "qk_nope_head_dim": 8,
-            "v_head_dim": 16,
-            "use_cache": False,
-            "pad_token_id": 0,
-        }
-        for name in _EXPERT_COUNT_NAMES:
-            if hasattr(defaults, name):
-                out[name] = e
-        return out
-
-    return kwargs
-
-
-#: Other families that build tiny with :func:`_generic_kwargs` and whose routers
-#: :func:`moe_layers` finds (transformers 5.23; some have a dense first layer, so one MoE layer
-#: at ``num_layers=2``; the hybrid ones mix in linear attention or Mamba layers).
-EXTRA_FAMILIES: tuple[str, ...] = (
-    "deepseek_v2",
-    "glm4_moe",
-    "dots1",
-    "ernie4_5_moe",
-    "exaone_moe",
-    "solar_open",
-    "hunyuan_v1_moe",
-    "minimax",
-    "minimax_m2",
-    "flex_olmo",
-    "granitemoeshared",
-    "granitemoe_swa",
-    "cohere2_moe",
-    "qwen3_next",
-    "jamba",
-    "bailing_hybrid",
-)
-for _family in EXTRA_FAMILIES:
-    _FAMILY_KWARGS[_family] = _generic_kwargs(_family)
-
-#: Families :func:`build` knows, in the order tests and benchmarks walk them.
-FAMILIES: tuple[str, ...] = tuple(_FAMILY_KWARGS)
-#: The families the project is measured on first.
-MAIN_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3")
-#: Families with a hand-written recipe (the four main ones and the next four).
-CORE_FAMILIES: tuple[str, ...] = FAMILIES[: len(FAMILIES) - len(EXTRA_FAMILIES)]
 
 
 def build(
@@ -346,145 +150,6 @@ def _randomize_correction_bias_(model: nn.Module, seed: int = 0, scale: float = 
         bias = layer.router.e_score_correction_bias
         noise = torch.randn(bias.shape, generator=gen)
         bias.copy_((scale * spread * noise).to(bias.dtype))
-
-
-# --------------------------------------------------------------------------------------------
-# plain-PyTorch MoE layers
-# --------------------------------------------------------------------------------------------
-
-
-class SwiGLUExpert(nn.Module):
-    """One expert MLP: ``down(silu(gate(x)) * up(x))``."""
-
-    def __init__(self, hidden: int, ffn: int):
-        super().__init__()
-        self.w1 = nn.Linear(hidden, ffn, bias=False)
-        self.w3 = nn.Linear(hidden, ffn, bias=False)
-        self.w2 = nn.Linear(ffn, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class ModuleListMoE(nn.Module):
-    """Mixtral-style layer: softmax -> top-k -> renormalise, a Python loop over a ModuleList."""
-
-    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int):
-        super().__init__()
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLUExpert(hidden, ffn) for _ in range(num_experts))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, hidden = x.shape
-        x = x.view(-1, hidden)
-        router_logits = self.gate(x)
-        routing_weights = F.softmax(router_logits, dim=-1, dtype=torch.float)
-        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
-        routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
-        routing_weights = routing_weights.to(x.dtype)
-
-        out = torch.zeros_like(x)
-        # [E, k, T]: which (slot, token) pairs go to each expert
-        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
-        for expert_idx, expert in enumerate(self.experts):
-            slot, token = torch.where(expert_mask[expert_idx])
-            current = expert(x[token]) * routing_weights[token, slot, None]
-            out.index_add_(0, token, current.to(x.dtype))
-        return out.view(batch, seq, hidden)
-
-
-class StackedBmmMoE(nn.Module):
-    """Stacked expert weights ``[E, H, F]``; every expert runs on every token with ``bmm`` and a
-    dense ``[T, E]`` combine matrix (zeros off the top-k) mixes the results with ``einsum``."""
-
-    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int):
-        super().__init__()
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
-        self.w_gate = nn.Parameter(torch.empty(num_experts, hidden, ffn))
-        self.w_up = nn.Parameter(torch.empty(num_experts, hidden, ffn))
-        self.w_down = nn.Parameter(torch.empty(num_experts, ffn, hidden))
-        for w in (self.w_gate, self.w_up):
-            nn.init.normal_(w, std=hidden**-0.5)
-        nn.init.normal_(self.w_down, std=ffn**-0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, hidden = x.shape
-        x = x.reshape(-1, hidden)
-        probs = self.gate(x).softmax(dim=-1)
-        topk_probs, topk_idx = probs.topk(self.top_k, dim=-1)
-        topk_probs = topk_probs / topk_probs.sum(dim=-1, keepdim=True)
-        combine = torch.zeros_like(probs).scatter(1, topk_idx, topk_probs)  # [T, E]
-
-        xe = x.unsqueeze(0).expand(self.num_experts, -1, -1)  # [E, T, H]
-        h = F.silu(torch.bmm(xe, self.w_gate)) * torch.bmm(xe, self.w_up)  # [E, T, F]
-        y = torch.bmm(h, self.w_down)  # [E, T, H]
-        out = torch.einsum("te,eth->th", combine, y)
-        return out.reshape(batch, seq, hidden)
-
-
-class SwitchExpert(nn.Module):
-    def __init__(self, hidden: int, ffn: int):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden, ffn)
-        self.fc2 = nn.Linear(ffn, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class SwitchTop1MoE(nn.Module):
-    """Switch-Transformer layer: top-1 by ``max`` over the softmax, the top-1 probability as the
-    gate weight, GELU MLP experts with biases, boolean-mask dispatch per expert."""
-
-    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int = 1):
-        super().__init__()
-        if top_k != 1:
-            raise ValueError("switch_top1 is top-1")
-        self.num_experts = num_experts
-        self.top_k = 1
-        self.router = nn.Linear(hidden, num_experts, bias=False)
-        self.experts = nn.ModuleList(SwitchExpert(hidden, ffn) for _ in range(num_experts))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        router_probs = torch.softmax(self.router(x), dim=-1)  # [B, S, E]
-        gate, expert_index = router_probs.max(dim=-1)  # [B, S]
-        out = torch.zeros_like(x)
-        for idx, expert in enumerate(self.experts):
-            token_mask = expert_index == idx
-            out[token_mask] = expert(x[token_mask]).to(out.dtype)
-        return out * gate.unsqueeze(-1)
-
-
-_PLAIN: dict[str, type[nn.Module]] = {
-    "modulelist_loop": ModuleListMoE,
-    "stacked_bmm": StackedBmmMoE,
-    "switch_top1": SwitchTop1MoE,
-}
-PLAIN_KINDS: tuple[str, ...] = tuple(_PLAIN)
-
-
-def plain_moe(
-    kind: str,
-    hidden: int = 64,
-    ffn: int = 128,
-    num_experts: int = 8,
-    top_k: int = 2,
-    seed: int = 0,
-) -> nn.Module:
-    """A plain-PyTorch MoE layer (``x [B, S, H] -> [B, S, H]``) of ``kind`` in ``PLAIN_KINDS``,
-    with random weights from ``seed``, in eval mode. ``switch_top1`` ignores ``top_k``."""
-    if kind not in _PLAIN:
-        raise ValueError(f"unknown plain MoE kind {kind!r}; known: {', '.join(PLAIN_KINDS)}")
-    if kind == "switch_top1":
-        top_k = 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = _PLAIN[kind](hidden, ffn, num_experts, top_k)
-    return module.eval()
 
 
 # --------------------------------------------------------------------------------------------
