@@ -571,6 +571,36 @@ class Llama4RouterTopK(_Style):
         return (w[..., None] * y).sum(1).reshape(B, S, H)
 
 
+class ExpertNormSquaredReLU(_Style):
+    """Ergo's experts (transformers 5.25): squared-ReLU MLPs, each output normalised by an
+    RMSNorm with the expert's own learned scale (an ``[E, H]`` tensor gathered per pair), in
+    float32 and cast back, then weighted and summed over the k pairs. Softmax top-k,
+    renormalised; one row per pair (``repeat_interleave``) through ``bmm``."""
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=TOP_K):
+        super().__init__()
+        self.E, self.k = E, k
+        self.gate = nn.Linear(h, E, bias=False)
+        self.up = _stacked(E, h, f, h**-0.5)
+        self.down = _stacked(E, f, h, f**-0.5)
+        self.norm = nn.Parameter(1.0 + 0.5 * torch.randn(E, h))
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        T = x.shape[0]
+        p = torch.softmax(self.gate(x), dim=-1)
+        w, ids = torch.topk(p, self.k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        ids, w = self._route(p, ids, w)
+        flat = ids.reshape(-1)
+        xr = x.repeat_interleave(self.k, dim=0)
+        h = torch.square(F.relu(torch.bmm(xr.unsqueeze(1), self.up[flat]).squeeze(1)))
+        y = torch.bmm(h.unsqueeze(1), self.down[flat]).squeeze(1)
+        y = (F.rms_norm(y.float(), (H,), eps=1e-5) * self.norm[flat].float()).to(x.dtype)
+        return (y.view(T, self.k, H) * w.unsqueeze(-1)).sum(dim=1).reshape(B, S, H)
+
+
 _STYLES: dict[str, type[_Style]] = {
     "sort_slice": SortSlice,
     "argsort_gather": ArgsortGather,
@@ -588,6 +618,7 @@ _STYLES: dict[str, type[_Style]] = {
     "where_index_accumulate": WhereIndexAccumulate,
     "view_read_before_update": ViewReadBeforeUpdate,
     "llama4_router_topk": Llama4RouterTopK,
+    "expert_norm_relu2": ExpertNormSquaredReLU,
 }
 STYLES: tuple[str, ...] = tuple(_STYLES)
 

@@ -285,6 +285,7 @@ MATCHED_STYLES = (
     "argmax_mask_assign",
     "where_index_accumulate",
     "llama4_router_topk",
+    "expert_norm_relu2",
 )
 
 
