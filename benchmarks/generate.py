@@ -3,10 +3,15 @@
     python -m benchmarks.generate                     # all models, batch sizes 1, 8, 32
     python -m benchmarks.generate --quick             # small prompts, few tokens, 2 reps
     python -m benchmarks.generate --models shipped --batches 8 --out benchmarks/results/x.json
+    python -m benchmarks.generate --dtype bf16 --models mixtral_e8 --batches 8   # bf16 weights
 
 Models: the shipped tiny LM (``capmoe_compile.models.tiny_moe``, 4 layers, H=128, E=8, k=2,
 trained, skewed routing), and two random-weight zoo Mixtrals with skewed routers (2 layers):
 ``mixtral_e8`` H=1024, F=2048, E=8, k=2 and ``fine_e64`` H=1024, F=512, E=64, k=8.
+
+``--dtype bf16`` builds every model in bf16 (the shipped model's fp16 weights cast to bf16,
+the zoo models built in bf16) and the decode floor counts bf16 weight bytes; agreement is
+still against eager in the same dtype.
 
 Rows, each a copy of the same weights: ``eager`` (transformers as is), ``inductor``
 (``model.compile(backend="inductor", dynamic=True)``), and one ``model.compile(backend="capmoe",
@@ -88,14 +93,19 @@ ROWS = ("eager", "inductor", "capmoe_off", "score_1.0", "score_1.25")
 CAPMOE_ROWS = {"capmoe_off": None, "score_1.0": 1.0, "score_1.25": 1.25}
 
 
-def build(name: str):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build(name: str, dtype: torch.dtype = torch.float32):
     from capmoe_compile.testing import zoo
 
     if name == "shipped":
         from capmoe_compile.models import load_tiny_moe
 
-        return load_tiny_moe()[0]
-    return zoo.build("mixtral", num_layers=2, vocab=256, seed=0, skew=1.5, **MODELS[name])
+        return load_tiny_moe(dtype=dtype)[0]
+    return zoo.build(
+        "mixtral", num_layers=2, vocab=256, seed=0, skew=1.5, dtype=dtype, **MODELS[name]
+    )
 
 
 def prompts(vocab: int, batch: int, longest: int, seed: int = 0):
@@ -228,7 +238,7 @@ def run_model(name: str, args, partial=None) -> dict[str, Any]:
     from capmoe_compile import backend
 
     torch._dynamo.reset()
-    base = build(name)
+    base = build(name, DTYPES[args.dtype])
     vocab = base.get_input_embeddings().weight.shape[0]
     models = {"eager": base}
     if "inductor" in args.rows:
@@ -430,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="fp32",
+        help="the models' dtype (bf16: weights and activations in bf16)",
+    )
+    p.add_argument(
         "--ppl",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -480,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             "cold_compile": args.cold,
             "clock": args.clock,
             "recompile_limit": torch._dynamo.config.recompile_limit,
-            "dtype": "float32",
+            "dtype": str(DTYPES[args.dtype]).removeprefix("torch."),
             "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
         },
         "models": [],
@@ -500,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result))
     print(
         f"\nload average {info.get('loadavg_start')} at start, {info.get('loadavg_end')} at end; "
-        f"{args.threads} thread(s); {args.clock} time; {result['seconds']} s"
+        f"{args.threads} thread(s); {args.dtype}; {args.clock} time; {result['seconds']} s"
     )
     if args.out:
         write_json(args.out, result)

@@ -34,7 +34,7 @@ runs in bf16 as the reference's does, and the combine accumulates in fp32 unless
   weights folded into the down projection's input (no down bias): decode op (T=16, H=1024,
   F=2048, E=8) 41.9 -> 19.4 ms, thread time, interleaved (``lowering/cpu_gemm.py`` has the
   per-product figures). In bf16, on CPUs with AVX-512 bf16 (no AMX needed), groups of at
-  most ``cpu_gemm.MAX_ROWS_BF16`` (4) rows go through its bf16 kernel (``vdpbf16ps``, fp32
+  most ``cpu_gemm.MAX_ROWS_BF16`` (8) rows go through its bf16 kernel (``vdpbf16ps``, fp32
   sums, one rounding to bf16 per output, as ATen's bf16 GEMM): 1.2-7x faster than oneDNN's
   per call at 1-4 rows (Zen 4, one thread; no weights folded: that would round the folded
   product to bf16). Layers it does not take (``[in, out]`` storage, H < ``cpu_gemm.MIN_IN``,

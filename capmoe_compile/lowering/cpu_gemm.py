@@ -15,7 +15,8 @@ The kernel reads ``w`` where it lies (no packed copy, nothing cached, nothing to
 each output ``y[m, n]`` is one dot product over ``in``, computed 8 lanes wide with FMA and
 summed across lanes at the end; 3 rows x 4 weight rows are computed together (12 accumulators)
 so each weight row, loaded once from memory, is reused from L1 by every row block, and the
-next 4 weight rows are prefetched meanwhile (10-40% faster at 2-16 rows than without). Its
+next 4 weight rows are prefetched meanwhile (10-40% faster at 2-16 rows than without; into
+L2, not L1, on AVX-512 CPUs: :data:`PREFETCH_HINT`). Its
 arithmetic per element does not depend on ``M`` or on a row's position (the same chain over
 ``in`` for every ``(m, n)``), so results do not depend on batch composition; they differ from
 ``torch.mm`` by fp32 reassociation only.
@@ -53,13 +54,28 @@ MAX_ROWS_MID = 64  # weight < 4 Mi elements
 MAX_ROWS_BIG = 96  # weight >= 4 Mi elements
 
 
-#: Most rows of one bf16 product computed by :func:`kernel_bf16`. Measured (AMD EPYC Zen 4,
-#: AVX-512 bf16, no AMX, one thread, thread time, interleaved medians of 7, load 12-16;
-#: ``torch.mm`` (oneDNN) time over the kernel's, weights [out, in]): 4096x1024 3.33 / 2.58 /
-#: 1.17 / 0.58 at 1 / 2 / 4 / 8 rows; 1024x2048 5.27 / 2.15 / 1.26 / 0.85; 1024x1024 6.48 /
-#: 2.22 / 1.39 / 0.80; 1024x512 6.85 / 2.63 / 1.67 / 0.98; 1536x1024 6.50 / 2.04 / 1.26 /
-#: 0.78; 1024x768 7.03 / 2.40 / 1.48 / 0.97. From 8 rows oneDNN's blocked kernel is faster.
-MAX_ROWS_BF16 = 4
+#: Most rows of one bf16 product computed by :func:`kernel_bf16`. First measured with one
+#: weight, hot in cache (AMD EPYC Zen 4, AVX-512 bf16, no AMX, one thread, thread time,
+#: interleaved medians of 7, load 12-16; ``torch.mm`` (oneDNN) time over the kernel's, weights
+#: [out, in]): 4096x1024 3.33 / 2.58 / 1.17 / 0.58 at 1 / 2 / 4 / 8 rows; 1024x2048 5.27 /
+#: 2.15 / 1.26 / 0.85; 1024x1024 6.48 / 2.22 / 1.39 / 0.80; 1024x512 6.85 / 2.63 / 1.67 / 0.98.
+#: An MoE layer reads each expert's weight from memory once per call: measured that way (8
+#: distinct weights per timed call, the kernel with :data:`PREFETCH_HINT` T1; same machine,
+#: load 14-17), the kernel is faster up to 8 rows: oneDNN / kernel 4096x1024 2.1 / 1.9 / 1.6
+#: / 1.08 at 1 / 2 / 4 / 8 rows, 1024x2048 1.9 / 1.7 / 1.5 / 1.06; about equal at 10 rows,
+#: slower from 15 (0.85).
+MAX_ROWS_BF16 = 8
+
+#: Where the kernels prefetch the next weight block: ``_MM_HINT_T1`` (into L2) on CPUs where
+#: ATen dispatches AVX-512, ``_MM_HINT_T0`` (L1) elsewhere (AVX2: what the fp32 kernel was
+#: measured with). Measured on Zen 4 (one thread, 8 distinct weights per timed call so each
+#: streams from memory, interleaved medians of 9, load 13-17; T0 time over T1): fp32
+#: 4096x1024 1.31 / 1.38 / 1.55 / 1.38 / 1.17 / 1.08 / 1.08 at 1 / 2 / 4 / 8 / 10 / 15 / 24
+#: rows, 1024x2048 1.15 / 1.17 / 1.45 / 1.46 / 1.21 / 1.22 / 1.13; bf16 4096x1024 1.59 /
+#: 1.52 / 1.16 / 0.97 at 1 / 2 / 4 / 8 rows, 1024x2048 1.39 / 1.28 / 1.25 / 0.99. (An L1
+#: prefetch holds one of the core's few L1 miss buffers until the line arrives; an L2
+#: prefetch does not, so more of the weight's lines are in flight.) Not measured on Intel.
+PREFETCH_HINT = "T1"
 
 
 def max_rows(n_out: int, n_in: int) -> int:
@@ -80,6 +96,9 @@ _SRC = r"""
 #include <stdint.h>
 
 #define T_AVX2 __attribute__((target("avx2,fma")))
+#ifndef CAPMOE_PF_HINT
+#define CAPMOE_PF_HINT _MM_HINT_T0
+#endif
 
 extern "C" {
 
@@ -91,7 +110,8 @@ T_AVX2 static inline float capmoe_hsum(__m256 v) {
 }
 
 // y[i, j] = sum_k x[i, k] * w[j, k] for i < MB, j < NB; the tail k >= K8 in scalar code.
-// Meanwhile ``np`` rows pf, pf + ps, ... (of the next weight block) are prefetched into L1.
+// Meanwhile ``np`` rows pf, pf + ps, ... (of the next weight block) are prefetched
+// (CAPMOE_PF_HINT: L1 or L2, see PREFETCH_HINT).
 #define CAPMOE_BLOCK(MB, NB)                                                                 \
   T_AVX2 static void capmoe_blk_##MB##_##NB(const float* x, int64_t ldx, const float* w,    \
                                             int64_t ldw, float* y, int64_t ldy, int64_t K,  \
@@ -102,7 +122,7 @@ T_AVX2 static inline float capmoe_hsum(__m256 v) {
     const int64_t K8 = K - K % 8;                                                            \
     for (int64_t k = 0; k < K8; k += 8) {                                                    \
       if (np && (k & 15) == 0) /* one 64-byte line per row every other step */               \
-        for (int r = 0; r < np; r++) _mm_prefetch((const char*)(pf + r * ps + k), _MM_HINT_T0); \
+        for (int r = 0; r < np; r++) _mm_prefetch((const char*)(pf + r * ps + k), CAPMOE_PF_HINT); \
       __m256 wv[NB];                                                                         \
       for (int j = 0; j < NB; j++) wv[j] = _mm256_loadu_ps(w + j * ldw + k);                 \
       for (int i = 0; i < MB; i++) {                                                         \
@@ -166,6 +186,9 @@ _SRC_BF16 = r"""
 #include <string.h>
 
 #define T_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#ifndef CAPMOE_PF_HINT
+#define CAPMOE_PF_HINT _MM_HINT_T0
+#endif
 
 extern "C" {
 
@@ -188,7 +211,7 @@ T_BF16 static inline uint16_t capmoe_to_bf16(float f) {
       const __mmask32 m = K - k >= 32 ? (__mmask32)0xffffffffu                               \
                                        : (__mmask32)((1u << (K - k)) - 1u);                  \
       if (np && (k & 31) == 0)                                                               \
-        for (int r = 0; r < np; r++) _mm_prefetch((const char*)(pf + r * ps + k), _MM_HINT_T0); \
+        for (int r = 0; r < np; r++) _mm_prefetch((const char*)(pf + r * ps + k), CAPMOE_PF_HINT); \
       __m512i wv[NB];                                                                        \
       for (int j = 0; j < NB; j++) wv[j] = _mm512_maskz_loadu_epi16(m, w + j * ldw + k);     \
       for (int i = 0; i < MB; i++) {                                                         \
@@ -235,6 +258,16 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+def _with_hint(src: str, hint: str) -> str:
+    """``src`` with its prefetches' hint set (``"T0"``: L1, ``"T1"``: L2)."""
+    return f"#define CAPMOE_PF_HINT _MM_HINT_{hint}\n" + src
+
+
+def _hint() -> str:
+    """:data:`PREFETCH_HINT` where ATen dispatches AVX-512 (where it was measured), else T0."""
+    return PREFETCH_HINT if torch.backends.cpu.get_cpu_capability() == "AVX512" else "T0"
+
+
 def _bf16_cpu() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
@@ -261,7 +294,7 @@ def kernel_bf16():
             try:
                 from torch._inductor.codecache import CppCodeCache
 
-                fn = CppCodeCache.load(_SRC_BF16).capmoe_gemm_nt_bf16
+                fn = CppCodeCache.load(_with_hint(_SRC_BF16, _hint())).capmoe_gemm_nt_bf16
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 3
                 fn.restype = None
             except Exception as e:
@@ -292,7 +325,7 @@ def kernel():
             try:
                 from torch._inductor.codecache import CppCodeCache
 
-                fn = CppCodeCache.load(_SRC).capmoe_gemm_nt_f32
+                fn = CppCodeCache.load(_with_hint(_SRC, _hint())).capmoe_gemm_nt_f32
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 3
                 fn.restype = None
             except Exception as e:  # no compiler, unexpected toolchain: keep torch.mm
