@@ -1155,6 +1155,27 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     def pct(n):
         return f"{n}/{len(moe)} ({100 * n / max(1, len(moe)):.0f}%)"
 
+    def correctly_left(impl) -> list[str]:
+        # issue 24's measure: a family left as written counts as correctly left when every site
+        # it leaves says the layer enforces its own capacity (SPEC.md: it must stay as written)
+        out = []
+        for f in moe:
+            e = fams[f].get(impl, {})
+            left = e.get("explain", {}).get("left") or []
+            if e.get("explain", {}).get("matched") or not left:
+                continue
+            if all("enforces its own capacity" in (r.get("reason") or "") for r in left):
+                out.append(f)
+        return sorted(out)
+
+    def ran(impl) -> list[str]:
+        return [f for f in moe if impl in fams[f] and not fams[f][impl].get("unsupported")]
+
+    def bar(impl) -> str:
+        n = len(ran(impl))
+        ok = len(matched(impl)) + len(correctly_left(impl))
+        return f"{ok}/{n} ({100 * ok / max(1, n):.1f}%)" if n else "not run"
+
     return {
         "families": len(fams),
         "built": len(built),
@@ -1181,6 +1202,15 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             for i, e in r.items()
             if e.get("off") and e["off"].get("ok") is None
         ),
+        # per implementation, over the MoE families that ran under it: matched, or left as
+        # written where SPEC.md says they must be (their own capacity)
+        **{f"matched_or_correctly_left_{i}": bar(i) for i in IMPLS},
+        **{f"correctly_left_{i}": correctly_left(i) for i in IMPLS if ran(i)},
+        **{
+            f"gaps_{i}": sorted(set(ran(i)) - set(matched(i)) - set(correctly_left(i)))
+            for i in IMPLS
+            if ran(i)
+        },
         "own_capacity_styles_matched": sorted(
             f
             for f, r in results.items()

@@ -601,6 +601,89 @@ class ExpertNormSquaredReLU(_Style):
         return (y.view(T, self.k, H) * w.unsqueeze(-1)).sum(dim=1).reshape(B, S, H)
 
 
+class GShardTop2Dropless(_Style):
+    """DeepSpeed's top-2 with ``drop_tokens=False``: GShard's buffer positions (a cumsum over
+    the one-hot, the second choices after all first ones) and ``[T, E, C]`` dispatch/combine
+    tensors, but no capacity mask: the buffer holds ``C = T`` slots, more than any expert can
+    get (a token picks an expert once), so nothing is dropped. The per-expert counts leave the
+    layer (``self.exp_counts``, as DeepSpeed returns them). Dropless and token-wise: SPEC allows
+    the rewrite; positions that move with the token order are no capacity of its own."""
+
+    p_rule = "softmax over experts"
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS):
+        super().__init__()
+        self.E, self.k = E, 2
+        self.wg = nn.Linear(h, E, bias=False)
+        self.w_in = _stacked(E, h, f, h**-0.5)
+        self.w_out = _stacked(E, f, h, f**-0.5)
+        self.exp_counts = None
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        T = x.shape[0]
+        logits = self.wg(x)
+        gates = F.softmax(logits, dim=1)
+        i1 = torch.argmax(gates, dim=1)
+        m1 = F.one_hot(i1, self.E)
+        i2 = torch.argmax(logits.masked_fill(m1.bool(), float("-inf")), dim=1)
+        m2 = F.one_hot(i2, self.E)
+        loc1 = torch.cumsum(m1, dim=0) - 1
+        loc2 = torch.cumsum(m2, dim=0) - 1 + m1.sum(dim=0, keepdim=True)
+        self.exp_counts = (m1 + m2).sum(dim=0)
+        loc1 = (loc1 * m1).sum(dim=1)
+        loc2 = (loc2 * m2).sum(dim=1)
+        g1 = (gates * m1).sum(dim=1)
+        g2 = (gates * m2).sum(dim=1)
+        denom = (g1 + g2).clamp(min=torch.finfo(gates.dtype).eps)
+        g1, g2 = g1 / denom, g2 / denom
+        c1 = g1[:, None, None] * m1[:, :, None] * F.one_hot(loc1, T)[:, None, :]
+        c2 = g2[:, None, None] * m2[:, :, None] * F.one_hot(loc2, T)[:, None, :]
+        combine = c1 + c2  # [T, E, C]
+        dispatch = combine.bool().to(x.dtype)
+        xe = torch.einsum("tec,th->ech", dispatch, x)
+        ye = torch.einsum(
+            "ecf,efh->ech", F.gelu(torch.einsum("ech,ehf->ecf", xe, self.w_in)), self.w_out
+        )
+        out = torch.einsum("tec,ech->th", combine.to(x.dtype), ye)
+        return out.reshape(B, S, H)
+
+
+class TokenTopKCapacity(_Style):
+    """DeepSpeed's top-1 (``top1gating``): an ``argmax`` pick, then each expert keeps the
+    first ``C`` of its tokens by a ``topk`` over the *token* axis of the one-hot mask
+    (``topk(mask, k=C, dim=0)``) scattered back into a mask: its own capacity. The per-expert
+    counts leave the layer (``self.exp_counts``), so its experts are never found and only the
+    router's probe can say why it stays as written."""
+
+    own_capacity = True
+    p_rule = "- (the layer enforces its own capacity)"
+
+    def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, capacity_factor=1.0):
+        super().__init__()
+        self.E, self.k, self.cf = E, 1, capacity_factor
+        self.wg = nn.Linear(h, E, bias=False)
+        self.w_in = _stacked(E, h, f, h**-0.5)
+        self.w_out = _stacked(E, f, h, f**-0.5)
+        self.exp_counts = None
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)
+        T = x.shape[0]
+        gates = F.softmax(self.wg(x), dim=1)
+        cap = min(T, math.ceil(T / self.E * self.cf))
+        mask = F.one_hot(torch.argmax(gates, dim=1), self.E)
+        self.exp_counts = mask.sum(dim=0)
+        keep = torch.topk(mask, k=cap, dim=0)[1]  # [C, E]: each expert's first C tokens
+        mask = mask * torch.zeros_like(mask).scatter_(0, keep, 1)
+        g = (gates * mask).sum(dim=1, keepdim=True)  # [T, 1]
+        h = F.gelu(torch.einsum("th,tehf->tef", x, self.w_in[None].expand(T, -1, -1, -1)))
+        y = torch.einsum("tef,efh->teh", h, self.w_out)
+        return (g * (mask[:, :, None] * y).sum(dim=1)).reshape(B, S, H)
+
+
 _STYLES: dict[str, type[_Style]] = {
     "sort_slice": SortSlice,
     "argsort_gather": ArgsortGather,
@@ -619,6 +702,8 @@ _STYLES: dict[str, type[_Style]] = {
     "view_read_before_update": ViewReadBeforeUpdate,
     "llama4_router_topk": Llama4RouterTopK,
     "expert_norm_relu2": ExpertNormSquaredReLU,
+    "gshard_top2_dropless": GShardTop2Dropless,
+    "token_topk_capacity": TokenTopKCapacity,
 }
 STYLES: tuple[str, ...] = tuple(_STYLES)
 

@@ -308,3 +308,46 @@ def test_a_view_read_after_the_experts_update_is_not_rewritten(results):
     _check_off(rec)
     assert not rec["passes_matched"], rec
     assert any("after the experts update it in place" in r for r in map(str, rec["passes_left"]))
+
+
+def _explain_style(name: str, **attrs):
+    import capmoe_compile
+
+    module = moe_styles.build(name)
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        rep = capmoe_compile.explain(module)(moe_styles.hidden(module))
+    torch._dynamo.reset()
+    return rep
+
+
+def test_buffer_positions_of_a_dropless_layer_are_no_capacity_of_its_own():
+    """DeepSpeed's top-2 with ``drop_tokens=False``: its cumsum buffer positions move with the
+    token order, but nothing is masked by them. Its sites were reported as 'enforces its own
+    capacity' (the probe compared the positions); they are left for what keeps them (the
+    counts leave the layer), not for a capacity the layer does not have."""
+    rep = _explain_style("gshard_top2_dropless")
+    assert rep.unmatched, str(rep)
+    assert not any("enforces its own capacity" in r.reason for r in rep.unmatched), str(rep)
+
+
+def test_a_topk_over_the_token_axis_is_a_capacity_of_its_own():
+    """DeepSpeed's top-1: each expert keeps its first C tokens by ``topk(mask, k=C, dim=0)``.
+    The probe of its site stopped at that top-k (taken for a next router stage), saw only the
+    one-hot, and the layer was left with a generic reason; it is its own capacity."""
+    rep = _explain_style("token_topk_capacity")
+    assert not rep.layers, str(rep)
+    assert rep.unmatched and all("enforces its own capacity" in r.reason for r in rep.unmatched), (
+        str(rep)
+    )
+
+
+def test_a_position_mask_that_never_binds_is_still_a_capacity_of_its_own():
+    """SPEC.md: a router that masks pairs by their cumsum position enforces a capacity of its
+    own even where it does not bind. With a capacity above T the masks never change on any
+    trial; the comparison of positions with a bound is what says so."""
+    rep = _explain_style("gshard_top2_own_capacity", cf=4.0 * moe_styles.NUM_EXPERTS)
+    assert not rep.layers, str(rep)
+    assert any("enforces its own capacity" in r.reason for r in rep.unmatched), str(rep)

@@ -42,6 +42,14 @@ OWN_CAPACITY = (
 )
 
 
+OWN_CAPACITY_BY_POSITION = (
+    "the layer enforces its own capacity in its router: it compares each pair's position in "
+    "its expert's buffer (a cumsum over the tokens) with a bound and masks the pairs past it "
+    "({masks}), so a token's routing depends on the tokens before it, even where the bound does "
+    "not bind on this call; capacity-aware dispatch on top of it would change what it computes"
+)
+
+
 @dataclasses.dataclass
 class RouterSide:
     """The nodes that compute ``(S, W)`` from the token input, and what else they read."""
@@ -51,6 +59,9 @@ class RouterSide:
     nodes: list[fx.Node]  # topological order
     outs: list[fx.Node]  # (S, W) of a found layer, or routing-shaped tensors of a site
     num_experts: int = 0  # set for (S, W): compared as a dense [T, E] matrix
+    # comparisons of a pair's position in its expert's buffer (a cumsum over the tokens) with
+    # a bound, giving a per-pair mask: a capacity of the layer's own by its structure
+    position_masks: list[fx.Node] = dataclasses.field(default_factory=list)
 
     def wanted(self) -> set[fx.Node]:
         return {*self.token_inputs, *self.fixed_inputs}
@@ -61,8 +72,11 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     weights compared here are fp32 copies; a zeroed or moved pair differs by far more)."""
     if a.shape != b.shape:
         return False
-    scale = b.abs().max().clamp_min(1e-6)
-    return bool(((a - b).abs() <= 1e-3 * (b.abs() + 0.05 * scale)).all())
+    same = a == b  # equal infinities (a masked_fill with -inf) are equal, not nan apart
+    finite = b[torch.isfinite(b)]
+    scale = (finite.abs().max() if finite.numel() else b.new_ones(())).clamp_min(1e-6)
+    diff = torch.where(same, torch.zeros_like(a), (a - b).abs())
+    return bool((diff <= 1e-3 * (b.abs() + 0.05 * scale)).all())
 
 
 def _token_rowed(node: fx.Node, T) -> bool:
@@ -110,22 +124,64 @@ def site_probe(graph: fx.Graph, site, kind: dict[fx.Node, str]) -> RouterSide | 
     later = [
         order[n]
         for n in graph.nodes
-        if n.op == "call_function" and order[n] > order[site.node] and _is_topk(n)
+        if n.op == "call_function" and order[n] > order[site.node] and _ranks_experts(n)
     ]
     end = min(later, default=len(order))
     reordered = _reordered_rows(site.node)
-    outs = [
+    positions, compared = _positions(site.node, T, order, end)
+    routing = [
         d
         for d in sorted(descendants([site.node], inclusive=False), key=order.__getitem__)
-        if order[d] < end
-        and d not in reordered
-        and _token_rowed(d, T)
-        and shape(d)[-1] in (E, k)
-        and kind.get(d) == "act"
+        if order[d] < end and _token_rowed(d, T) and shape(d)[-1] in (E, k)
+    ]
+    outs = [
+        d for d in routing if d not in reordered and d not in positions and kind.get(d) == "act"
     ][:8]
-    if not outs:
+    masks = [c for c in compared if c in routing]
+    if not outs and not masks:
         return None
-    return _cut(_token_ancestors(site.scores, T, kind, order), outs, T, kind, order)
+    side = _cut(_token_ancestors(site.scores, T, kind, order), outs or masks, T, kind, order)
+    if side is not None:
+        side.position_masks = masks
+    return side
+
+
+_COMPARISONS = {"lt", "le", "gt", "ge", "eq", "ne"}
+
+
+def _positions(start: fx.Node, T, order, end: int) -> tuple[set[fx.Node], list[fx.Node]]:
+    """Descendants of ``start`` (before ``end``) that carry a pair's *position* in its
+    expert's buffer: a ``cumsum`` over the token axis and what is computed from it, up to a
+    comparison. Positions change under a token permutation for a dropless, token-wise router too
+    (GShard/DeepSpeed buffer slots): they are no evidence of a capacity of the layer's own. The
+    comparisons of a position with a bound (``mask *= locations < capacity``) are: returned
+    second, in graph order."""
+
+    def over_tokens(n: fx.Node) -> bool:
+        if _op_name(n) != "cumsum" or not n.args:
+            return False
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+        sh = shape(n.args[0])
+        if not isinstance(dim, int) or not sh:
+            return False
+        return known_equal(sh[dim], T) or (dim == 0 and _token_rowed(n.args[0], T))
+
+    def compares(n: fx.Node) -> bool:
+        return _op_name(n).removeprefix("__").removesuffix("__") in _COMPARISONS
+
+    todo = [n for n in descendants([start], inclusive=False) if order[n] < end and over_tokens(n)]
+    positions: set[fx.Node] = set()
+    compared: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        if n in positions or order[n] >= end:
+            continue
+        if compares(n):
+            compared.add(n)
+            continue
+        positions.add(n)
+        todo += list(n.users)
+    return positions, sorted(compared, key=order.__getitem__)
 
 
 _ROW_GATHERS = {"index_select", "take"}
@@ -172,6 +228,20 @@ def _is_topk(n: fx.Node) -> bool:
     )
 
 
+def _ranks_experts(n: fx.Node) -> bool:
+    """A top-k / argmax / max over the last dimension: a next router stage, which ends a
+    site's probe. One over another dimension (DeepSpeed's ``topk(mask, k=capacity, dim=0)``
+    picks each expert's tokens: a capacity of the layer's own) is part of what it probes."""
+    if not _is_topk(n):
+        return False
+    pos = 2 if _op_name(n) == "topk" else 1
+    dim = n.kwargs.get("dim", n.args[pos] if len(n.args) > pos else None)
+    if dim is None:
+        return _op_name(n) == "topk"  # topk's default is the last dim; argmax/max: flattened
+    sh = shape(n.args[0]) if n.args else None
+    return isinstance(dim, int) and (dim == -1 or (sh is not None and dim == len(sh) - 1))
+
+
 def _token_ancestors(node, T, kind, order) -> list[fx.Node]:
     """Token-rowed activations upstream of ``node``, nearest first (a few)."""
     return sorted(
@@ -195,6 +265,7 @@ def _cut(candidates, outs, T, kind, order) -> RouterSide | None:
             continue
         end = max(order[o] for o in outs)
         nodes = _with_updates((down & upstream) | set(outs), down, order, end)
+        nodes |= _fresh_buffers(nodes, kind)
         outside = {a for n in nodes for a in n.all_input_nodes if a not in nodes and a is not c}
         token = [c] + sorted(
             (a for a in outside if kind.get(a) == "act" and _token_rowed(a, T)),
@@ -205,6 +276,21 @@ def _cut(candidates, outs, T, kind, order) -> RouterSide | None:
             continue  # reads a computed activation not indexed by token: try further up
         return RouterSide(token, fixed, sorted(nodes, key=order.__getitem__), list(outs))
     return None
+
+
+def _fresh_buffers(nodes: set[fx.Node], kind) -> set[fx.Node]:
+    """Tensors made from no input (``torch.zeros(T, E).scatter_(1, ids, 1)``) that the router
+    side updates in place: recreated in every trial. As fixed inputs they would hold the value
+    the call left in them, the call's own routing, and each trial would add to it."""
+    return {
+        a
+        for n in nodes
+        if mutates(n) and n.args and isinstance(a := n.args[0], fx.Node)
+        if a not in nodes
+        and a.op == "call_function"
+        and kind.get(a) == "const"
+        and not a.all_input_nodes
+    }
 
 
 def _with_updates(nodes, down, order, end: int) -> set[fx.Node]:
@@ -286,6 +372,10 @@ def _trials(T: int) -> list[tuple[str, torch.Tensor]]:
 
 def dependence(side: RouterSide, values: dict[fx.Node, Any], T: int) -> str | None:
     """Why the router side is not token-wise on the call's ``T`` tokens (None: it is)."""
+    if side.position_masks:
+        return OWN_CAPACITY_BY_POSITION.format(
+            masks=", ".join(n.name for n in side.position_masks[:3])
+        )
     if T < 2:
         return None  # one token: no other token to depend on
     sub = _subgraph(side)
