@@ -59,20 +59,21 @@ MAX_ROWS_BIG = 96  # weight >= 4 Mi elements
 #: interleaved medians of 7, load 12-16; ``torch.mm`` (oneDNN) time over the kernel's, weights
 #: [out, in]): 4096x1024 3.33 / 2.58 / 1.17 / 0.58 at 1 / 2 / 4 / 8 rows; 1024x2048 5.27 /
 #: 2.15 / 1.26 / 0.85; 1024x1024 6.48 / 2.22 / 1.39 / 0.80; 1024x512 6.85 / 2.63 / 1.67 / 0.98.
-#: An MoE layer reads each expert's weight from memory once per call: measured that way (8
-#: distinct weights per timed call, the kernel with :data:`PREFETCH_HINT` T1; same machine,
-#: load 14-17), the kernel is faster up to 8 rows: oneDNN / kernel 4096x1024 2.1 / 1.9 / 1.6
-#: / 1.08 at 1 / 2 / 4 / 8 rows, 1024x2048 1.9 / 1.7 / 1.5 / 1.06; about equal at 10 rows,
-#: slower from 15 (0.85).
+#: An MoE layer reads each expert's weight from memory once per call: measured that way
+#: (``python -m benchmarks.cpu_gemm_ab``: 8 distinct weights per timed call, the kernel with
+#: :data:`PREFETCH_HINT` T1; same machine, load 13-15), the kernel is faster up to 8 rows:
+#: oneDNN / kernel 4096x1024 1.87 / 1.71 / 1.54 / 1.08 at 1 / 2 / 4 / 8 rows, 1024x2048 2.09
+#: / 1.68 / 1.44 / 1.02; about equal at 10 rows (0.98 / 0.95), slower from 15 (0.73-0.81).
 MAX_ROWS_BF16 = 8
 
 #: Where the kernels prefetch the next weight block: ``_MM_HINT_T1`` (into L2) on CPUs where
 #: ATen dispatches AVX-512, ``_MM_HINT_T0`` (L1) elsewhere (AVX2: what the fp32 kernel was
-#: measured with). Measured on Zen 4 (one thread, 8 distinct weights per timed call so each
-#: streams from memory, interleaved medians of 9, load 13-17; T0 time over T1): fp32
-#: 4096x1024 1.31 / 1.38 / 1.55 / 1.38 / 1.17 / 1.08 / 1.08 at 1 / 2 / 4 / 8 / 10 / 15 / 24
-#: rows, 1024x2048 1.15 / 1.17 / 1.45 / 1.46 / 1.21 / 1.22 / 1.13; bf16 4096x1024 1.59 /
-#: 1.52 / 1.16 / 0.97 at 1 / 2 / 4 / 8 rows, 1024x2048 1.39 / 1.28 / 1.25 / 0.99. (An L1
+#: measured with). Measured on Zen 4 (``python -m benchmarks.cpu_gemm_ab``: one thread, 8
+#: distinct weights per timed call so each streams from memory, interleaved, per-round
+#: medians of 9, load 13-15; T0 time over T1): fp32 4096x1024 1.36 / 1.29 / 1.49 / 1.28 /
+#: 1.11 / 1.06 / 1.04 at 1 / 2 / 4 / 8 / 10 / 15 / 24 rows, 1024x2048 1.12 / 1.17 / 1.37 /
+#: 1.41 / 1.18 / 1.14 / 1.13; bf16 4096x1024 1.58 / 1.51 / 1.17 / 1.02 at 1 / 2 / 4 / 8 rows,
+#: 1024x2048 1.38 / 1.14 / 1.28 / 1.00; the decode layer's experts op 1.13x in both. (An L1
 #: prefetch holds one of the core's few L1 miss buffers until the line arrives; an L2
 #: prefetch does not, so more of the weight's lines are in flight.) Not measured on Intel.
 PREFETCH_HINT = "T1"
