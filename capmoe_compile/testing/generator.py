@@ -11,7 +11,8 @@ skipped), so :func:`oracle` gives what a capacity-aware layer must compute, thro
 Some spellings are layers capmoe must *not* rewrite as dropless (``bmm_own_capacity`` drops
 pairs past the model's own capacity): for those the only promise is "left as written", and the
 differential check below treats a rewrite that changes the output as wrong. ``scaled_logits``
-is a router whose ``P`` no named pattern identifies: it must be left as written too.
+(top-k over ``logits / tau``) is identified by SPEC's temperature rule, ``P = softmax(logits /
+tau)``, and is checked against the oracle like the other routers.
 
 Issue 23's additions: capacity enforced in the router (``router_cap``: the gate weight of pairs
 past the layer's own capacity zeroed, positions from a cumsum over the flat one-hot, per top-k

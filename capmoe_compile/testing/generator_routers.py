@@ -39,10 +39,10 @@ class RouterSpellings:
     def may_rewrite(self, T: int) -> bool:
         """Whether SPEC lets capmoe rewrite this layer on calls of ``T`` tokens (the layer as
         built and calibrated; :attr:`LayerSpec.expected_match` is the spec's intent): not an
-        unidentified router, not the layer's own capacity in the dispatch, not a router cap
+        layer's own capacity in the dispatch, not a router cap
         that can bind at ``T`` (SPEC: token-wise routing is part of what a match proves)."""
         s = self.spec
-        if s.router == "scaled_logits" or s.dispatch == "bmm_own_capacity":
+        if s.dispatch == "bmm_own_capacity":
             return False
         return not self.router_cap_can_bind(T)
 
@@ -151,6 +151,8 @@ class RouterSpellings:
             P = torch.softmax(logits, dim=-1)  # the model's own score, in its dtype (bf16 ties)
         elif r in ("softmax_topk", "softmax_topk_renorm", "softmax_bias_topk"):
             P = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        elif r == "scaled_logits":  # logits under a temperature: P = softmax(logits / tau)
+            P = torch.softmax(logits.float() / 0.7, dim=-1)
         else:  # top-k of logits: P = softmax of them, for ranking only (SPEC), float32
             P = torch.softmax(logits.float(), dim=-1)
         return P.float(), ids, w

@@ -19,7 +19,7 @@ ROUTERS = (
     "logits_topk_softmax",  # S = topk(logits); W = softmax over the selected (GPT-OSS)
     "sigmoid_topk_renorm",  # P = sigmoid; W, S = topk(P), renormalised, scaled
     "sigmoid_bias_topk",  # S = topk(sigmoid + bias); W = P at S, renormalised (DeepSeek-V3)
-    "scaled_logits",  # S = topk(logits / tau); W = softmax over selected: P not identified
+    "scaled_logits",  # S = topk(logits / tau); W = softmax over selected; P = softmax(logits / tau)
     # issue 14's spellings
     "softmax_bias_topk",  # S = topk(softmax + bias); W = P at S, renormalised (Ernie-4.5)
     "logits_bias_topk",  # S = topk(logits + bias); W = sigmoid(logits at S), renormalised
@@ -112,14 +112,12 @@ class LayerSpec:
 
     @property
     def expected_match(self) -> bool:
-        """Whether SPEC lets capmoe rewrite this layer at all (not whether it does): not an
-        unidentified router, not the layer's own capacity in the dispatch, and not a capacity
+        """Whether SPEC lets capmoe rewrite this layer at all (not whether it does): not the
+        layer's own capacity in the dispatch, and not a capacity
         in the router that can bind (SPEC: token-wise routing is part of what a match
         proves). A router cap of ``C = T`` never binds: that layer is dropless."""
         own_cap = bool(self.router_cap) and self.cap != "never"
-        return (
-            self.router != "scaled_logits" and self.dispatch != "bmm_own_capacity" and not own_cap
-        )
+        return self.dispatch != "bmm_own_capacity" and not own_cap
 
 
 def random_spec(rng: random.Random, seed: int) -> LayerSpec:
