@@ -192,8 +192,10 @@ def main(argv=None) -> None:
             "torch": torch.__version__,
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        from benchmarks.common import with_isa
+
         with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+            json.dump(with_isa(out), f, indent=1)
         for s in SETUPS:
             x = summary[s]
             print(
