@@ -91,10 +91,12 @@ class ModuleListWhere(_Style):
 class GShardTop2(_Style):
     """GShard / DeepSpeed top-2: two ``argmax`` picks, position in expert by ``cumsum``,
     its own capacity (tokens past it dropped), dispatch/combine tensors ``[T, E, C]``,
-    stacked GELU experts by ``einsum``."""
+    stacked GELU experts by ``einsum``. ``drop_tokens = False`` is DeepSpeed's dropless
+    variant (:class:`GShardTop2Dropless`)."""
 
     own_capacity = True
     p_rule = "- (the layer enforces its own capacity)"
+    drop_tokens = True
 
     def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS, k=2, capacity_factor=1.0):
         super().__init__()
@@ -102,6 +104,7 @@ class GShardTop2(_Style):
         self.wg = nn.Linear(h, E, bias=False)
         self.w_in = _stacked(E, h, f, h**-0.5)
         self.w_out = _stacked(E, f, h, f**-0.5)
+        self.exp_counts = None
 
     def forward(self, x):
         B, S, H = x.shape
@@ -109,15 +112,18 @@ class GShardTop2(_Style):
         T = x.shape[0]
         logits = self.wg(x)
         gates = F.softmax(logits, dim=1)
-        cap = max(4, math.ceil(T * self.k / self.E * self.cf))
+        cap = max(4, math.ceil(T * self.k / self.E * self.cf)) if self.drop_tokens else T
         i1 = torch.argmax(gates, dim=1)
         m1 = F.one_hot(i1, self.E)
         i2 = torch.argmax(logits.masked_fill(m1.bool(), float("-inf")), dim=1)
         m2 = F.one_hot(i2, self.E)
         loc1 = torch.cumsum(m1, dim=0) - 1
         loc2 = torch.cumsum(m2, dim=0) - 1 + m1.sum(dim=0, keepdim=True)
-        m1 = m1 * (loc1 < cap)
-        m2 = m2 * (loc2 < cap)
+        if self.drop_tokens:
+            m1 = m1 * (loc1 < cap)
+            m2 = m2 * (loc2 < cap)
+        else:
+            self.exp_counts = (m1 + m2).sum(dim=0)
         loc1 = (loc1 * m1).sum(dim=1)
         loc2 = (loc2 * m2).sum(dim=1)
         g1 = (gates * m1).sum(dim=1)
@@ -601,7 +607,7 @@ class ExpertNormSquaredReLU(_Style):
         return (y.view(T, self.k, H) * w.unsqueeze(-1)).sum(dim=1).reshape(B, S, H)
 
 
-class GShardTop2Dropless(_Style):
+class GShardTop2Dropless(GShardTop2):
     """DeepSpeed's top-2 with ``drop_tokens=False``: GShard's buffer positions (a cumsum over
     the one-hot, the second choices after all first ones) and ``[T, E, C]`` dispatch/combine
     tensors, but no capacity mask: the buffer holds ``C = T`` slots, more than any expert can
@@ -609,45 +615,12 @@ class GShardTop2Dropless(_Style):
     layer (``self.exp_counts``, as DeepSpeed returns them). Dropless and token-wise: SPEC allows
     the rewrite; positions that move with the token order are no capacity of its own."""
 
+    own_capacity = False
     p_rule = "softmax over experts"
+    drop_tokens = False
 
     def __init__(self, h=HIDDEN, f=FFN, E=NUM_EXPERTS):
-        super().__init__()
-        self.E, self.k = E, 2
-        self.wg = nn.Linear(h, E, bias=False)
-        self.w_in = _stacked(E, h, f, h**-0.5)
-        self.w_out = _stacked(E, f, h, f**-0.5)
-        self.exp_counts = None
-
-    def forward(self, x):
-        B, S, H = x.shape
-        x = x.reshape(-1, H)
-        T = x.shape[0]
-        logits = self.wg(x)
-        gates = F.softmax(logits, dim=1)
-        i1 = torch.argmax(gates, dim=1)
-        m1 = F.one_hot(i1, self.E)
-        i2 = torch.argmax(logits.masked_fill(m1.bool(), float("-inf")), dim=1)
-        m2 = F.one_hot(i2, self.E)
-        loc1 = torch.cumsum(m1, dim=0) - 1
-        loc2 = torch.cumsum(m2, dim=0) - 1 + m1.sum(dim=0, keepdim=True)
-        self.exp_counts = (m1 + m2).sum(dim=0)
-        loc1 = (loc1 * m1).sum(dim=1)
-        loc2 = (loc2 * m2).sum(dim=1)
-        g1 = (gates * m1).sum(dim=1)
-        g2 = (gates * m2).sum(dim=1)
-        denom = (g1 + g2).clamp(min=torch.finfo(gates.dtype).eps)
-        g1, g2 = g1 / denom, g2 / denom
-        c1 = g1[:, None, None] * m1[:, :, None] * F.one_hot(loc1, T)[:, None, :]
-        c2 = g2[:, None, None] * m2[:, :, None] * F.one_hot(loc2, T)[:, None, :]
-        combine = c1 + c2  # [T, E, C]
-        dispatch = combine.bool().to(x.dtype)
-        xe = torch.einsum("tec,th->ech", dispatch, x)
-        ye = torch.einsum(
-            "ecf,efh->ech", F.gelu(torch.einsum("ech,ehf->ecf", xe, self.w_in)), self.w_out
-        )
-        out = torch.einsum("tec,ech->th", combine.to(x.dtype), ye)
-        return out.reshape(B, S, H)
+        super().__init__(h, f, E)
 
 
 class TokenTopKCapacity(_Style):
