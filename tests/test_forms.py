@@ -5,11 +5,11 @@ whether it is its projections alone)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import torch
+from source_scan import compares_against
 
 import capmoe_compile
 from capmoe_compile import forms
@@ -18,24 +18,9 @@ from capmoe_compile.experts import ExpertForm
 ROOT = Path(capmoe_compile.__file__).parent
 
 
-def _compares(path: Path, names: set[str]) -> list[str]:
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Compare):
-            for c in ast.walk(node):
-                if isinstance(c, ast.Constant) and c.value in names:
-                    out.append(f"{path.relative_to(ROOT)}:{node.lineno} compares with {c.value!r}")
-    return out
-
-
 def test_no_branch_on_form_or_activation_names_outside_the_registry():
     names = {f.name for f in forms.families()} | set(forms.ACTIVATIONS)
-    hits = []
-    for p in ROOT.rglob("*.py"):
-        rel = p.relative_to(ROOT)
-        if rel.parts[0] in ("forms", "testing", "tools"):
-            continue
-        hits += _compares(p, names)
+    hits = compares_against(names, skip=("forms", "testing", "tools"))
     assert not hits, hits
 
 

@@ -6,8 +6,9 @@ those this axis split (``routing.py``, the routers and policies packages)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
+
+from source_scan import compares_against
 
 import capmoe_compile
 from capmoe_compile import routing
@@ -20,37 +21,15 @@ ROOT = Path(capmoe_compile.__file__).parent
 ALLOWED: set[str] = set()
 
 
-def _compares(path: Path, names: set[str]) -> list[str]:
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Compare):
-            for c in ast.walk(node):
-                if isinstance(c, ast.Constant) and c.value in names:
-                    out.append(
-                        f"{path.relative_to(ROOT)}:{node.lineno} compares against {c.value!r}"
-                    )
-    return out
-
-
 def test_no_branch_on_policy_names_outside_the_policies():
     names = set(routing.policy_names())
-    hits = []
-    for p in ROOT.rglob("*.py"):
-        rel = p.relative_to(ROOT)
-        if rel.parts[0] in ("policies", "testing", "tools") or str(rel) in ALLOWED:
-            continue
-        hits += _compares(p, names)
+    hits = compares_against(names, skip={"policies", "testing", "tools", *ALLOWED})
     assert not hits, hits
 
 
 def test_no_branch_on_kernel_names_outside_their_registrations():
     names = {k.name for k in kernels.kernels()}
-    hits = []
-    for p in ROOT.rglob("*.py"):
-        rel = p.relative_to(ROOT)
-        if rel.parts[0] in ("testing", "tools"):
-            continue
-        hits += _compares(p, names)
+    hits = compares_against(names, skip=("testing", "tools"))
     assert not hits, hits
 
 
