@@ -271,11 +271,28 @@ def _eager_experts(self, *args, **kwargs):
 
     Dynamo traces this function: the bridged forward is looked up in a plain dict filled
     before tracing (:func:`_scan`: an attribute of the original function), never built while
-    tracing."""
-    original = getattr(type(self).forward, "__wrapped__", None)
-    if original is None:  # not the transformers decorator's forward: nothing to bridge
-        return type(self).forward(self, *args, **kwargs)
+    tracing.
+
+    The caller is the decorated forward of the first class in ``type(self)``'s MRO that
+    defines one: a subclass may override ``forward`` undecorated and call ``super().forward``
+    (transformers' Ergo repeats each token k times, then runs its parent's decorated experts),
+    so ``type(self).forward`` may be the subclass's, which would call back here for ever."""
+    original = _decorated_forward(type(self))
     return getattr(original, "_capmoe_bridged", original)(self, *args, **kwargs)
+
+
+def _decorated_forward(cls: type):
+    """The original (undecorated) forward behind the first ``use_experts_implementation``
+    forward in ``cls``'s MRO: what transformers' own "eager" implementation runs."""
+    for c in cls.__mro__:
+        fwd = c.__dict__.get("forward")
+        original = getattr(fwd, "__wrapped__", None)
+        if original is not None:
+            return original
+    raise TypeError(
+        f"capmoe: {cls.__qualname__} dispatches its experts through transformers' experts "
+        "interface but no class in its MRO has a decorated forward"
+    )
 
 
 _scanned_modules = -1

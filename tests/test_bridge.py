@@ -418,3 +418,37 @@ def test_decorated_eager_experts_inductor():
     torch._dynamo.reset()
     assert dropped > 0
     torch.testing.assert_close(got_on, want_on, rtol=1e-4, atol=1e-5)
+
+
+class _PerRouteExperts(_DecoratedExperts):
+    """Transformers' Ergo shape: an undecorated subclass forward that repeats each token once
+    per route and calls its decorated parent (``super().forward``) with unit weights."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        k = top_k_index.shape[1]
+        rows = hidden_states.repeat_interleave(k, dim=0)
+        flat = top_k_index.reshape(-1, 1)
+        y = super().forward(rows, flat, rows.new_ones(flat.shape))
+        return (y.view(*top_k_index.shape, -1) * top_k_weights.unsqueeze(-1)).sum(1)
+
+
+class _PerRouteBlock(_Block):
+    def __init__(self):
+        super().__init__()
+        self.experts = _PerRouteExperts(_Cfg())
+
+
+def test_undecorated_subclass_calling_its_decorated_parent_runs():
+    """The eager implementation under capmoe runs the parent's decorated loop, not the
+    subclass's forward again (that recursed until Dynamo's RecursionError on transformers'
+    Ergo with ``experts_implementation="eager"``); capacity off equals eager."""
+    torch.manual_seed(0)
+    block = _PerRouteBlock().eval()
+    x = torch.randn(2, 6, 8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = block(x)
+        got = torch.compile(block, backend="capmoe")(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert bridge._decorated_forward(_PerRouteExperts) is _DecoratedExperts.forward.__wrapped__
