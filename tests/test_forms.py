@@ -40,6 +40,7 @@ def _one_of_each() -> list[ExpertForm]:
         g.call_function(torch.mul, (x, 1.702)),
         g.call_function(torch.div, (x, 4.0)),
         g.call_function(torch.nn.functional.rms_norm, (x, (H,)), {"eps": 1e-6}),
+        g.call_method("bfloat16", (x,)),
     ]
     params = [torch.zeros(E, 2 * F, H), torch.zeros(E, H, F), torch.zeros(E, H)]
     out = {}

@@ -160,8 +160,16 @@ class ExpertForm:
         return project("down", self._family.gate(self, g, u, act, inplace))
 
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One expert on rows ``x`` [n, H]."""
+        """One expert on rows ``x`` [n, H]. A family that computes in a dtype of its own
+        (:meth:`FormFamily.compute_dtype`) gets ``x`` and its tensors cast to it, and its
+        result is cast back to ``x``'s dtype."""
+        low = self._family.compute_dtype(self)
+        if low is not None and low != x.dtype:
+            cast = {r: v.to(low) for r, v in p.items()}
+            return self._apply(x.to(low), cast).to(x.dtype)
+        return self._apply(x, p)
 
+    def _apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         def lin(role: str, h: torch.Tensor) -> torch.Tensor:
             w = p[role]
             b = p.get("b_" + role)
@@ -235,6 +243,12 @@ class FormFamily:
     def after(self, form: ExpertForm, y: torch.Tensor, p: dict) -> torch.Tensor:
         """A step after the down projection (``p``: the expert's tensors by role)."""
         return y
+
+    def compute_dtype(self, form: ExpertForm) -> torch.dtype | None:
+        """The dtype the expert computes in whatever its input's (``None``: its input's); a
+        family that names one sets ``projections_only = False`` (only the reference runs
+        it)."""
+        return None
 
     def activation(self, form: ExpertForm) -> str | None:
         """See :attr:`ExpertForm.activation`."""
