@@ -93,9 +93,11 @@ def _rounds_as_eager(gm: torch.fx.GraphModule) -> bool:
     faithful as Inductor."""
     if not bridge._trial:
         return False
+    from .passes.fx_util import meta_value
+
     low = (torch.bfloat16, torch.float16)
     for n in gm.graph.nodes:
-        v = n.meta.get("example_value", n.meta.get("val"))
+        v = meta_value(n)
         if isinstance(v, torch.Tensor) and v.dtype in low:
             return True
     return False

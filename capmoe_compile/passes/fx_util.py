@@ -1,5 +1,6 @@
 """FX helpers the passes share: node values and shapes, reachability, in-place updates and
-aliasing. Written once; ``moe_layers``' modules and ``tokenwise`` import them."""
+aliasing. Written once; ``moe_layers``' modules, the routers and ``tokenwise`` import them
+(and the backend :func:`meta_value`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ INPLACE_FUNCS = {operator.setitem, operator.iadd, operator.imul, operator.isub, 
 def val(node):
     """The value Dynamo recorded for ``node`` (``example_value``), or None."""
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def meta_value(node):
+    """``node``'s recorded value: Dynamo's ``example_value``, else the ``val`` of graphs that
+    FakeTensor propagation filled (AOT, ``make_fx``); None where neither is recorded."""
+    return node.meta.get("example_value", node.meta.get("val"))
 
 
 def shape(node):

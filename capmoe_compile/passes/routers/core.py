@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..fx_util import shape as shape_of
+from ..fx_util import val
+
 SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax, "softmax"}
 SIGMOID = {torch.sigmoid, F.sigmoid, torch.Tensor.sigmoid, "sigmoid"}
 LINEAR = {F.linear, torch._C._nn.linear, torch.matmul, operator.matmul, "matmul"}
@@ -36,11 +39,6 @@ def is_call(node: fx.Node, targets: set) -> bool:
     if node.op in ("call_function", "call_method"):
         return node.target in targets
     return False
-
-
-def shape_of(node) -> tuple | None:
-    v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def known_equal(a, b) -> bool:
@@ -76,7 +74,7 @@ def float_scores(node) -> tuple | None:
     """The shape of ``node`` if it is a floating tensor of rank >= 2 (scores over experts in
     its last dim), else None."""
     shape = shape_of(node)
-    if shape is None or len(shape) < 2 or not node.meta["example_value"].is_floating_point():
+    if shape is None or len(shape) < 2 or not val(node).is_floating_point():
         return None
     return shape
 

@@ -18,6 +18,7 @@ from .core import (
     TopKSite,
     is_call,
     register_router,
+    shape_of,
     skip_value_preserving,
 )
 from .logits import raw_logits, temperature_scaled
@@ -49,7 +50,7 @@ def _scattered_into_neg_inf(site: TopKSite, node: fx.Node) -> fx.Node | None:
     base, dim, index, src = node.args
     if src is not site.values or skip_value_preserving(index) is not site.indices:
         return None
-    if dim not in (-1, len(site.scores.meta["example_value"].shape) - 1):
+    if dim not in (-1, len(shape_of(site.scores)) - 1):
         return None
     if not isinstance(base, fx.Node) or base.target is not torch.full_like:
         return None
