@@ -12,7 +12,7 @@ import torch
 
 import capmoe_compile as cc
 from capmoe_compile import experts
-from capmoe_compile.lowering import grouped, kernels
+from capmoe_compile.lowering import epilogue, grouped, kernels
 from capmoe_compile.testing import zoo
 
 
@@ -55,7 +55,13 @@ def test_explain_says_why_each_kernel_was_passed_over(counting_kernel):
     kernel, passed = kernels.choose(q)
     assert kernel.name == grouped.REFERENCE
     names = [n for n, _ in passed]
-    assert names == ["test kernel", grouped.CPU_OP, grouped.TRITON_OP, grouped.TRACED]
+    assert names == [
+        "test kernel",
+        grouped.CPU_OP,
+        grouped.TRITON_OP,
+        grouped.TRACED,
+        epilogue.NAME,
+    ]
     assert dict(passed)["test kernel"] == "fp32 only"
     assert dict(passed)[grouped.TRITON_OP] == "not on CUDA"
     assert "float16" in kernels.describe_choice(q)

@@ -81,8 +81,23 @@ class ExpertForm:
     def projections_only(self) -> bool:
         """Whether the expert is exactly :meth:`mlp` over its projections (kernels built on
         ``mlp(x, project)`` run it); False where the family adds a step of its own after
-        them (only the reference computes those)."""
+        them (the reference computes those; the traced epilogue kernel too where that step
+        is row-wise, :attr:`FormFamily.rowwise_after`)."""
         return self._family.projections_only
+
+    @property
+    def rowwise_after(self) -> bool:
+        """See :attr:`FormFamily.rowwise_after`."""
+        return self._family.rowwise_after
+
+    @property
+    def vector_roles(self) -> tuple[str, ...]:
+        """This form's roles that are its family's vectors (not weights, not biases)."""
+        return tuple(r for r in self.roles if r in self._family.vector_roles)
+
+    def after(self, y: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The family's step after the down projection (:meth:`FormFamily.after`)."""
+        return self._family.after(self, y, p)
 
     def option(self, name: str, default: Any = None) -> Any:
         """A family parameter of :attr:`extra`."""
@@ -222,6 +237,10 @@ class FormFamily:
     vector_roles: dict[str, str] = {}
     #: whether the expert is the MLP over its projections alone (see ExpertForm)
     projections_only: bool = True
+    #: whether :meth:`after` also computes rows of different experts at once, given each
+    #: vector role as one row per row of ``y`` (``[n, H]``, gathered by expert id): the traced
+    #: epilogue kernel (``lowering/epilogue.py``) then runs the family's forms
+    rowwise_after: bool = False
 
     def claims(self, form: ExpertForm) -> bool:
         """Whether a form built without naming a family is this family's (its fields are)."""

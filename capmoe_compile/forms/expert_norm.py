@@ -3,7 +3,8 @@
 to the layer's dtype, before the routing weight). The scale is an ``[E, H]`` tensor (the
 ``norm`` role); eps is read off the region's ``rms_norm`` calls, or off a small constant the
 region adds (a hand-written ``x * rsqrt(mean(x^2) + eps)``). The norm is a step after the
-projections: only the reference kernel runs these experts."""
+projections, row by row: the traced epilogue kernel (``lowering/epilogue.py``) runs these
+experts (the reference too)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class ExpertOutputNorm(FormFamily):
     doc = "an MLP then a per-expert RMSNorm"
     vector_roles = {"norm": "H"}
     projections_only = False
+    rowwise_after = True  # rms_norm over each row, times that row's expert's scale
 
     def constants(self, nodes):
         """eps candidates: those of the region's ``rms_norm`` calls, then small float

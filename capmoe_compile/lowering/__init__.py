@@ -14,7 +14,7 @@ import operator
 from torch import fx
 
 from .. import experts, ops, pipeline
-from . import grouped, kernels
+from . import epilogue, grouped, kernels  # noqa: F401 - epilogue registers its kernel
 
 
 def lower_single_device(graph: fx.Graph, plan: pipeline.LayerPlan) -> tuple[fx.Node, str]:

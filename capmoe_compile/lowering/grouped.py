@@ -151,6 +151,8 @@ def moe_experts_traced(
         return y if b is None else y + b[eb]
 
     y = f.mlp(xs, proj)
+    if not f.projections_only:  # a row-wise step after (lowering/epilogue.py's kernel)
+        y = f.after(y, {r: p[r][eb] for r in f.vector_roles})
     # Combine as a gather: each token reads its k rows back from expert order, weighted and
     # masked in token order, one reduction over k that Inductor fuses (an index_add_ would be
     # per-element atomics, and weighting in expert order a second [T*k, H] buffer).
