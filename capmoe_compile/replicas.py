@@ -257,14 +257,14 @@ def route_replicas(
         out_ids = torch.where(kept_slot, ids, E)
         out_cid = torch.where(kept_slot, cid, Ep)
         out_w = torch.where(kept_slot, topk_weights, torch.zeros_like(topk_weights))
-        if pol.after is routing._reroute_after:
+        if pol.after is not None and pol.copy_form == "proposal_rounds":
             out_ids, out_cid, out_w = _reroute(
                 probs, ids, topk_weights, cid, kept_slot, rows_valid, cap_g, G,
                 placement, reroute_rounds,
             )  # fmt: skip
         elif pol.after is not None:
             raise NotImplementedError(f"policy {policy!r}: its after step has no copy form")
-    elif pol.candidates is routing._expanded_drop:
+    elif pol.copy_form == "local_expansion":
         rows = routing._every_row(rows_valid, T, probs)
         out_ids, out_cid, out_w = _expanded(
             probs, ids, topk_weights, cid, rows, cap_g, G, placement, local_copies,

@@ -57,5 +57,6 @@ register_policy(
         "also offer every local expert to every token; keep the largest probabilities",
         candidates=_expanded_drop,
         width=_expanded_width,
+        copy_form="local_expansion",
     )
 )

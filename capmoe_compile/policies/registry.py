@@ -19,7 +19,11 @@ class Policy:
     ranking used at small sizes; both must agree on the selected cells). ``after`` runs on the
     kept pairs (``reroute``'s proposal rounds). A *candidate* policy (``candidates``) chooses
     among more pairs than the selection (``expanded_drop``: every local expert of every row)
-    and may give a token more than ``k`` experts: ``width`` says how many.
+    and may give a token more than ``k`` experts: ``width`` says how many. ``copy_form`` names
+    the form of its ``after`` or ``candidates`` step over redundant expert copies
+    (:func:`capmoe_compile.replicas.route_replicas`): ``"proposal_rounds"`` (Token Reroute's
+    rounds) or ``"local_expansion"`` (every local copy offered); None: the step has no copy
+    form (a pair policy without ``after`` needs none).
 
     Register a new one with :func:`register_policy`; ``docs/extending.md`` has the recipe."""
 
@@ -30,6 +34,7 @@ class Policy:
     after: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     candidates: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     width: Callable[[int, int, Sequence[int] | None], int] | None = None
+    copy_form: str | None = None
 
     def __post_init__(self) -> None:
         pair = self.pair_key is not None and self.dense_key is not None

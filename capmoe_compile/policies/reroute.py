@@ -135,5 +135,6 @@ register_policy(
         _score_pairs,
         _score_dense,
         after=_reroute_after,
+        copy_form="proposal_rounds",
     )
 )
