@@ -256,7 +256,13 @@ class ExpertChoice(_Style):
 class Llama4Sigmoid(_Style):
     """Llama-4: top-1 over raw logits, scattered into a ``-inf`` row and passed through a
     sigmoid; the score scales each expert's *input*; every expert runs on every row
-    (``[E, T, H]`` bmm, SwiGLU, no biases); a shared expert is added."""
+    (``[E, T, H]`` bmm, SwiGLU, no biases); a shared expert is added.
+
+    Left as written, but not for a capacity of its own (it has none): the region the passes
+    cut after its top-1 ends at the ``-inf`` row of selected logits, not at expert outputs, so
+    no expert form reproduces it. ``explain`` says "enforces its own capacity" instead: the
+    token-dependence check compares rows that hold ``-inf``, and ``-inf - -inf`` is NaN, which
+    ``passes/verify.py``'s ``_error`` reads as a change."""
 
     p_rule = "softmax of the raw logits (top-k ran on logits)"
 
