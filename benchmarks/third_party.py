@@ -124,7 +124,8 @@ def _route(P, ids, W, gamma):
     with weight 0 (it then contributes nothing where W scales the expert output)."""
     from capmoe_compile import config, route
 
-    T, k = ids.shape
+    k = ids.shape[-1]  # ids [T, k], or [B, L, k] (torchtitan's router)
+    T = ids.numel() // k
     ids2, w2 = route(
         P.reshape(T, -1).float(),
         ids.reshape(T, k),

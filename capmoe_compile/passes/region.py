@@ -125,6 +125,10 @@ def _region_through(
     expert_set = (descendants([ids]) | descendants([weights])) & region
     expert_set -= router_side
     support, sizes, x_nodes = _close_experts(expert_set, ids, weights, router_side, kind)
+    views = _read_through_views(graph, x_nodes, ids, weights, expert_set, region, order)
+    if _like_reads_as_factories(graph, expert_set, x_nodes, region, order) or views:
+        expert_set = ((descendants([ids]) | descendants([weights])) & region) - router_side
+        support, sizes, x_nodes = _close_experts(expert_set, ids, weights, router_side, kind)
     x = _token_input(x_nodes, expert_set, out, site.rows)
     _check_no_alias_reads(expert_set | region, order)
     for n in expert_set:
@@ -143,6 +147,59 @@ def _region_through(
     nodes = sorted(expert_set | (support - set(roots)), key=order.__getitem__)
     removable = sorted(region - {ids, weights}, key=order.__getitem__)
     return Region(site, match, out, x, ids, weights, nodes, removable, params, roots)
+
+
+_VIEWS = {"view", "reshape", "flatten", "contiguous"}
+
+
+def _view_of(a: fx.Node, target: fx.Node) -> bool:
+    """Whether ``target`` is ``a`` through reshapes only (``ids_BLK.view(T, k)``)."""
+    cur = target
+    while cur is not a:
+        name = cur.target if cur.op == "call_method" else getattr(cur.target, "__name__", "")
+        if cur.op not in ("call_method", "call_function") or name not in _VIEWS or not cur.args:
+            return False
+        cur = cur.args[0]
+        if not isinstance(cur, fx.Node):
+            return False
+    return True
+
+
+def _read_through_views(graph, x_nodes, ids, weights, expert_set, region, order) -> bool:
+    """Experts that read the selection (or the weights) in the router's own shape as well as
+    ``S`` [T, k] (torchtitan counts tokens per expert from ``ids_BLK`` and dispatches by
+    ``ids_BLK.view(T, k)``) read it as a reshape of ``S``: the same values, now one input the
+    rewrite replaces, not a second router tensor. Static shapes only."""
+    changed = False
+    for a in list(x_nodes):
+        for sel in (ids, weights):
+            a_shape = shape(a)
+            if a is sel or not _view_of(a, sel) or not a_shape:
+                continue
+            if not all(type(d) is int for d in a_shape):
+                continue
+            users = [u for u in a.users if u in expert_set]
+            chain = [sel]
+            while chain[-1].args[0] is not a:
+                chain.append(chain[-1].args[0])
+            if not users or any(c.all_input_nodes != [c.args[0]] for c in chain):
+                continue
+            # the views of ``a`` move up to it (they read nothing else), so that the experts'
+            # reads of ``a``, which may come before ``sel`` (a count taken earlier), follow it
+            prev = a
+            for c in reversed(chain):
+                prev.append(c)
+                order[c] = order[a] + 0.001 * (len(chain) - chain.index(c))
+                prev = c
+            with graph.inserting_after(sel):
+                v = graph.call_method("reshape", (sel, a_shape))
+            v.meta = dict(a.meta)
+            order[v] = order[sel] + 0.0005
+            region.add(v)
+            for u in users:
+                u.replace_input_with(a, v)
+            changed = True
+    return changed
 
 
 def _selection(site, region: set[fx.Node], order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node]:
@@ -313,6 +370,50 @@ def thread_inplace(graph: fx.Graph) -> None:
             if u is not n and order[u] > order[n]:
                 u.replace_input_with(base, n)
         root_of[n] = root
+
+
+_LIKE = {torch.zeros_like: torch.zeros, torch.ones_like: torch.ones,
+         torch.empty_like: torch.empty, torch.full_like: torch.full}  # fmt: skip
+
+
+def _like_reads_as_factories(graph, expert_set, x_nodes, region, order) -> bool:
+    """The experts' ``torch.zeros_like(t, dtype=...)`` (and ``ones/empty/full_like``) of a
+    router tensor ``t`` (contiguous, of static shape) as ``torch.zeros(shape, dtype=...,
+    device=...)``: the same tensor, but one that reads nothing. ``t`` is read for its shape
+    alone (torchtitan builds its routing map as ``zeros_like(scores, dtype=bool).scatter_(...)``),
+    and a read of a router tensor for its shape is no dataflow from the router. Only the
+    experts' reads change (a router's own ``full_like``, Llama-4's ``-inf`` row, stays what
+    its pattern recognises); symbolic shapes, strided inputs and other keywords
+    (``memory_format``, ``requires_grad``) are left as they are."""
+    changed = False
+    for n in sorted(expert_set, key=lambda n: n.name):
+        if n.op != "call_function" or n.target not in _LIKE or not n.args:
+            continue
+        if n.args[0] not in x_nodes:
+            continue
+        src = val(n.args[0])
+        if (
+            not isinstance(src, torch.Tensor)
+            or not all(type(d) is int for d in src.shape)
+            or not src.is_contiguous()
+            or set(n.kwargs) - {"dtype", "device"}
+            or any(isinstance(a, fx.Node) for a in n.args[1:])
+        ):
+            continue
+        kwargs = {
+            "dtype": n.kwargs.get("dtype") or src.dtype,
+            "device": n.kwargs.get("device") or src.device,
+        }
+        with graph.inserting_before(n):
+            new = graph.call_function(_LIKE[n.target], (tuple(src.shape), *n.args[1:]), kwargs)
+        new.meta = dict(n.meta)
+        order[new] = order[n] - 0.5
+        n.replace_all_uses_with(new)
+        expert_set.discard(n)
+        region.discard(n)
+        graph.erase_node(n)
+        changed = True
+    return changed
 
 
 def _setitem_as_index_put(graph: fx.Graph) -> None:

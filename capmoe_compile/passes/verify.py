@@ -67,7 +67,8 @@ def _trials(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, E: int) -> list
         return torch.rand(T, k, generator=gen).to(w.dtype).to(w.device) + 0.1
 
     def sel(rows: torch.Tensor) -> torch.Tensor:
-        return rows.to(dev).to(ids.dtype)
+        # contiguous, as a selection the router makes is (the region may ``view`` it)
+        return rows.to(dev).to(ids.dtype).contiguous()
 
     first = torch.arange(k).expand(T, k)
     last = torch.arange(E - k, E).expand(T, k)
