@@ -216,3 +216,49 @@ def test_plan_apply_configures_each_layer():
         assert module_config.options_for(model[1]) == {"capacity_factor": None, "policy": "reroute"}
     finally:
         module_config.clear()
+
+
+def test_restrict_keeps_capacity_off_and_one_policy():
+    table = {"a": [(0.0, 10, None), (0.1, 8, (1.5, "score")), (0.2, 7, (1.5, "reroute"))]}
+    assert PC._restrict(table, None) is table
+    assert PC._restrict(table, "reroute") == {"a": [(0.0, 10, None), (0.2, 7, (1.5, "reroute"))]}
+
+
+def test_calibrate_checked_has_a_candidate_per_policy_and_checks_the_loss():
+    """Issue 27: the KL is biased against reroute, so the knapsack is also solved per policy;
+    the check takes the least KL (default) or loss among those and the uniform candidates,
+    each distinct setting measured once."""
+    pytest.importorskip("transformers")
+    from capmoe_compile import module_config
+    from capmoe_compile.testing import zoo
+
+    torch.manual_seed(0)
+    model = zoo.build("mixtral", num_layers=2, hidden=32, ffn=32, num_experts=8, top_k=2, seed=3)
+    compiled = torch.compile(model, backend="capmoe", dynamic=False)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (2, 32), generator=gen) for _ in range(2)]
+    cache: dict = {}
+    try:
+        args = {"target": 1.2, "compiled": compiled, "cache": cache, "gammas": (2.0, 1.5, 1.0)}
+        c = PC.calibrate_checked(model, batches, check="loss", **args)
+        kinds = [r["kind"] for r in c.measured["check"]]
+        assert {"per-layer", "per-layer score", "per-layer reroute"} <= set(kinds)
+        assert any(k.startswith("uniform gamma=") and k.endswith("reroute") for k in kinds)
+        ok = [r for r in c.measured["check"] if r["speedup"] >= 1.2 - 1e-9]
+        assert c.search["check"] == "loss"
+        assert c.measured["loss"] == min(r["loss"] for r in ok)
+        assert c.measured["speedup"] >= 1.2
+        for o in c.layers.values():  # a per-policy candidate holds only its policy
+            assert o["policy"] in ("score", "reroute")
+        settings = {(o["capacity_factor"], o["policy"]) for o in c.layers.values()}
+        same = c.measured["uniform_equivalent"]
+        assert (same is None) == (len(settings) > 1 or next(iter(settings))[0] is None)
+        passes = c.measured["passes"]
+        # the same target again: every setting is memoised, no new pass
+        again = PC.calibrate_checked(model, batches, check="loss", **args)
+        assert again.measured["passes"] == passes and again.layers == c.layers
+        by_kl = PC.calibrate_checked(model, batches, **args)
+        assert by_kl.search["check"] == "kl"
+        assert by_kl.measured["kl"] == min(r["kl"] for r in ok)
+    finally:
+        module_config.clear()
