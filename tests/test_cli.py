@@ -85,6 +85,20 @@ def test_bad_option_values_did_you_mean(capsys):
     assert "--gamma" in err and "> 0" in err
 
 
+def test_mistyped_option_is_named_with_the_closest(capsys):
+    """``--traget 1.3`` is an unrecognized ``--traget`` (not a missing ``--target``), with the
+    option it is closest to; a stray word after it is not named."""
+    err = one_line_error(*run(["calibrate", "--traget", "1.3"], capsys)[::2])
+    assert "unrecognized argument --traget (did you mean --target?)" in err, err
+    assert "capmoe calibrate --help" in err
+    err = one_line_error(*run(["demo", "--gama", "0.5"], capsys)[::2])
+    assert "unrecognized argument --gama (did you mean --gamma?)" in err, err
+    err = one_line_error(*run(["calibrate", "--target=1.3", "--windws=4"], capsys)[::2])
+    assert "unrecognized argument --windws (did you mean --windows?)" in err, err
+    err = one_line_error(*run(["calibrate", "-q"], capsys)[::2])  # known options: still missing
+    assert "--target --max-ppl-increase is required" in err, err
+
+
 def test_report_of_a_calibration_says_what_it_wants(tmp_path, capsys):
     path = tmp_path / "cal.json"
     path.write_text(json.dumps({"layers": {"model.layers.0.mlp": {}}, "search": {}}))

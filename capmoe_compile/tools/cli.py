@@ -14,6 +14,7 @@ the argument types and checks they share are in ``cli_common``.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import sys
@@ -43,15 +44,63 @@ from capmoe_compile.tools.progress import Progress
 _INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 
 
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with errors in one line (``capmoe: error: ...``, exit code 2) and a "did you
-    mean" for a mistyped choice."""
+    mean" for a mistyped choice or option. A mistyped option is named before any required one
+    it leaves missing (``--traget 1.3`` is an unrecognized ``--traget``, not a missing
+    ``--target``)."""
+
+    _given: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        # what this parser (a command's, for its own words) was given, for error()
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._commands().get(getattr(ns, "command", None), self)
+            unknown = command._unknown_option(extras, also=self)
+            command.error(unknown or f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+    def _commands(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+    def _unknown_option(self, words: list[str], also=None) -> str | None:
+        """The first of ``words`` that looks like an option neither this parser nor ``also``
+        takes (an abbreviation of one counts as taken), with the closest option named."""
+        options = [*self._option_string_actions, *(also._option_string_actions if also else ())]
+        for word in words:
+            if word == "--":
+                break
+            flag = word.split("=", 1)[0]
+            if not flag.startswith("-") or flag == "-" or _NUMBER.match(flag):
+                continue
+            if flag.startswith("--"):  # --opt, or an abbreviation of one
+                if any(o.startswith(flag) for o in options):
+                    continue
+            elif flag[:2] in options:  # -q, -qv (-q -v) or -n5
+                continue
+            close = difflib.get_close_matches(flag, [o for o in options if o != "-h"], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return f"unrecognized argument {flag}{hint}"
+        return None
 
     def error(self, message: str) -> NoReturn:
         m = _INVALID_CHOICE.search(message)
         if m:
             choices = re.findall(r"'([^']*)'", m.group(2))
             message += _did_you_mean(m.group(1), choices)
+        elif "required" in message:  # a mistyped option says so, not what it left missing
+            message = self._unknown_option(self._given) or message
         self.exit(2, f"capmoe: error: {message} (see: {self.prog} --help)\n")
 
 
