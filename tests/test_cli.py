@@ -99,6 +99,15 @@ def test_mistyped_option_is_named_with_the_closest(capsys):
     assert "--target --max-ppl-increase is required" in err, err
 
 
+def test_plan_of_a_missing_file_ends_as_the_other_commands(tmp_path, capsys):
+    missing = tmp_path / "loads.json"
+    argv = ["plan", str(missing), "--ranks", "2", "--out", str(tmp_path / "plan.json")]
+    err = one_line_error(*run(argv, capsys)[::2])
+    assert f"{missing} does not exist" in err, err
+    err = one_line_error(*run([*argv[:2], "--ranks", "0", *argv[4:]], capsys)[::2])
+    assert "--ranks must be >= 1" in err, err
+
+
 def test_report_of_a_calibration_says_what_it_wants(tmp_path, capsys):
     path = tmp_path / "cal.json"
     path.write_text(json.dumps({"layers": {"model.layers.0.mlp": {}}, "search": {}}))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from capmoe_compile.plan import load_loads, plan
 from capmoe_compile.replicas import Placement
+from capmoe_compile.tools.cli_common import UsageError
 
 
 def add_cli(sub) -> None:
@@ -26,15 +29,20 @@ def add_cli(sub) -> None:
 
 
 def _cli(args, progress=None) -> int:
+    # bad input ends as every command's does (cli.main): capmoe: error: ..., exit code 2
     if args.ranks < 1 or args.spare < 0:
-        raise SystemExit("capmoe plan: --ranks must be >= 1 and --spare >= 0")
+        raise UsageError("--ranks must be >= 1 and --spare >= 0")
     for v, flag in ((args.gamma, "--gamma"), (args.max_drop, "--max-drop")):
         if v is not None and v <= 0:
-            raise SystemExit(f"capmoe plan: {flag} must be > 0")
+            raise UsageError(f"{flag} must be > 0")
+    path = Path(args.loads)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UsageError(f"LOADS {args.loads} {what}: give the JSON plan.save_loads wrote")
     try:
-        loads = load_loads(args.loads)
+        loads = load_loads(path)
     except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"capmoe plan: cannot read {args.loads}: {e}") from None
+        raise UsageError(f"cannot read {args.loads}: {e}") from None
     p = plan(
         loads,
         args.ranks,
