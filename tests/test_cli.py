@@ -108,6 +108,24 @@ def test_plan_of_a_missing_file_ends_as_the_other_commands(tmp_path, capsys):
     assert "--ranks must be >= 1" in err, err
 
 
+def test_more_windows_than_the_text_holds_names_the_most(capsys):
+    """Before the model loads: the flag, and the most windows the text holds at that --seq."""
+    from capmoe_compile.models import split_validation, stdlib_corpus
+
+    corpus = stdlib_corpus()
+    cal, held = split_validation(corpus)
+    err = one_line_error(*run(["calibrate", "--target", "1.3", "--windows", "99999"], capsys)[::2])
+    most = cal.val.numel() // 256
+    assert "--windows 99999 is more than the calibration text holds: at most " in err, err
+    assert f"at most {most} windows of --seq 256" in err, err
+    argv = ["calibrate", "--target", "1.3", "--held-out", "99999", "--seq", "64"]
+    err = one_line_error(*run(argv, capsys)[::2])
+    most = held.val.numel() // 64
+    assert f"--held-out 99999 is more than the held-out text holds: at most {most}" in err, err
+    err = one_line_error(*run(["sweep", "--windows", "99999"], capsys)[::2])
+    assert f"the validation text holds: at most {corpus.val.numel() // 256} windows" in err, err
+
+
 def test_report_of_a_calibration_says_what_it_wants(tmp_path, capsys):
     path = tmp_path / "cal.json"
     path.write_text(json.dumps({"layers": {"model.layers.0.mlp": {}}, "search": {}}))

@@ -9,6 +9,7 @@ import time
 from capmoe_compile.tools.cli_common import (
     UsageError,
     _check_out,
+    _check_windows,
     _load_model,
     _model_dir,
 )
@@ -28,9 +29,11 @@ def _calibrate(args: argparse.Namespace, progress: Progress) -> int:
     from capmoe_compile.models import split_validation, stdlib_corpus, validation_windows
 
     torch.set_num_threads(args.threads)
+    cal_part, held_part = split_validation(stdlib_corpus())
+    _check_windows("--windows", args.windows, args.seq, cal_part, "the calibration text")
+    _check_windows("--held-out", args.held_out, args.seq, held_part, "the held-out text")
     progress.phase(f"loading {args.model}")
     model = _load_model(args.model)
-    cal_part, held_part = split_validation(stdlib_corpus())
 
     def batches(part, n):
         w = validation_windows(part, args.seq, n - n % args.batch)

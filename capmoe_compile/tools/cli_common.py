@@ -118,6 +118,16 @@ def _load_model(name: str):
         raise
 
 
+def _check_windows(flag: str, count: int, seq: int, corpus, what: str) -> None:
+    """Fail before the model loads where ``corpus``'s validation text (``what``) holds fewer
+    than ``count`` windows of ``seq`` bytes, naming the most it holds."""
+    most = corpus.val.numel() // seq
+    if count > most:
+        raise UsageError(
+            f"{flag} {count} is more than {what} holds: at most {most} windows of --seq {seq}"
+        )
+
+
 def _check_out(path: str | None) -> None:
     """Fail before the work, not after it, where ``--out`` cannot be written."""
     if path is None:

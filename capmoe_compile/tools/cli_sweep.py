@@ -12,6 +12,7 @@ from capmoe_compile.tools.cli_common import (
     SHIPPED_MODELS,
     UsageError,
     _check_out,
+    _check_windows,
     _missing,
     _model_dir,
 )
@@ -93,8 +94,10 @@ def _sweep(args: argparse.Namespace, progress: Progress) -> int:
     model = _model_dir(args.model)
     import torch
 
+    from capmoe_compile.models import stdlib_corpus
     from capmoe_compile.tools import sweep
 
+    _check_windows("--windows", args.windows, args.seq, stdlib_corpus(), "the validation text")
     torch.set_num_threads(args.threads)
 
     def step(done: int, total: int, text: str) -> None:
