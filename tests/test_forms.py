@@ -42,10 +42,11 @@ def _one_of_each() -> list[ExpertForm]:
         g.call_function(torch.nn.functional.rms_norm, (x, (H,)), {"eps": 1e-6}),
         g.call_method("bfloat16", (x,)),
     ]
-    params = [torch.zeros(E, 2 * F, H), torch.zeros(E, H, F), torch.zeros(E, H)]
     out = {}
-    for f in forms.candidates(params, H, nodes):
-        out.setdefault(f.family, f)
+    for vector in (torch.zeros(E, H), torch.zeros(H)):  # per expert, shared by every expert
+        params = [torch.zeros(E, 2 * F, H), torch.zeros(E, H, F), vector]
+        for f in forms.candidates(params, H, nodes):
+            out.setdefault(f.family, f)
     assert set(out) == {f.name for f in forms.families()}, sorted(out)
     return list(out.values())
 

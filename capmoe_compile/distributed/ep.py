@@ -177,6 +177,8 @@ def _why_not_shardable(r, names: dict[int, str], world: int, pl: Placement | Non
         return "the passes recorded no verified expert form"
     if any(id(p) not in names for p in r.params):
         return "its expert weights are not parameters of the model (buffers or computed)"
+    if r.form.shared_roles:  # one tensor for every expert: not to be split by expert
+        return f"its experts share {', '.join(r.form.shared_roles)} (not built for EP)"
     if r.form.stacked and any(p.shape[0] != r.num_experts for p in r.params):
         return "its stacked expert parameters do not all have E rows"
     if not r.form.stacked and len(r.params) != r.num_experts * len(r.form.roles):

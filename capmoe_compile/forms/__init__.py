@@ -7,7 +7,7 @@ candidates come among the others'. A new family is one file plus its test
 
 from __future__ import annotations
 
-from . import clamped, expert_norm, glu, low_precision, softcap  # noqa: F401 - registers them
+from . import clamped, expert_norm, glu, low_precision, shared_norm, softcap  # noqa: F401
 from .activations import ACTIVATIONS, apply_inplace, register_activation
 from .base import ExpertForm, FormFamily, Layout, candidates, families, layouts, register_form
 

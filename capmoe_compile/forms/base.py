@@ -92,7 +92,8 @@ class ExpertForm:
 
     @property
     def vector_roles(self) -> tuple[str, ...]:
-        """This form's roles that are its family's vectors (not weights, not biases)."""
+        """This form's roles that are its family's vectors (not weights, not biases), per
+        expert (``[E, n]``) or shared (:attr:`shared_roles`)."""
         return tuple(r for r in self.roles if r in self._family.vector_roles)
 
     def after(self, y: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -133,13 +134,26 @@ class ExpertForm:
         extra = self._family.describe(self)
         return f"{kind}({self.act}){bias}" + (f"[{', '.join(extra)}]" if extra else "")
 
+    @property
+    def shared_roles(self) -> tuple[str, ...]:
+        """Roles of one tensor every expert reads (``shared_<name>``, no expert dimension: a
+        norm scale applied after each expert); stacked forms only."""
+        return tuple(r for r in self.roles if is_shared_role(r))
+
     def expert_params(self, params: list[torch.Tensor], e: int) -> dict[str, torch.Tensor]:
         n = len(self.roles)
-        ps = [p[e] for p in params] if self.stacked else params[e * n : (e + 1) * n]
+        if self.stacked:
+            ps = [p if is_shared_role(r) else p[e] for r, p in zip(self.roles, params, strict=True)]
+        else:
+            ps = params[e * n : (e + 1) * n]
         return dict(zip(self.roles, ps, strict=True))
 
     def num_experts(self, params: list[torch.Tensor]) -> int:
-        return params[0].shape[0] if self.stacked else len(params) // len(self.roles)
+        if not self.stacked:
+            return len(params) // len(self.roles)
+        return next(
+            p for r, p in zip(self.roles, params, strict=True) if not is_shared_role(r)
+        ).shape[0]
 
     def mlp(
         self,
@@ -233,7 +247,8 @@ class FormFamily:
     order: int = 100
     #: what the family covers, for the reason a layer no form reproduces is left
     doc: str = ""
-    #: vector roles beyond biases, each with the size it must have: "H" (the hidden size)
+    #: vector roles beyond biases, each with the size it must have: "H" (the hidden size);
+    #: ``[E, n]`` tensors, or one ``[n]`` tensor every expert reads for a ``shared_`` role
     vector_roles: dict[str, str] = {}
     #: whether the expert is the MLP over its projections alone (see ExpertForm)
     projections_only: bool = True
@@ -304,14 +319,45 @@ def _family_of(form: ExpertForm) -> FormFamily:
     return claimed[0] if claimed else _FAMILIES[0]
 
 
+def is_shared_role(role: str) -> bool:
+    """Whether a role names one tensor read by every expert (see ExpertForm.shared_roles)."""
+    return role.startswith("shared_")
+
+
 def layouts(params: list[torch.Tensor], H: int, vector_roles: dict[str, str]) -> Iterator[Layout]:
     """Every reading of stacked parameters (leading dim E) as an MLP with hidden size ``H``:
     two or three ``[E, a, b]`` weights, ``[E, n]`` vectors as biases of the weights whose
-    output size is ``n``, or as one of ``vector_roles`` of the size it names."""
+    output size is ``n``, or as one of ``vector_roles`` of the size it names; ``[n]`` tensors
+    as the ``shared_`` vector roles of their size."""
     mats = [i for i, p in enumerate(params) if p.dim() == 3]
     vecs = [i for i, p in enumerate(params) if p.dim() == 2]
+    ones = [i for i, p in enumerate(params) if p.dim() == 1]
+    shared = {r: s for r, s in vector_roles.items() if is_shared_role(r)}
+    vector_roles = {r: s for r, s in vector_roles.items() if not is_shared_role(r)}
     if len(mats) not in (2, 3) or len(vecs) > len(mats) + len(vector_roles):
         return
+    if len(mats) + len(vecs) + len(ones) != len(params) or len(ones) > len(shared):
+        return
+    shared_readings = [
+        names
+        for names in itertools.permutations(shared, len(ones))
+        if all(
+            params[i].shape[0] == H and shared[r] == "H" for i, r in zip(ones, names, strict=True)
+        )
+    ]
+    if ones and not shared_readings:
+        return
+    for layout in _stacked_layouts(params, H, vector_roles, mats, vecs):
+        for names in shared_readings or [()]:
+            full = list(layout.roles)
+            for i, r in zip(ones, names, strict=True):
+                full[i] = r
+            yield dataclasses.replace(
+                layout, roles=tuple(full), vector_roles=layout.vector_roles + tuple(names)
+            )
+
+
+def _stacked_layouts(params, H, vector_roles, mats, vecs) -> Iterator[Layout]:
     role_sets = (
         [("gate_up", "down"), ("up", "down")] if len(mats) == 2 else [("gate", "up", "down")]
     )
@@ -341,7 +387,7 @@ def layouts(params: list[torch.Tensor], H: int, vector_roles: dict[str, str]) ->
                     ):
                         continue
                     by_index = dict(zip(list(perm) + vecs, list(roles) + list(vroles), strict=True))
-                    full = tuple(by_index[i] for i in range(len(params)))
+                    full = tuple(by_index.get(i, "") for i in range(len(params)))
                     extra = tuple(r for r in vroles if not r.startswith("b_"))
                     yield Layout(full, transposed, roles, extra)
 

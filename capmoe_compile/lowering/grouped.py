@@ -134,7 +134,7 @@ def moe_experts_traced(
     AOTAutograd traces into aten ops for Inductor to fuse (module docstring)."""
     f = ExpertForm.from_str(form) if isinstance(form, str) else form
     p = dict(zip(f.roles, params, strict=True))
-    E = params[0].shape[0]
+    E = f.num_experts(params)
     T, k = ids.shape
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -152,7 +152,8 @@ def moe_experts_traced(
 
     y = f.mlp(xs, proj)
     if not f.projections_only:  # a row-wise step after (lowering/epilogue.py's kernel)
-        y = f.after(y, {r: p[r][eb] for r in f.vector_roles})
+        shared = f.shared_roles
+        y = f.after(y, {r: p[r] if r in shared else p[r][eb] for r in f.vector_roles})
     # Combine as a gather: each token reads its k rows back from expert order, weighted and
     # masked in token order, one reduction over k that Inductor fuses (an index_add_ would be
     # per-element atomics, and weighting in expert order a second [T*k, H] buffer).

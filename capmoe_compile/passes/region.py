@@ -129,6 +129,12 @@ def _region_through(
     if _like_reads_as_factories(graph, expert_set, x_nodes, region, order) or views:
         expert_set = ((descendants([ids]) | descendants([weights])) & region) - router_side
         support, sizes, x_nodes = _close_experts(expert_set, ids, weights, router_side, kind)
+    cut = _dense_prefix_cut(expert_set, ids, weights, x_nodes, out, kind)
+    if cut is not None:  # the experts start at ``cut``: what computes it stays outside
+        expert_set = ((descendants([ids]) | descendants([weights])) & region) - router_side
+        support, sizes, x_nodes = _close_experts(
+            expert_set, ids, weights, router_side | {cut}, kind
+        )
     x = _token_input(x_nodes, expert_set, out, site.rows)
     _check_no_alias_reads(expert_set | region, order)
     for n in expert_set:
@@ -255,6 +261,42 @@ def _close_experts(expert_set, ids, weights, router_side, kind):
             expert_set.add(a)
             todo.extend(a.all_input_nodes)
     return support, sizes, x_nodes
+
+
+def _dense_prefix_cut(expert_set, ids, weights, x_nodes, out, kind) -> fx.Node | None:
+    """The ``[T, H]`` node where the experts start, when they read the token input through a
+    computation of their own that every token goes through before any routing is applied
+    (MuseSpark: ``pre_expert_norm(pre_expert_proj(x))``, then the experts on its rows, the
+    router on ``x`` itself). That prefix is dense and token-wise: left in the graph, it
+    computes what it did, and the experts' input is its result. ``None`` where there is no
+    such node, or where cutting there changes nothing the experts could be identified by (no
+    parameter read in the prefix and the token input already has the output's shape).
+
+    A candidate ``c`` (shape of ``out``, not derived from the selection or its weights) is
+    taken only if the experts read the prefix through ``c`` alone and do not read the token
+    input beside it; of those, the one that leaves the most of the prefix outside."""
+    routed = descendants([ids]) | descendants([weights])
+    prefix = {n for n in expert_set if n not in routed}
+    out_shape = shape(out)
+    best, best_size = None, 0
+    for c in prefix:
+        if not same_shape(shape(c), out_shape):
+            continue
+        before = ancestors([c]) & prefix
+        rest = expert_set - before
+        if any(a in before and a is not c for n in rest for a in n.all_input_nodes):
+            continue
+        if any(a in x_nodes for n in rest for a in n.all_input_nodes):
+            continue
+        if len(before) > best_size:
+            best, best_size = c, len(before)
+    if best is None:
+        return None
+    before = ancestors([best]) & prefix
+    reads_param = any(kind.get(a) == "param" for n in before for a in n.all_input_nodes)
+    hidden = [a for a in x_nodes if shape(a) is not None and len(shape(a)) == 2]
+    fits = len(hidden) == 1 and len(x_nodes) == 1 and same_shape(shape(hidden[0]), out_shape)
+    return best if reads_param or not fits else None
 
 
 def _token_input(x_nodes: set[fx.Node], expert_set: set[fx.Node], out: fx.Node, T) -> fx.Node:

@@ -243,7 +243,14 @@ def _identify_in(region: Region, values: dict[fx.Node, Any], sub: fx.GraphModule
     roots = [values[r] for r in region.roots]
     params = [values[p] for p in region.params]
     E = region.site.num_experts
-    per_expert = any(p.dim() == 0 or p.shape[0] != E for p in params)
+    # one [H] tensor beside stacked [E, ...] weights: a candidate for a shared vector role
+    # (forms/shared_norm.py); the forms' check below decides what it is
+    stacked_too = any(p.dim() >= 2 and p.shape[0] == E for p in params)
+    shared_vector = [stacked_too and p.dim() == 1 and p.shape[0] == x.shape[1] for p in params]
+    per_expert = any(
+        (p.dim() == 0 or p.shape[0] != E) and not sv
+        for p, sv in zip(params, shared_vector, strict=True)
+    )
     if per_expert:
         stacked = _stack_per_expert(params, E)
         if stacked is None:
