@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from . import bridge_unique
+
 # Calls a bridged loop body may not make: they could raise or differ on an expert with no rows
 # (reductions over the rows, host reads), or mutate something other than the accumulator.
 _FORBIDDEN_CALLS = {"item", "tolist", "max", "min", "amax", "amin", "argmax", "argmin", "numel"}
@@ -36,7 +38,7 @@ def bridged_forward(fn: Callable) -> Callable:
     """``fn`` with its ``for v in mask.nonzero()`` loop over experts bridged, else ``fn``."""
     try:
         return _bridge(fn)
-    except _NotBridged as e:
+    except (_NotBridged, bridge_unique.NotBridged) as e:
         _FAILED[fn.__code__] = str(e)
     except (OSError, TypeError, SyntaxError) as e:  # no source, a builtin: as written
         _FAILED[getattr(fn, "__code__", fn)] = f"{type(e).__name__}: {e}"
@@ -125,7 +127,11 @@ def _bridge(fn: Callable) -> Callable:
         if isinstance(s, ast.For) and isinstance(s.iter, ast.Name) and s.iter.id in hits
     ]
     if len(loops) != 1:
-        raise _NotBridged("no single top-level loop over a nonzero() result")
+        if bridge_unique.rewrite(fdef, _self_first(fdef), _indexed_by, _check_calls):
+            return _compiled(fn, tree)
+        raise _NotBridged(
+            "no single top-level loop over a nonzero() result or over the values of a selection"
+        )
     pos, loop = loops[0]
     hit = loop.iter.id
     loads = [
@@ -134,16 +140,7 @@ def _bridge(fn: Callable) -> Callable:
     if any(isinstance(n.ctx, ast.Load) for n in loads) or len(loads) != 1:
         raise _NotBridged(f"{hit} is used other than as the loop's iterable")
     assign, call, squeezed = hits[hit]
-    args = fdef.args.posonlyargs + fdef.args.args
-    self_first = (
-        bool(args)
-        and args[0].arg == "self"
-        and not any(
-            isinstance(n, ast.Name) and n.id == "self" and not isinstance(n.ctx, ast.Load)
-            for n in ast.walk(fdef)
-        )
-    )
-    bounds = _loop_ok(loop, fdef.body[pos + 1 :], squeezed, self_first)
+    bounds = _loop_ok(loop, fdef.body[pos + 1 :], squeezed, _self_first(fdef))
     _unhit_adds_nothing(fdef, loop, call, assign)
     assign.value = ast.Call(
         func=ast.Name("_capmoe_every_index", ast.Load()),
@@ -152,15 +149,35 @@ def _bridge(fn: Callable) -> Callable:
     )
     if squeezed:  # the loop runs over ints: `v = v.item()` goes
         loop.body = loop.body[1:]
+    return _compiled(fn, tree)
+
+
+def _self_first(fdef: ast.FunctionDef) -> bool:
+    """Whether the function's first argument is ``self``, never rebound."""
+    args = fdef.args.posonlyargs + fdef.args.args
+    return (
+        bool(args)
+        and args[0].arg == "self"
+        and not any(
+            isinstance(n, ast.Name) and n.id == "self" and not isinstance(n.ctx, ast.Load)
+            for n in ast.walk(fdef)
+        )
+    )
+
+
+def _compiled(fn: Callable, tree: ast.Module) -> Callable:
+    """The rewritten source of ``fn`` as a function of ``fn``'s module."""
+    code = fn.__code__
     ast.fix_missing_locations(tree)
     # keep the source's line numbers: stack traces and explain point at the model's file
     ast.increment_lineno(tree, code.co_firstlineno - 1)
     compiled = compile(tree, code.co_filename, "exec")
     new_code = next(c for c in compiled.co_consts if isinstance(c, types.CodeType))
     # The bridged function lives in the model's own module namespace (Dynamo guards on the
-    # globals it reads through that module), which gains this one prefixed name.
+    # globals it reads through that module), which gains these prefixed names.
     glb = fn.__globals__
     glb["_capmoe_every_index"] = every_index
+    glb["_capmoe_every_value"] = bridge_unique.every_value
     new = types.FunctionType(new_code, glb, fn.__name__, fn.__defaults__)
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__ = fn.__qualname__
