@@ -5,11 +5,11 @@ routed expert at ``C = ceil(gamma * T * k / E)`` tokens (SPEC.md), so that under
 parallelism the most loaded expert stops setting the layer's latency.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` and the imports below under private names: the
+# package's namespace (``dir(capmoe_compile)``) is its API and its modules, nothing else.
+from collections.abc import Sequence as _Sequence
 
-from collections.abc import Sequence
-
-import torch
+import torch as _torch
 
 from . import config
 from . import distributed as _distributed  # noqa: E402, F401
@@ -44,13 +44,13 @@ __version__ = "0.1.0"
 
 
 def route(
-    probs: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
+    probs: _torch.Tensor,
+    topk_ids: _torch.Tensor,
+    topk_weights: _torch.Tensor,
     *,
     capacity_factor: float | None,
     policy: str = "score",
-    local_experts: Sequence[int] | None = None,
+    local_experts: _Sequence[int] | None = None,
     renormalize: bool = False,
     reroute_rounds: int = 1,
     seed: int = 0,
@@ -59,8 +59,8 @@ def route(
     capacity_align: int = 1,
     capacity_scope: str = "batch",
     num_sequences: int = 1,
-    valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    valid: _torch.Tensor | None = None,
+) -> tuple[_torch.Tensor, _torch.Tensor]:
     """Apply a capacity policy to a model's own top-k selection (SPEC.md).
 
     Args:

@@ -93,3 +93,21 @@ def test_mode_is_passed_to_inductor():
     m = torch.nn.Linear(4, 4)
     x = torch.randn(2, 4)
     torch.testing.assert_close(torch.compile(m, backend="capmoe", mode="reduce-overhead")(x), m(x))
+
+
+def test_package_namespace_is_its_api_and_its_modules():
+    """``dir(capmoe_compile)`` lists the public API (``__all__``), the package's own modules
+    and private names: no helper imports (``torch``, ``Sequence``, ``annotations``)."""
+    import types
+
+    import capmoe_compile
+
+    public = {n for n in dir(capmoe_compile) if not n.startswith("_")}
+    modules = {n for n in public if isinstance(getattr(capmoe_compile, n), types.ModuleType)} - set(
+        capmoe_compile.__all__
+    )
+    stray = {
+        n for n in modules if not getattr(capmoe_compile, n).__name__.startswith("capmoe_compile.")
+    }
+    assert not stray, stray
+    assert public - modules == set(capmoe_compile.__all__), public - modules
