@@ -148,6 +148,36 @@ def test_torchtitan_style_is_matched_off_equals_eager_on_equals_oracle(score_fun
     assert on["ok"] and on["dropped"] > 0, on
 
 
+class TitanMixedRounding(TitanStyle):
+    """bf16 projections, but the gated product in float32, rounded to bf16 once: not the
+    bf16 MLP (it rounds ``silu(g)`` and the product separately), nor the float32 one."""
+
+    def experts(self, x, counts):
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        g = torch._grouped_mm(x.bfloat16(), self.w1.bfloat16().transpose(-2, -1), offs=offs)
+        u = torch._grouped_mm(x.bfloat16(), self.w3.bfloat16().transpose(-2, -1), offs=offs)
+        h = (F.silu(g.float()) * u.float()).bfloat16()
+        return torch._grouped_mm(h, self.w2.bfloat16().transpose(-2, -1), offs=offs).type_as(x)
+
+
+def test_experts_rounding_otherwise_are_left_as_written():
+    """No form rounds as these experts do: the layer is left, with the no-form reason, and
+    capacity on gives eager."""
+    module = TitanMixedRounding().eval()
+    x = _x()
+    with torch.no_grad():
+        eager = module(x)
+    torch._dynamo.reset()
+    rep = capmoe_compile.explain(module)(x)
+    torch._dynamo.reset()
+    assert not rep.layers, str(rep)
+    assert any("no known expert form" in u.reason for u in rep.unmatched), str(rep)
+    with config.patch(capacity_factor=0.5, policy="score"), torch.no_grad():
+        got = torch.compile(module, backend="capmoe")(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_float32_experts_get_no_low_precision_candidates():
     """A region that casts to no low float dtype is offered no bf16 form: a float32 expert
     is never replaced by a bf16 one (nor the reverse, the bf16 one not being float32)."""
