@@ -123,3 +123,12 @@ def test_readme_first_screen():
     assert heads[:4] == ["The problem", "Install", "Run the demo", "In Python"], heads
     assert "C = max(1, ceil(gamma * T * k / E))" in text
     assert len(text.splitlines()) <= 150
+
+
+def test_readme_example_says_its_gamma_is_not_a_setting():
+    """The example's gamma 1.0 costs the shipped model about half its perplexity again: its
+    section says so and points to ``capmoe calibrate`` and docs/calibration.md."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## In Python", 1)[1].split("\n## ", 1)[0]
+    assert 'capacity_factor": 1.0' in section
+    assert "capmoe calibrate" in section and "(docs/calibration.md)" in section, section
