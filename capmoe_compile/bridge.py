@@ -148,8 +148,10 @@ def data_dependent_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     ``tolist``, boolean indexing, ...). Dead nodes a rewrite left behind do not count."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
+    from .passes.fx_util import meta_value
+
     def unbacked(n: torch.fx.Node) -> set:
-        val = n.meta.get("example_value", n.meta.get("val"))
+        val = meta_value(n)
         try:
             return set(free_unbacked_symbols(val)) if val is not None else set()
         except Exception:  # noqa: BLE001 - a value free_unbacked_symbols cannot walk

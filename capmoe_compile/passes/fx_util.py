@@ -1,6 +1,6 @@
 """FX helpers the passes share: node values and shapes, reachability, in-place updates and
 aliasing. Written once; ``moe_layers``' modules, the routers and ``tokenwise`` import them
-(and the backend :func:`meta_value`)."""
+(and the backend and the bridge :func:`meta_value`)."""
 
 from __future__ import annotations
 
