@@ -77,19 +77,15 @@ def find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node,
     site = match.site
     T = site.rows
     order = {n: i for i, n in enumerate(graph.nodes)}
-    outs = []
-    for c in sorted(descendants([site.node]), key=order.__getitem__):
-        if c is site.node:
-            continue
-        sh = shape(c)
-        v = val(c)
-        if sh is None or len(sh) != 2 or not known_equal(sh[0], T) or not v.is_floating_point():
-            continue
-        reach = descendants([site.node], stop=c)
-        if not any(u.op == "output" for n in reach for u in n.users) and all(
-            u in reach or u is c for n in reach for u in n.users
-        ):
-            outs.append(c)
+    outs = _combining(site, T, order, side_paths=False)
+    # Only where no node combines every result: the selection may also feed values computed
+    # from the router's outputs alone, outside the experts (Inkling normalises its shared
+    # experts' weights together with the selected experts' scores): SPEC.md, "Where capacity
+    # applies". _region_through checks that such a side path reads no expert weight and no
+    # token row.
+    side_paths = not outs
+    if side_paths:
+        outs = _combining(site, T, order, side_paths=True)
     if not outs:
         raise Unmatched(
             "no single [T, H] tensor combines all of the top-k's results: they leave the graph "
@@ -102,10 +98,54 @@ def find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node,
     errors = []
     for out in outs:
         try:
-            return _region_through(graph, match, kind, out, order)
+            return _region_through(graph, match, kind, out, order, side_paths)
         except Unmatched as e:
             errors.append(e)
     raise errors[-1]  # the last candidate is the widest region: its reason is the telling one
+
+
+def _combining(site, T, order: dict[fx.Node, int], side_paths: bool) -> list[fx.Node]:
+    """The float [T, *] nodes after the top-k that every use of its results flows into (with
+    ``side_paths``: or leaves the region another way, not as a graph output)."""
+    outs = []
+    for c in sorted(descendants([site.node]), key=order.__getitem__):
+        if c is site.node:
+            continue
+        sh = shape(c)
+        v = val(c)
+        if sh is None or len(sh) != 2 or not known_equal(sh[0], T) or not v.is_floating_point():
+            continue
+        reach = descendants([site.node], stop=c)
+        if side_paths:  # a side path runs on past c: only what c is computed from counts
+            reach &= ancestors([c])
+        if any(u.op == "output" for n in reach for u in n.users):
+            continue
+        if side_paths or all(u in reach or u is c for n in reach for u in n.users):
+            outs.append(c)
+    return outs
+
+
+def _side_path(region: set[fx.Node], out: fx.Node, live: set[fx.Node]) -> set[fx.Node]:
+    """The region's nodes whose values also leave it (other than through ``out``) for a
+    node the graph's output depends on (``live``), with everything in the region they are
+    computed from."""
+    leaving = [
+        n for n in region if n is not out and any(u not in region and u in live for u in n.users)
+    ]
+    return ancestors(leaving) & region if leaving else set()
+
+
+def _check_side_path(side: set[fx.Node], x: fx.Node, params: list[fx.Node]) -> None:
+    """A side path must be the router's: no expert weight, no token row read."""
+    expert_params = set(params)
+    for n in side:
+        read = [a for a in n.all_input_nodes if a is x or a in expert_params]
+        if read:
+            raise Unmatched(
+                f"a value computed from the selection leaves the layer's experts "
+                f"({n.name}) and reads {read[0].name}, an expert weight or the token input: "
+                "not the router's own output"
+            )
 
 
 def _region_through(
@@ -114,12 +154,20 @@ def _region_through(
     kind: dict[fx.Node, str],
     out: fx.Node,
     order: dict[fx.Node, int],
+    side_paths: bool = False,
 ) -> Region:
     """The expert region from ``match``'s top-k to ``out``, its [T, H] result."""
     site = match.site
     region = descendants([site.node], stop=out) | {out}
-    ids, weights = _selection(site, region, order)
-    router_side = ancestors([ids, weights])
+    side: set[fx.Node] = set()
+    if side_paths:  # a side path runs on past out: only what out is computed from
+        live = ancestors([n for n in graph.nodes if n.op == "output"])
+        region &= ancestors([out])
+        side = _side_path(region, out, live)
+    # W is read by the experts: a [T, k] float only the side path reads is not it
+    feeding = ancestors(list(region - side)) if side else region
+    ids, weights = _selection(site, region & feeding, order)
+    router_side = ancestors([ids, weights]) | side
     # The experts are what the selection feeds, minus the router's tail that computes W from
     # the ids (DeepSeek-V3 gathers W from the scores at the selected ids).
     expert_set = (descendants([ids]) | descendants([weights])) & region
@@ -137,6 +185,8 @@ def _region_through(
         )
     x = _token_input(x_nodes, expert_set, out, site.rows)
     _check_no_alias_reads(expert_set | region, order)
+    if side:
+        _check_side_path(side, x, [a for a in support if kind.get(a) == "param"])
     for n in expert_set:
         if n.op == "call_method" and str(n.target).endswith("_") or n.target in INPLACE_FUNCS:
             target = n.args[0] if n.args else None

@@ -272,10 +272,22 @@ def _cut(candidates, outs, T, kind, order) -> RouterSide | None:
             key=order.__getitem__,
         )
         fixed = sorted(outside - set(token), key=order.__getitem__)
-        if any(kind.get(a) == "act" and a.op != "placeholder" and shape(a) for a in fixed):
+        if any(
+            kind.get(a) == "act"
+            and a.op != "placeholder"
+            and shape(a)
+            and not _token_free(a, T, kind)
+            for a in fixed
+        ):
             continue  # reads a computed activation not indexed by token: try further up
         return RouterSide(token, fixed, sorted(nodes, key=order.__getitem__), list(outs))
     return None
+
+
+def _token_free(node: fx.Node, T, kind) -> bool:
+    """Computed from no token-rowed activation (a buffer's ``.float()``: Inkling's selection
+    bias): as much a fixed input of the call as the buffer itself."""
+    return not any(kind.get(a) == "act" and _token_rowed(a, T) for a in ancestors([node]))
 
 
 def _fresh_buffers(nodes: set[fx.Node], kind) -> set[fx.Node]:
