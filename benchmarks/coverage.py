@@ -20,8 +20,9 @@ one only inside a sub-config of another registered ``model_type`` (a multimodal 
 ``text_config``) is that sub-config's family, listed as a wrapper and not built twice. Built
 through ``AutoModelForCausalLM`` where registered, else the seq2seq LM, else ``AutoModel``;
 a family with no text model in the registry is listed as not built. A family counts as MoE
-at the tiny config when a top-k (or ``max``/``argmax``) over a last dimension of ``E`` runs in
-its eager forward; the table says so where none does.
+at the tiny config when a top-k (or ``max``/``argmax``) over a last dimension of ``E`` (or of
+``E`` plus its zero-computation experts, LongCat-Flash's ``zero_expert_num``) runs in its eager
+forward; the table says so where none does.
 
 The eager oracle (``--on``): a forward pre-hook on each transformers experts module (a class
 decorated with ``use_experts_implementation``: ``forward(hidden [T, H], top_k_index [T, k],
@@ -250,6 +251,7 @@ _TINY = {
     "moe_layer_freq": 1,
     "mlp_only_layers": [],
     "n_shared_experts": 1,
+    "zero_expert_num": 4,  # LongCat-Flash's zero-computation experts (default 256 beside 8)
     "num_shared_experts": 1,
     "n_group": 4,
     "topk_group": 2,
@@ -257,6 +259,7 @@ _TINY = {
     "q_lora_rank": 32,
     "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8,
+    "qk_head_dim": 16,  # nope + rope: stored, not derived, by some configs (LongCat-Flash)
     "v_head_dim": 16,
     "use_cache": False,
     "pad_token_id": 0,
@@ -875,7 +878,9 @@ def run_family(
             continue
         n_params = sum(p.numel() for p in model.parameters())
         entry["build"] = {"ok": True, "params": n_params, "seconds": None}
-        probe = RouterProbe({NUM_EXPERTS})
+        # a router may rank zero-computation experts beside E (LongCat-Flash: E + Z)
+        zero = getattr(model.config, "zero_expert_num", None) or 0
+        probe = RouterProbe({NUM_EXPERTS, NUM_EXPERTS + zero})
         with probe, torch.no_grad():
             model(**inputs)
         entry["router_topk"] = sum(1 for r in probe.topks if r["over"] == "experts")
