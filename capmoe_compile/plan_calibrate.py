@@ -135,6 +135,34 @@ def _per_layer_rows(
     return rows
 
 
+def _measurer(model, compiled, batches, cache: dict):
+    """``measure(layers)``: one pass of ``compiled`` over ``batches`` with the per-layer
+    setting ``layers`` applied (KL and loss against capacity off, loads, modeled speedup),
+    memoised in ``cache["measured"]``: one pass per distinct setting across targets."""
+    from . import config
+    from .calibrate import Calibration, model_speedup
+
+    off, ref = cache["off"]
+
+    def measure(layers: dict) -> dict:
+        key = tuple(sorted((n, o["capacity_factor"], o["policy"]) for n, o in layers.items()))
+        memo = cache.setdefault("measured", {})
+        if key not in memo:
+            c = Calibration(layers)
+            c.apply(model)
+            try:
+                with config.patch(capacity_factor=None):
+                    res, _ = _candidate_pass(compiled, batches, ref)
+            finally:
+                c.clear(model)
+            res["speedup"] = model_speedup(off["before"], res["after"])
+            res.pop("calls")
+            memo[key] = res
+        return dict(memo[key])
+
+    return measure
+
+
 def calibrate_checked(
     model: torch.nn.Module,
     batches: Sequence[torch.Tensor],
@@ -185,7 +213,7 @@ def calibrate_checked(
     records every candidate in ``measured["check"]``. ``batches``: input-id tensors [B, S].
     """
     from . import config
-    from .calibrate import Calibration, model_speedup
+    from .calibrate import Calibration
 
     if check not in ("kl", "loss"):
         raise ValueError(f"check={check!r}: expected 'kl' or 'loss'")
@@ -196,26 +224,10 @@ def calibrate_checked(
     if "off" not in cache:
         with config.patch(capacity_factor=None):
             cache["off"] = _candidate_pass(compiled, batches)
-    off, ref = cache["off"]
+    off, _ = cache["off"]
     names = list(off["before"])
     total_before = sum(off["before"].values())
-
-    def measure(layers: dict) -> dict:
-        key = tuple(sorted((n, o["capacity_factor"], o["policy"]) for n, o in layers.items()))
-        memo = cache.setdefault("measured", {})  # one pass per distinct setting, all targets
-        if key not in memo:
-            c = Calibration(layers)
-            c.apply(model)
-            try:
-                with config.patch(capacity_factor=None):
-                    res, _ = _candidate_pass(compiled, batches, ref)
-            finally:
-                c.clear(model)
-            res["speedup"] = model_speedup(off["before"], res["after"])
-            res.pop("calls")
-            memo[key] = res
-        return dict(memo[key])
-
+    measure = _measurer(model, compiled, batches, cache)
     if "layers" not in cache:
         cache["layers"] = _layer_table(measure, off, policies, gammas, stop_kl)
 
