@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -702,6 +703,23 @@ class PassesBackend:
         self.reports.extend(run_passes(gm, example_inputs, None))
         return gm.forward
 
+    def drop(self, dropped: list) -> None:
+        """Reports of graphs the bridge dropped (traced with the capture flags, then again
+        without them): their layers run as written, so a match there is none (as ``explain``
+        reports it: "matched when traced with the capture flags; ...")."""
+        gone = {id(r): why for reports, why in dropped for r in reports}
+        self.reports = [
+            r
+            if id(r) not in gone
+            else dataclasses.replace(
+                r,
+                matched=False,
+                reason=(r.reason if not r.matched else "matched when traced with the capture flags")
+                + f"; the graph was traced again without the capture flags ({gone[id(r)]})",
+            )
+            for r in self.reports
+        ]
+
 
 def eager_graph_count(model, inputs) -> int:
     from torch._dynamo.testing import CompileCounter
@@ -777,10 +795,18 @@ def check_model(
             matched = rec.get("explain", {}).get("matched", [])
             names = [m["name"] for m in matched]
         else:
+            from capmoe_compile.bridge import DROPPED_SINKS
+
             be = PassesBackend()
             compiled = torch.compile(model, backend=be)
-            with torch.no_grad():
-                got = first_tensor(compiled(**inputs))
+            dropped: list = []  # graphs traced with the capture flags, then traced again
+            DROPPED_SINKS.append(dropped)
+            try:
+                with torch.no_grad():
+                    got = first_tensor(compiled(**inputs))
+            finally:
+                DROPPED_SINKS.remove(dropped)
+            be.drop(dropped)
             rec["capmoe_graphs"] = be.graphs
             names = [r.name for r in be.reports if r.matched]
             rec["passes_matched"] = names
