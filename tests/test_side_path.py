@@ -92,7 +92,7 @@ def _build(cls, seed):
     return cls().eval()
 
 
-def _inkling_moe(seed, E=8, S=2, k=2, H=32, F_=16):
+def _inkling_moe(seed, impl="grouped_mm", E=8, S=2, k=2, H=32, F_=16):
     """transformers' InklingMoE block at a tiny size, random weights."""
     from transformers import InklingTextConfig
     from transformers.models.inkling import modeling_inkling as M
@@ -101,7 +101,7 @@ def _inkling_moe(seed, E=8, S=2, k=2, H=32, F_=16):
         hidden_size=H, moe_intermediate_size=F_, n_routed_experts=E, n_shared_experts=S,
         num_experts_per_tok=k, route_scale=2.0,
     )  # fmt: skip
-    cfg._experts_implementation = "grouped_mm"
+    cfg._experts_implementation = impl
     torch.manual_seed(seed)
     m = M.InklingMoE(cfg).eval()
     for p in m.parameters():
@@ -135,9 +135,11 @@ def _inkling_oracle(m, x, gamma, policy):
         handle.remove()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_inkling_matched_off_is_eager_on_is_the_oracle(seed):
-    m = _inkling_moe(seed)
+@pytest.mark.parametrize(("seed", "impl"), [(0, "grouped_mm"), (1, "grouped_mm"), (0, "eager")])
+def test_inkling_matched_off_is_eager_on_is_the_oracle(seed, impl):
+    """Under ``eager`` the experts loop is bridged, and the unread halves of its
+    ``torch.where`` (with the asserts on their sizes) go with the region."""
+    m = _inkling_moe(seed, impl)
     x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(seed))
     torch._dynamo.reset()
     rep = capmoe_compile.explain(m)(x)

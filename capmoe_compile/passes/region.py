@@ -125,6 +125,21 @@ def _combining(site, T, order: dict[fx.Node, int], side_paths: bool) -> list[fx.
     return outs
 
 
+def _dead_ends(unused: set[fx.Node], core: set[fx.Node], order) -> set[fx.Node]:
+    """The nodes of ``unused`` computed from ``core`` (the region proper) and one another
+    alone: the unread half of a ``torch.where`` in an experts loop, its sizes and the runtime
+    asserts on them. Removed with the region (as a region found the plain way removes
+    them); in-place updates are never among them."""
+    dead: set[fx.Node] = set()
+    for n in sorted(unused, key=order.__getitem__):
+        impure_ok = n.op == "call_function" and "assert" in str(n.target)
+        if mutates(n) or (n.is_impure() and not impure_ok):
+            continue
+        if all(a in core or a in dead for a in n.all_input_nodes):
+            dead.add(n)
+    return dead
+
+
 def _side_path(region: set[fx.Node], out: fx.Node, live: set[fx.Node]) -> set[fx.Node]:
     """The region's nodes whose values also leave it (other than through ``out``) for a
     node the graph's output depends on (``live``), with everything in the region they are
@@ -160,9 +175,12 @@ def _region_through(
     site = match.site
     region = descendants([site.node], stop=out) | {out}
     side: set[fx.Node] = set()
+    dead: set[fx.Node] = set()  # unused results in the region (the unread half of a where)
     if side_paths:  # a side path runs on past out: only what out is computed from
         live = ancestors([n for n in graph.nodes if n.op == "output"])
-        region &= ancestors([out])
+        core = region & ancestors([out])
+        dead = _dead_ends(region - live, core, order)
+        region = core
         side = _side_path(region, out, live)
     # W is read by the experts: a [T, k] float only the side path reads is not it
     feeding = ancestors(list(region - side)) if side else region
@@ -201,7 +219,7 @@ def _region_through(
     # parameters in a fixed order: per-expert modules (``experts.3.w1``) grouped by expert
     params = sorted((a for a in roots if kind[a] == "param"), key=_param_key)
     nodes = sorted(expert_set | (support - set(roots)), key=order.__getitem__)
-    removable = sorted(region - {ids, weights}, key=order.__getitem__)
+    removable = sorted((region | dead) - {ids, weights}, key=order.__getitem__)
     return Region(site, match, out, x, ids, weights, nodes, removable, params, roots)
 
 
