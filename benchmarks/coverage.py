@@ -947,8 +947,12 @@ def run_style(style: str, inductor: bool) -> dict[str, Any]:
     ms = _styles_module()
     entry: dict[str, Any] = {"family": style, "impl": "as written", "kind": "style"}
     try:
-        module = ms.build(style).to(DTYPE)
-        x = ms.hidden(module).to(DTYPE)
+        module = ms.build(style)
+        # a style written for one dtype keeps it (bse_grouped_mm: torch._grouped_mm takes
+        # bf16 only); the others run in --dtype
+        dtype = getattr(module, "dtype", None) if "dtype" in type(module).__dict__ else DTYPE
+        module = module.to(dtype)
+        x = ms.hidden(module).to(dtype)
         inputs = {"x": x}
     except Exception as e:  # noqa: BLE001
         entry["build"] = {"ok": False, "error": _short(e)}
