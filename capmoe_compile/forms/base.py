@@ -270,6 +270,22 @@ class FormFamily:
         """Candidate forms of this family for one reading of the parameters."""
         return ()
 
+    def forms_of(self, layout: Layout, extras: Iterable[tuple]) -> Iterator[ExpertForm]:
+        """This family's stacked forms of ``layout``: one per ``extra`` (its parameters, see
+        :attr:`ExpertForm.extra`), activation and gate half, in that order."""
+        for extra in extras:
+            for act in ACTIVATIONS:
+                for gf in layout.gate_firsts:
+                    yield ExpertForm(
+                        layout.roles,
+                        act,
+                        layout.transposed,
+                        gf,
+                        True,
+                        family=self.name,
+                        extra=extra,
+                    )
+
     def gate(self, form: ExpertForm, g, u, act, inplace: bool) -> torch.Tensor:
         """The gated product between the projections: ``act(g) * u``."""
         return act(g).mul_(u) if inplace else act(g) * u

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .activations import ACTIVATIONS
-from .base import ExpertForm, FormFamily, register_form
+from .base import FormFamily, register_form
 
 _RMS_NORMS = ("rms_norm",)
 _ADDS = ("add", "__add__", "__radd__")
@@ -45,18 +44,7 @@ class ExpertOutputNorm(FormFamily):
     def propose(self, layout, epss):
         if layout.vector_roles != ("norm",):
             return
-        for eps in epss:
-            for act in ACTIVATIONS:
-                for gf in layout.gate_firsts:
-                    yield ExpertForm(
-                        layout.roles,
-                        act,
-                        layout.transposed,
-                        gf,
-                        True,
-                        family=self.name,
-                        extra=(("eps", eps),),
-                    )
+        yield from self.forms_of(layout, ((("eps", eps),) for eps in epss))
 
     def after(self, form, y, p):
         w = p["norm"]

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .activations import ACTIVATIONS
-from .base import ExpertForm, FormFamily, register_form
+from .base import FormFamily, register_form
 
 #: the low float dtypes, by the name a form carries (``extra``: ("compute", name))
 _LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,18 +53,7 @@ class LowPrecisionMLP(FormFamily):
     def propose(self, layout, dtypes):
         if layout.vector_roles:
             return
-        for dt in dtypes:
-            for act in ACTIVATIONS:
-                for gf in layout.gate_firsts:
-                    yield ExpertForm(
-                        layout.roles,
-                        act,
-                        layout.transposed,
-                        gf,
-                        True,
-                        family=self.name,
-                        extra=(("compute", dt),),
-                    )
+        yield from self.forms_of(layout, ((("compute", dt),) for dt in dtypes))
 
     def compute_dtype(self, form):
         return _LOW[form.option("compute")]

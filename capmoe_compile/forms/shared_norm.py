@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .activations import ACTIVATIONS
-from .base import ExpertForm, register_form
+from .base import register_form
 from .expert_norm import ExpertOutputNorm
 
 
@@ -25,20 +24,13 @@ class SharedOutputNorm(ExpertOutputNorm):
     def propose(self, layout, epss):
         if layout.vector_roles != ("shared_norm",):
             return
-        for eps in epss:
-            for before in (True, False):
-                for offset in (1.0, 0.0):
-                    for act in ACTIVATIONS:
-                        for gf in layout.gate_firsts:
-                            yield ExpertForm(
-                                layout.roles,
-                                act,
-                                layout.transposed,
-                                gf,
-                                True,
-                                family=self.name,
-                                extra=(("before", before), ("eps", eps), ("offset", offset)),
-                            )
+        extras = (
+            (("before", before), ("eps", eps), ("offset", offset))
+            for eps in epss
+            for before in (True, False)
+            for offset in (1.0, 0.0)
+        )
+        yield from self.forms_of(layout, extras)
 
     def after(self, form, y, p):
         scale = p["shared_norm"].float() + form.option("offset")
