@@ -66,25 +66,18 @@ class InklingShaped(moe_styles._Style):
             tok, pos = torch.where(ids == e)
             g, u = F.linear(flat[tok], self.gate_up[e]).chunk(2, dim=-1)
             out.index_add_(0, tok, F.linear(F.silu(g) * u, self.down[e]) * w[tok, pos, None])
-        return (out + self.shared(flat, gammas)).reshape(B, S, H)
+        return (out + self.side(self.shared(flat, gammas), ids)).reshape(B, S, H)
+
+    def side(self, shared, ids):
+        return shared
 
 
 class SideReadsExpertWeights(InklingShaped):
     """The selection also feeds a value computed from a routed expert's weights: a second
     use of the experts, not a router output."""
 
-    def forward(self, x):
-        B, S, H = x.shape
-        flat = x.reshape(-1, H)
-        p, ids, w, gammas = self.router(flat)
-        ids, w = self._route(p, ids, w)
-        out = torch.zeros_like(flat)
-        for e in range(self.E):
-            tok, pos = torch.where(ids == e)
-            g, u = F.linear(flat[tok], self.gate_up[e]).chunk(2, dim=-1)
-            out.index_add_(0, tok, F.linear(F.silu(g) * u, self.down[e]) * w[tok, pos, None])
-        probe = self.down[ids[:, 0]].sum((-1, -2))[:, None]  # [T, 1], from an expert weight
-        return (out + self.shared(flat, gammas) * probe).reshape(B, S, H)
+    def side(self, shared, ids):
+        return shared * self.down[ids[:, 0]].sum((-1, -2))[:, None]  # [T, 1], an expert weight
 
 
 def _build(cls, seed):

@@ -83,9 +83,10 @@ def find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node,
     # experts' weights together with the selected experts' scores): SPEC.md, "Where capacity
     # applies". _region_through checks that such a side path reads no expert weight and no
     # token row.
-    side_paths = not outs
-    if side_paths:
+    live: set[fx.Node] | None = None  # with side paths: what the graph's output reads
+    if not outs:
         outs = _combining(site, T, order, side_paths=True)
+        live = ancestors([n for n in graph.nodes if n.op == "output"])
     if not outs:
         raise Unmatched(
             "no single [T, H] tensor combines all of the top-k's results: they leave the graph "
@@ -98,7 +99,7 @@ def find_region(graph: fx.Graph, match: routers.RouterMatch, kind: dict[fx.Node,
     errors = []
     for out in outs:
         try:
-            return _region_through(graph, match, kind, out, order, side_paths)
+            return _region_through(graph, match, kind, out, order, live)
         except Unmatched as e:
             errors.append(e)
     raise errors[-1]  # the last candidate is the widest region: its reason is the telling one
@@ -169,15 +170,14 @@ def _region_through(
     kind: dict[fx.Node, str],
     out: fx.Node,
     order: dict[fx.Node, int],
-    side_paths: bool = False,
+    live: set[fx.Node] | None = None,
 ) -> Region:
     """The expert region from ``match``'s top-k to ``out``, its [T, H] result."""
     site = match.site
     region = descendants([site.node], stop=out) | {out}
     side: set[fx.Node] = set()
     dead: set[fx.Node] = set()  # unused results in the region (the unread half of a where)
-    if side_paths:  # a side path runs on past out: only what out is computed from
-        live = ancestors([n for n in graph.nodes if n.op == "output"])
+    if live is not None:  # side paths: one runs on past out: only what out is computed from
         core = region & ancestors([out])
         dead = _dead_ends(region - live, core, order)
         region = core
