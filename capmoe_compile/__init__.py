@@ -20,6 +20,7 @@ from . import lowering as _lowering  # noqa: E402, F401, I001
 from .calibrate import Calibration, calibrate
 from .declare import router
 from .explain import ExplainReport, explain
+from .frozen import freeze_experts, thaw_experts
 from .module_config import configure, exempt
 from .routing import POLICIES, capacity
 from .telemetry import LayerStats, Stats, record_stats
@@ -36,9 +37,11 @@ __all__ = [
     "configure",
     "exempt",
     "explain",
+    "freeze_experts",
     "record_stats",
     "route",
     "router",
+    "thaw_experts",
 ]
 __version__ = "0.1.0"
 

@@ -73,7 +73,7 @@ import torch
 from ..experts import ExpertForm
 from ..forms import apply_inplace
 from ..library import custom_op
-from . import cpu_gemm
+from . import cpu_gemm, cpu_packed
 
 #: Upper bound on one chunk's widest intermediate ([rows, 2F] of the gate/up GEMM). Well under
 #: glibc's largest dynamic mmap threshold (32 MiB), so the buffers come from the heap.
@@ -144,14 +144,12 @@ def _lin(h: torch.Tensor, p, f: ExpertForm, role: str, e: int, ws=None, out=None
     :class:`_FewRows`): few enough rows (``cpu_gemm.max_rows``) of a role it lists go
     through the few-row kernel; otherwise ``torch.mm``."""
     spec = None if nt is None else nt.roles.get(role)
-    if spec is not None and h.shape[0] <= spec[5] and h.stride(1) == 1:
-        base, step, ldw, n_out, n_in, _ = spec
+    if spec is not None and h.shape[0] <= spec[6] and h.stride(1) == 1:
+        fn, base, step, ldw, n_out, n_in, _ = spec
         if out is None:
             out = _scratch(_SLOT[role], (h.shape[0], n_out), h.dtype)
         ptr = base + e * step
-        nt.fn(
-            h.data_ptr(), h.stride(0), ptr, ldw, out.data_ptr(), out.stride(0), len(h), n_out, n_in
-        )
+        fn(h.data_ptr(), h.stride(0), ptr, ldw, out.data_ptr(), out.stride(0), len(h), n_out, n_in)
         y = out
     else:
         w = _w(p, f, role, e, ws)
@@ -240,15 +238,15 @@ def _above(rows: range, n: int) -> range:
 
 
 class _FewRows:
-    """The few-row kernel (``cpu_gemm.kernel()``) and, for each weight role it computes,
-    where expert ``e``'s ``[out, in]`` weight lies and up to how many rows: ``(address of
-    expert 0, bytes from one expert to the next, row stride, out, in, cpu_gemm.max_rows)``,
-    read once per call (no per-expert views)."""
+    """For each weight role computed by a few-row kernel: ``(kernel, address of expert 0's
+    weight, bytes from one expert to the next, row stride, out, in, most rows)``, read once per
+    call (no per-expert views). The kernel is ``cpu_packed``'s with the weight's packed copy
+    (a frozen weight), else ``cpu_gemm``'s with the weight as stored (``[out, in]``)."""
 
-    __slots__ = ("fn", "roles")
+    __slots__ = ("roles",)
 
-    def __init__(self, fn, roles: dict[str, tuple[int, int, int, int, int]]):
-        self.fn, self.roles = fn, roles
+    def __init__(self, roles: dict[str, tuple]):
+        self.roles = roles
 
 
 def _few_row_kernel(f: ExpertForm, p: dict[str, torch.Tensor], x: torch.Tensor):
@@ -265,23 +263,31 @@ def _few_row_kernel(f: ExpertForm, p: dict[str, torch.Tensor], x: torch.Tensor):
     if torch.get_num_threads() != 1 or x.shape[-1] < cpu_gemm.MIN_IN:
         return None
     fn = cpu_gemm.kernel() if x.dtype == torch.float32 else cpu_gemm.kernel_bf16()
-    if fn is None:
+    fn_packed = cpu_packed.kernel(x.dtype)
+    if fn is None and fn_packed is None:
         return None
     roles = {}
     for r in f.roles:
         w = p[r]
-        if r.startswith("b_") or w.dtype != x.dtype or w.dim() != 3:
+        if r.startswith("b_") or w.dtype != x.dtype or w.dim() != 3 or w.device.type != "cpu":
             continue
-        if w.stride(2) == 1 and w.shape[2] >= cpu_gemm.MIN_IN and w.device.type == "cpu":
-            n_out, n_in = w.shape[1], w.shape[2]
+        if w.stride(2) != 1 or w.shape[2] < cpu_gemm.MIN_IN:
+            continue
+        n_out, n_in = w.shape[1], w.shape[2]
+        packed = None if fn_packed is None else cpu_packed.packed(w)
+        if packed is not None:
+            step = packed.stride(0) * packed.element_size()
+            rows = cpu_packed.MAX_ROWS[x.dtype]
+            roles[r] = (fn_packed, packed.data_ptr(), step, 0, n_out, n_in, rows)
+        elif fn is not None:
             rows = (
                 cpu_gemm.max_rows(n_out, n_in)
                 if x.dtype == torch.float32
                 else cpu_gemm.MAX_ROWS_BF16
             )
             step = w.stride(0) * w.element_size()
-            roles[r] = (w.data_ptr(), step, w.stride(1), n_out, n_in, rows)
-    return _FewRows(fn, roles) if roles else None
+            roles[r] = (fn, w.data_ptr(), step, w.stride(1), n_out, n_in, rows)
+    return _FewRows(roles) if roles else None
 
 
 def _chunk_rows(f: ExpertForm, params: dict[str, torch.Tensor], elem: int) -> int:
