@@ -233,8 +233,11 @@ def _patched(fn, opts):
     return run
 
 
-def make_rows(block, tiny, overhead: bool) -> dict[str, Any]:
-    """name -> callable(x) for every row of one layer. Compiled rows are not compiled yet."""
+def make_rows(block, tiny, overhead: bool, frozen: bool = False) -> dict[str, Any]:
+    """name -> callable(x) for every row of one layer. Compiled rows are not compiled yet.
+    ``frozen``: the capmoe rows run with ``capmoe_compile.freeze_experts`` (packed expert
+    weights), and ``capmoe_off_unfrozen`` (a copy of the layer, not frozen) is the same
+    compiled layer without them, interleaved with the rest."""
     rows: dict[str, Any] = {
         "hf_grouped_mm": block,
         "hf_eager": eager_copy(block),
@@ -250,6 +253,12 @@ def make_rows(block, tiny, overhead: bool) -> dict[str, Any]:
         cap_t = torch.compile(tiny, backend="capmoe", dynamic=False)
         rows[f"capmoe_off@F{TINY_F}"] = cap_t
         rows[f"capmoe_score@F{TINY_F}"] = _patched(cap_t, SCORE)
+    if frozen:
+        rows["capmoe_off_unfrozen"] = torch.compile(
+            copy.deepcopy(block), backend="capmoe", dynamic=False
+        )
+        capmoe_compile.freeze_experts(block)
+        capmoe_compile.freeze_experts(tiny)
     return rows
 
 
@@ -319,7 +328,8 @@ def run_shape(
         ref = rows["hf_grouped_mm"](x).float()
         err = {
             r: float((rows[r](x).float() - ref).abs().max())
-            for r in ("hf_eager", "inductor", "capmoe_off")
+            for r in ("hf_eager", "inductor", "capmoe_off", "capmoe_off_unfrozen")
+            if r in rows
         }
         tiny_name = f"capmoe_off@F{TINY_F}"
         loads: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -336,7 +346,7 @@ def run_shape(
                 print(f"\n(no F={TINY_F} overhead rows for {name}: {e})")
                 rows = {r: fn for r, fn in rows.items() if "@F" not in r}
         before = loads["capmoe_off"][0]
-        for r in EAGER_ROWS + ("inductor",):
+        for r in EAGER_ROWS + ("inductor", "capmoe_off_unfrozen"):
             loads[r] = (before, before)
 
         peak_fn, peak_flops = gemm_peak_row(gemm_n, dtype, dev)
@@ -787,6 +797,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-overhead", action="store_true", help="skip the F=16 overhead rows")
     p.add_argument(
+        "--frozen",
+        action="store_true",
+        help="capmoe rows with capmoe_compile.freeze_experts (packed expert weights), plus"
+        " capmoe_off_unfrozen: the same layer without, interleaved",
+    )
+    p.add_argument(
         "--profile",
         nargs="?",
         const="prefill",
@@ -861,7 +877,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_T = max(shape_defs[s][1] for s in mine)
             model, block, x_all = build_layer(cfg, dtype, args.skew, max_T, args.device)
             tiny_model, tiny = tiny_copy(cfg, block, dtype, args.device)
-            rows = make_rows(block, tiny, overhead=not args.no_overhead)
+            rows = make_rows(block, tiny, not args.no_overhead, args.frozen)
             for s in mine:
                 T = shape_defs[s][1]
                 is_decode = s.partition("@")[0] in DECODE_SHAPES

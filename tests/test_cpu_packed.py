@@ -156,9 +156,31 @@ def test_experts_cpu_packed(form_name, dt, monkeypatch):
         if form.transposed:  # [in, out] storage: the op's few-row path is not taken
             assert calls == []
         else:
-            expect = [n for n in sizes if 0 < n <= 40] * len(frozen)
+            # every projection frozen: groups above the row limit are cut into chunks within
+            # it, so every kept row goes through the packed kernel, at most 40 rows a call
             assert len(frozen) == sum(1 for r in form.roles if not r.startswith("b_"))
-            assert sorted(calls) == sorted(expect)
+            assert calls and max(calls) <= 40
+            assert sum(calls) == sum(sizes) * len(frozen)
+    finally:
+        for p in frozen:
+            cpu_packed.thaw(p)
+
+
+def test_experts_cpu_partly_packed(monkeypatch):
+    """gate_up's 2F = 520 outputs are not a multiple of 16: only the down projection is packed,
+    groups above the row limit are not cut (torch.mm takes them whole), and the result is
+    still SPEC's."""
+    calls = _counted(monkeypatch, torch.float32)
+    monkeypatch.setitem(cpu_packed.MAX_ROWS, torch.float32, 40)
+    sizes = (1, 2, 5, 0, 6, 7, 17, 40, 41, 300)
+    form, ids, params, x, w = _case("swiglu_fused", torch.float32, sizes, 512, 260, ("part",))
+    frozen = [p for p in params if cpu_packed.freeze(p)]
+    try:
+        assert len(frozen) == 1 and frozen[0] is params[1]
+        got = cpu_experts.experts_cpu(x, ids, w, params, form.to_str())
+        ref = moe_experts_reference(x, ids, w.nan_to_num(0.0), params, form)
+        _check(got, ref, torch.float32)
+        assert sorted(calls) == sorted(n for n in sizes if 0 < n <= 40)
     finally:
         for p in frozen:
             cpu_packed.thaw(p)

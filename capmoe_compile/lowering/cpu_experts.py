@@ -243,10 +243,12 @@ class _FewRows:
     call (no per-expert views). The kernel is ``cpu_packed``'s with the weight's packed copy
     (a frozen weight), else ``cpu_gemm``'s with the weight as stored (``[out, in]``)."""
 
-    __slots__ = ("roles",)
+    __slots__ = ("roles", "chunk")
 
-    def __init__(self, roles: dict[str, tuple]):
-        self.roles = roles
+    def __init__(self, roles: dict[str, tuple], chunk: int | None = None):
+        # chunk: most rows per chunk when every projection is packed (the packed kernel beats
+        # torch.mm up to its row limit: chunks are cut there instead of going to torch.mm)
+        self.roles, self.chunk = roles, chunk
 
 
 def _few_row_kernel(f: ExpertForm, p: dict[str, torch.Tensor], x: torch.Tensor):
@@ -287,7 +289,10 @@ def _few_row_kernel(f: ExpertForm, p: dict[str, torch.Tensor], x: torch.Tensor):
             )
             step = w.stride(0) * w.element_size()
             roles[r] = (fn, w.data_ptr(), step, w.stride(1), n_out, n_in, rows)
-    return _FewRows(roles) if roles else None
+    projections = [r for r in f.roles if not r.startswith("b_")]
+    packed_all = all(r in roles and roles[r][0] is fn_packed for r in projections)
+    chunk = cpu_packed.MAX_ROWS[x.dtype] if packed_all else None
+    return _FewRows(roles, chunk) if roles else None
 
 
 def _chunk_rows(f: ExpertForm, params: dict[str, torch.Tensor], elem: int) -> int:
@@ -425,6 +430,8 @@ def _segment_experts(xs, ys, counts, first, p, f: ExpertForm, w_roles, nt, w_seg
     :func:`_chunk_rows` rows. ``w_seg`` ([n_seg] fp32): the rows' routing weights when they
     are folded into the down projection (:func:`_expert`), else ``None``."""
     rows_per = _chunk_rows(f, p, xs.element_size())
+    if nt is not None and nt.chunk:
+        rows_per = min(rows_per, nt.chunk)
     s = 0
     for e, c in enumerate(counts, start=first):
         if c == 0:
