@@ -17,7 +17,8 @@ Rows, each a copy of the same weights: ``eager`` (transformers as is), ``inducto
 (``model.compile(backend="inductor", dynamic=True)``), and one ``model.compile(backend="capmoe",
 dynamic=True)`` copy run as ``capmoe_off`` (capacity off), ``score_1.0`` and ``score_1.25``
 (``policy="score"``, gamma 1.0 and 1.25; options are read at run time, so the three share one
-compile). Greedy decoding, ``min_new_tokens`` = ``max_new_tokens`` so every row generates the
+compile; with ``--frozen``, that copy's expert weights are frozen, ``capmoe_compile.freeze_experts``).
+Greedy decoding, ``min_new_tokens`` = ``max_new_tokens`` so every row generates the
 same number of tokens. Prompts are left padded, lengths spread over [P/2, P].
 
 Figures, per model, batch size and row (medians of interleaved repetitions, common.interleaved):
@@ -247,6 +248,10 @@ def run_model(name: str, args, partial=None) -> dict[str, Any]:
     if any(r in CAPMOE_ROWS for r in args.rows):
         models["capmoe"] = copy.deepcopy(base)
         models["capmoe"].compile(backend="capmoe", dynamic=True)
+        if args.frozen:
+            import capmoe_compile as cc
+
+            cc.freeze_experts(models["capmoe"])
     rows = [r for r in ROWS if r in args.rows]
     out: dict[str, Any] = {"model": name, "batches": {}, "compile": {}}
     out["weight_bytes_per_step"] = weight_bytes_per_step(base)
@@ -465,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="time the first generate call with Inductor's caches off (--no-cold: with the "
         "caches as they are; compile_s is then not a cold compile)",
+    )
+    p.add_argument(
+        "--frozen",
+        action="store_true",
+        help="the capmoe rows' model with capmoe_compile.freeze_experts (packed expert weights)",
     )
     p.add_argument("--quick", action="store_true", help="prompt 16, 6 new tokens, 2 reps")
     p.add_argument("--out", default=None, help="JSON path (benchmarks/results/...)")

@@ -30,9 +30,12 @@ and sums in fp32 (``vdpbf16ps``: pairs of ``in``; bf16 denormal inputs read as z
 output rounded once to bf16, nearest even, as ATen's bf16 GEMM rounds its accumulator. Results
 differ from ``torch.mm`` and from ``cpu_gemm`` by fp32 reassociation only.
 
-Kernels: 6 rows x 64 outputs at a time (24 accumulators in AVX-512's 32 registers), every row
-block of a column block reading the block again from L2; with two or more row blocks the next
-column block is prefetched into L2 meanwhile. Only on CPUs where ATen dispatches AVX-512 (fp32)
+Kernels: 6 rows x 64 outputs at a time (24 accumulators in AVX-512's 32 registers), each
+column block in chunks of 512 steps of ``in``, every row block reading the chunk again from
+L2; with two or more row blocks the next chunk is prefetched into L2 meanwhile. With one row
+block (up to 6 rows) nothing is prefetched: the hardware follows the one sequential stream,
+and a software prefetch one chunk ahead made 1-4-row products 1.1-1.6x slower (Zen 4, one
+thread, throwaway A/B in one process, 8 streamed weights). Only on CPUs where ATen dispatches AVX-512 (fp32)
 or that have AVX-512 bf16 (bf16); ``CAPMOE_CPU_PACKED=0`` turns both off.
 """
 
@@ -51,14 +54,14 @@ from . import cpu_gemm
 #: Width of one block of outputs (4 vectors of 16 fp32 lanes).
 BLOCK = 64
 
-#: Most rows of one product computed with a packed weight, by dtype (``cpu_experts`` uses
-#: ``torch.mm`` above). Measured on AMD EPYC Zen 4 (AVX-512 + AVX-512 bf16, no AMX), one
-#: thread, thread time, each timed call over 8 distinct weights (streamed from memory, as an
-#: MoE layer reads them), interleaved medians, load 0.3-1.2; ``torch.mm`` time over the packed
-#: kernel's: fp32 (MKL) 1.26-1.56x at 96-256 rows of 4096x1024 and 1024x2048 weights,
-#: 1.15-1.24x at 512 rows of 1024x512 to 1536x1024, 1.27 / 1.36x at 1024 rows, 1.21 / 1.06x at
-#: 2048; bf16 (oneDNN) 1.15 / 1.11x at 96 rows, 1.08 / 1.05x at 128, 1.00 at 256, 0.90-0.99x at
-#: 512 (``python -m benchmarks.cpu_gemm_ab``'s ``packed`` rows).
+#: Most rows of one product computed with a packed weight, by dtype (``cpu_experts`` cuts
+#: larger groups into chunks of this size when every projection is packed, else uses
+#: ``torch.mm`` above it). ``python -m benchmarks.packed_ab``
+#: (``benchmarks/results/packed_ab_avx512_2026-12-06.json``: AMD EPYC Zen 4, AVX-512 + AVX-512
+#: bf16, no AMX, one thread, 8 streamed weights per timed call, interleaved, load 0.2-0.6;
+#: ``torch.mm`` time over the packed kernel's): fp32 (MKL) 1.22-1.33x at 128 rows, 1.15-1.26x
+#: at 256, 1.11-1.19x at 512 (a throwaway run: 1.27-1.36x at 1024, 1.06-1.21x at 2048); bf16
+#: (oneDNN) 1.05-1.08x at 128, 0.95-1.02x at 256, 0.92-1.00x at 512.
 MAX_ROWS = {torch.float32: 1024, torch.bfloat16: 128}
 
 _SRC = r"""
