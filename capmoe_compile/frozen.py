@@ -29,6 +29,8 @@ unfrozen path by fp32 reassociation only (the same products, summed in another o
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .lowering import cpu_packed
@@ -37,12 +39,25 @@ from .lowering import cpu_packed
 def freeze_experts(model: torch.nn.Module) -> int:
     """Declare ``model``'s expert weights frozen (module docstring); returns how many weights
     the packed kernels will take. ``ValueError`` for a weight created under
-    ``torch.inference_mode`` (nothing is frozen then)."""
+    ``torch.inference_mode`` (nothing is frozen then). Where this CPU has no packed kernel
+    for the weights' dtype, a warning says so and they are left as they are (returns 0)."""
     weights = [p for p in model.parameters() if p.dim() == 3 and cpu_packed.packable(p)]
     for p in weights:
         if p.is_inference():
             cpu_packed.freeze(p)  # raises, naming the reason, before anything is frozen
-    return sum(cpu_packed.freeze(p) for p in weights)
+    taken = [p for p in weights if cpu_packed.kernel(p.dtype) is not None]
+    missing = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in weights}
+        - {str(p.dtype).removeprefix("torch.") for p in taken}
+    )
+    if missing:
+        warnings.warn(
+            f"capmoe.freeze_experts: no packed kernel for {', '.join(missing)} on this CPU "
+            "(fp32 needs ATen's AVX-512 dispatch, bf16 AVX-512 bf16; CAPMOE_CPU_PACKED=0 turns "
+            "them off): those expert weights run as before",
+            stacklevel=2,
+        )
+    return sum(cpu_packed.freeze(p) for p in taken)
 
 
 def thaw_experts(model: torch.nn.Module) -> int:

@@ -228,7 +228,19 @@ def test_inference_tensors_refused():
     assert cpu_packed.packed(m.w) is None
 
 
+def test_no_kernel_warns_and_freezes_nothing(monkeypatch):
+    """Where the CPU has no packed kernel (here: claimed so), freezing says so and takes
+    nothing, instead of returning a count that does not hold."""
+    monkeypatch.setitem(cpu_packed._fns, torch.float32, None)
+    m = torch.nn.Module()
+    m.a = torch.nn.Parameter(torch.randn(2, 32, 16))
+    with pytest.warns(UserWarning, match="no packed kernel for float32"):
+        assert capmoe_compile.freeze_experts(m) == 0
+    assert cpu_packed.packed(m.a) is None
+
+
 def test_thaw_and_freed_weights_drop_the_copy():
+    _kernel(torch.float32)
     m = torch.nn.Module()
     m.a = torch.nn.Parameter(torch.randn(2, 32, 16))
     m.b = torch.nn.Parameter(torch.randn(2, 24, 16))  # out not a multiple of 16: not taken
