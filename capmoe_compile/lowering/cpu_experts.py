@@ -145,7 +145,7 @@ def _lin(h: torch.Tensor, p, f: ExpertForm, role: str, e: int, ws=None, out=None
     through the few-row kernel; otherwise ``torch.mm``."""
     spec = None if nt is None else nt.roles.get(role)
     if spec is not None and h.shape[0] <= spec[6] and h.stride(1) == 1:
-        fn, base, step, ldw, n_out, n_in, _ = spec
+        fn, base, step, ldw, n_out, n_in = spec[:6]
         if out is None:
             out = _scratch(_SLOT[role], (h.shape[0], n_out), h.dtype)
         ptr = base + e * step
@@ -239,7 +239,7 @@ def _above(rows: range, n: int) -> range:
 
 class _FewRows:
     """For each weight role computed by a few-row kernel: ``(kernel, address of expert 0's
-    weight, bytes from one expert to the next, row stride, out, in, most rows)``, read once per
+    weight, bytes from one expert to the next, row stride, out, in, most rows[, the packed copy])``, read once per
     call (no per-expert views). The kernel is ``cpu_packed``'s with the weight's packed copy
     (a frozen weight), else ``cpu_gemm``'s with the weight as stored (``[out, in]``)."""
 
@@ -280,7 +280,9 @@ def _few_row_kernel(f: ExpertForm, p: dict[str, torch.Tensor], x: torch.Tensor):
         if packed is not None:
             step = packed.stride(0) * packed.element_size()
             rows = cpu_packed.MAX_ROWS[x.dtype]
-            roles[r] = (fn_packed, packed.data_ptr(), step, 0, n_out, n_in, rows)
+            # the packed tensor rides along: alive for this call even if a concurrent update
+            # replaces the weight's copy meanwhile
+            roles[r] = (fn_packed, packed.data_ptr(), step, 0, n_out, n_in, rows, packed)
         elif fn is not None:
             rows = (
                 cpu_gemm.max_rows(n_out, n_in)

@@ -202,7 +202,9 @@ extern "C" T_BF16 void capmoe_gemm_packed_bf16(const uint16_t* x, int64_t ldx,
 }
 """
 
-_lock = threading.Lock()
+# Reentrant: a weight's weakref callback (_drop) takes it, and the garbage collector may run
+# that callback while this thread holds it (packing allocates).
+_lock = threading.RLock()
 _fns: dict[torch.dtype, object] = {}
 
 
