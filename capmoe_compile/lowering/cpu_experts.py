@@ -239,8 +239,8 @@ def _above(rows: range, n: int) -> range:
 
 class _FewRows:
     """For each weight role computed by a few-row kernel: ``(kernel, address of expert 0's
-    weight, bytes from one expert to the next, row stride, out, in, most rows[, the packed copy])``, read once per
-    call (no per-expert views). The kernel is ``cpu_packed``'s with the weight's packed copy
+    weight, bytes from one expert to the next, row stride, out, in, most rows[, the packed
+    copy])``, read once per call (no per-expert views). The kernel is ``cpu_packed``'s with the weight's packed copy
     (a frozen weight), else ``cpu_gemm``'s with the weight as stored (``[out, in]``)."""
 
     __slots__ = ("roles", "chunk")
