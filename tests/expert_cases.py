@@ -7,6 +7,7 @@ of dropped pairs (the sentinel id ``E``), and one token with every pair dropped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -64,3 +65,21 @@ def random_ids(T: int, E: int, k: int, gen, drop: float = 0.3) -> torch.Tensor:
     if T >= 2:
         ids[T // 2] = E
     return ids
+
+
+@contextlib.contextmanager
+def one_thread_poison():
+    """One intra-op thread (the CPU op uses its few-row kernels only then), and uninitialised
+    memory NaN-filled (``torch.empty`` and the op's scratch), restored after."""
+    threads = torch.get_num_threads()
+    was = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was)
+        torch.utils.deterministic.fill_uninitialized_memory = fill

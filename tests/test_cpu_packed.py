@@ -21,7 +21,7 @@ import gc
 
 import pytest
 import torch
-from expert_cases import FORMS, NAN, make_params
+from expert_cases import FORMS, NAN, make_params, one_thread_poison
 from expert_cases import gen as _gen
 
 import capmoe_compile
@@ -43,18 +43,8 @@ def _kernel(dtype):
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread_poison():
     """One intra-op thread (the op uses the kernels only then); uninitialised memory is NaN."""
-    threads = torch.get_num_threads()
-    was = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
+    with one_thread_poison():
         yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(was)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _mm(fn, x, packed_e, N, out):

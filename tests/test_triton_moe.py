@@ -35,7 +35,7 @@ import torch
 pytest.importorskip("triton")
 
 import expert_cases  # noqa: E402
-from expert_cases import NAN, random_ids  # noqa: E402
+from expert_cases import NAN, one_thread_poison, random_ids  # noqa: E402
 from expert_cases import gen as _gen  # noqa: E402
 
 from capmoe_compile.experts import ExpertForm, moe_experts_reference  # noqa: E402
@@ -67,19 +67,10 @@ FORMS = {
 
 @pytest.fixture(autouse=True, scope="module")
 def _poison():
-    """Uninitialised memory reads as NaN (see the module docstring)."""
-    was = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes on a shared machine
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
+    """Uninitialised memory reads as NaN (see the module docstring); one thread (tiny shapes
+    on a shared machine)."""
+    with one_thread_poison():
         yield
-    finally:
-        torch.use_deterministic_algorithms(was)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
