@@ -737,3 +737,23 @@ def oracle(module: _Style, x: torch.Tensor, gamma, policy: str = "score", **opts
     finally:
         module.route_fn = None
     return out, dropped
+
+
+def compile_off_on(module: nn.Module, x: torch.Tensor, gamma=0.5, policy: str = "score"):
+    """``(explain's report, output with capacity off, output with capacity gamma and policy)``
+    of ``module`` compiled with ``backend="capmoe"`` on ``x`` (no grad; Dynamo reset before
+    and after): the steps the tests of one layer share before they compare with eager and
+    with :func:`oracle`."""
+    import capmoe_compile
+
+    torch._dynamo.reset()
+    try:
+        report = capmoe_compile.explain(module)(x)
+        compiled = torch.compile(module, backend="capmoe")
+        with torch.no_grad():
+            off = compiled(x)
+            with capmoe_compile.config.patch(capacity_factor=gamma, policy=policy):
+                on = compiled(x)
+    finally:
+        torch._dynamo.reset()
+    return report, off, on

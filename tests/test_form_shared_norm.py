@@ -168,11 +168,7 @@ class _SharedBias(MuseSparkShaped):
 def test_a_shared_vector_no_form_reproduces_is_left_as_written():
     m = _build(_SharedBias)
     x = moe_styles.hidden(m)
-    torch._dynamo.reset()
-    rep = capmoe_compile.explain(m)(x)
-    compiled = torch.compile(m, backend="capmoe")
-    with torch.no_grad(), capmoe_compile.config.patch(capacity_factor=0.5, policy="score"):
-        got = compiled(x)
-    torch._dynamo.reset()
+    rep, _, got = moe_styles.compile_off_on(m, x)
     assert not rep.layers, rep
-    torch.testing.assert_close(got, m(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(got, m(x), rtol=1e-4, atol=1e-5)

@@ -134,14 +134,9 @@ def test_inkling_matched_off_is_eager_on_is_the_oracle(seed, impl):
     ``torch.where`` (with the asserts on their sizes) go with the region."""
     m = _inkling_moe(seed, impl)
     x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(seed))
-    torch._dynamo.reset()
-    rep = capmoe_compile.explain(m)(x)
-    compiled = torch.compile(m, backend="capmoe")
+    rep, off, got = moe_styles.compile_off_on(m, x)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)
-        with capmoe_compile.config.patch(capacity_factor=0.5, policy="score"):
-            got = compiled(x)
-    torch._dynamo.reset()
+        torch.testing.assert_close(off, m(x), rtol=1e-4, atol=1e-5)
     assert [r.matched for r in rep.layers] == [True], rep
     want, dropped = _inkling_oracle(m, x, 0.5, "score")
     assert dropped > 0
@@ -151,11 +146,7 @@ def test_inkling_matched_off_is_eager_on_is_the_oracle(seed, impl):
 def test_a_side_path_through_expert_weights_is_left_as_written():
     m = _build(SideReadsExpertWeights, 0)
     x = moe_styles.hidden(m)
-    torch._dynamo.reset()
-    rep = capmoe_compile.explain(m)(x)
-    compiled = torch.compile(m, backend="capmoe")
-    with torch.no_grad(), capmoe_compile.config.patch(capacity_factor=0.5, policy="score"):
-        got = compiled(x)
-    torch._dynamo.reset()
+    rep, _, got = moe_styles.compile_off_on(m, x)
     assert not rep.layers, rep
-    torch.testing.assert_close(got, m(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(got, m(x), rtol=1e-4, atol=1e-5)
