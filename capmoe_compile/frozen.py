@@ -2,8 +2,9 @@
 
 The CPU experts op (``capmoe::experts_cpu``) then multiplies each frozen expert weight through
 a packed copy (``lowering/cpu_packed.py``: 16 outputs of one input element per vector, so no
-per-output reduction): on AVX-512 CPUs 1.2-2x faster than the weight as stored, and than MKL
-or oneDNN, for groups of 1 to hundreds of rows (figures in docs/performance.md).
+per-output reduction). Measured on Zen 4 (AVX-512 + AVX-512 bf16, no AMX), one thread,
+``python -m benchmarks.packed_ab``: MKL / packed 1.1-3.5x in fp32 at 1-512 rows, oneDNN /
+packed 1.05-3.5x in bf16 at 1-128 rows (per row count in docs/performance.md).
 
 The contract:
 
@@ -46,10 +47,7 @@ def freeze_experts(model: torch.nn.Module) -> int:
         if p.is_inference():
             cpu_packed.freeze(p)  # raises, naming the reason, before anything is frozen
     taken = [p for p in weights if cpu_packed.kernel(p.dtype) is not None]
-    missing = sorted(
-        {str(p.dtype).removeprefix("torch.") for p in weights}
-        - {str(p.dtype).removeprefix("torch.") for p in taken}
-    )
+    missing = sorted({str(p.dtype)[6:] for p in weights if cpu_packed.kernel(p.dtype) is None})
     if missing:
         warnings.warn(
             f"capmoe.freeze_experts: no packed kernel for {', '.join(missing)} on this CPU "
