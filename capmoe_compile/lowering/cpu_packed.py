@@ -34,8 +34,8 @@ Kernels: 6 rows x 64 outputs at a time (24 accumulators in AVX-512's 32 register
 column block in chunks of 512 steps of ``in``, every row block reading the chunk again from
 L2; with two or more row blocks the next chunk is prefetched into L2 meanwhile. With one row
 block (up to 6 rows) nothing is prefetched: the hardware follows the one sequential stream,
-and a software prefetch one chunk ahead made 1-4-row products 1.1-1.6x slower (Zen 4, one
-thread, throwaway A/B in one process, 8 streamed weights). Only on CPUs where ATen dispatches AVX-512 (fp32)
+and a software prefetch one chunk ahead was slower at 1-4 rows in an A/B on Zen 4 (one
+thread; a throwaway script, not kept, so no figure is given here). Only on CPUs where ATen dispatches AVX-512 (fp32)
 or that have AVX-512 bf16 (bf16); ``CAPMOE_CPU_PACKED=0`` turns both off.
 """
 
@@ -60,7 +60,8 @@ BLOCK = 64
 #: (``benchmarks/results/packed_ab_avx512_2026-12-06.json``: AMD EPYC Zen 4, AVX-512 + AVX-512
 #: bf16, no AMX, one thread, 8 streamed weights per timed call, interleaved, load 0.2-0.6;
 #: ``torch.mm`` time over the packed kernel's): fp32 (MKL) 1.22-1.33x at 128 rows, 1.15-1.26x
-#: at 256, 1.11-1.19x at 512 (a throwaway run: 1.27-1.36x at 1024, 1.06-1.21x at 2048); bf16
+#: at 256, 1.11-1.19x at 512 (``--rows 1024,2048 --dtypes fp32 --reps 3``, not recorded, load
+#: 0.7-1.7: 1.11-1.22x at 1024, 1.12-1.16x at 2048); bf16
 #: (oneDNN) 1.05-1.08x at 128, 0.95-1.02x at 256, 0.92-1.00x at 512.
 MAX_ROWS = {torch.float32: 1024, torch.bfloat16: 128}
 
